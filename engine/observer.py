@@ -1,0 +1,28 @@
+"""Hooks the engine calls as requests and steps progress; telemetry implements them, the default does nothing."""
+
+from __future__ import annotations
+
+from engine.scheduler import ScheduledStep
+from engine.sequence import Sequence
+
+
+class EngineObserver:
+    """No-op base class. Every hook but `request_queued` runs on the engine's step-loop thread: keep them cheap."""
+
+    def request_queued(self, seq: Sequence) -> None:
+        """Called by `submit()` on the caller's thread."""
+
+    def request_admitted(self, seq: Sequence) -> None:
+        """The sequence leaves the queue for its first prefill chunk."""
+
+    def first_token(self, seq: Sequence) -> None:
+        """The sequence's first output token was sampled."""
+
+    def request_preempted(self, seq: Sequence) -> None:
+        """The sequence lost its KV blocks and went back to the queue."""
+
+    def request_finished(self, seq: Sequence, error: Exception | None) -> None:
+        """The sequence ended: `seq.finish_reason` is set, or `error` says why it failed."""
+
+    def step_finished(self, step: ScheduledStep, start: float, end: float, kv_used: int, kv_total: int) -> None:
+        """One engine step ran; `start`/`end` are `time.monotonic()` instants."""

@@ -1,0 +1,101 @@
+"""Value objects that cross the engine's boundary: what a caller submits and what it gets back."""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.Enum):
+    """Why a sequence stopped generating."""
+
+    LENGTH = "length"
+    EOS = "eos"
+    STOP_SEQUENCE = "stop_sequence"
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Per-request sampling; the defaults are greedy decoding with no penalties."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(slots=True)
+class StoppingParams:
+    """When a request stops: `max_new_tokens` (0 = the engine's default), EOS, stop sequences."""
+
+    max_new_tokens: int = 0
+    stop_sequences: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """One generation request: prompt token ids plus parameters.
+
+    `deadline` is a `time.monotonic()` instant after which the request is abandoned;
+    `trace_context` is an opaque OpenTelemetry context the engine hands back to its tracer.
+    """
+
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stopping: StoppingParams = field(default_factory=StoppingParams)
+    priority: int = 0
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    deadline: float | None = None
+    trace_context: object | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class TokenInfo:
+    """One generated token: its id, its text, its log-probability under the model, whether special."""
+
+    id: int
+    text: str
+    logprob: float
+    special: bool = False
+
+
+@dataclass(slots=True)
+class Timing:
+    """Seconds spent queued, until the first token, and in total."""
+
+    queue_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass(slots=True)
+class GenerationEvent:
+    """New output of one request since its previous event.
+
+    `text` is new text only; concatenating every event's `text` gives the full output.
+    The last event of a request has `finish_reason` set, plus usage and timing.
+    """
+
+    request_id: str
+    text: str = ""
+    tokens: list[TokenInfo] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timing: Timing | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

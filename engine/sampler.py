@@ -1,0 +1,88 @@
+"""Batched sampling on the logits' device: penalties, temperature, top-k, top-p, min-p, seeds, greedy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.request import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplingBatch:
+    """One step's per-row sampling parameters, as tensors on the logits' device."""
+
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]
+    history: list[list[int]]  # prompt + output ids per row (repetition penalty)
+    outputs: list[list[int]]  # output ids per row (frequency and presence penalties)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row of `logits` [rows, vocab]; return (token ids, their model log-probabilities).
+
+    Each row uses only its own parameters and its own generator, so a seeded request draws the same
+    tokens whatever else is in the batch.
+    """
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    params = batch.params
+    if any(_has_penalty(p) for p in params):
+        logits = _apply_penalties(logits.clone(), batch)
+    token_ids = logits.argmax(dim=-1)
+    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, device=logits.device)
+        probs = _filtered_probs(logits[rows], [params[i] for i in sampled_rows])
+        for j, i in enumerate(sampled_rows):
+            token_ids[i] = torch.multinomial(probs[j], 1, generator=batch.generators[i])[0]
+    chosen = logprobs.gather(1, token_ids[:, None])[:, 0]
+    return token_ids, chosen
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    for i, p in enumerate(batch.params):
+        if p.repetition_penalty != 1.0 and batch.history[i]:
+            # As in transformers: scale seen tokens' logits towards "less likely" whatever their sign.
+            seen = torch.tensor(sorted(set(batch.history[i])), device=logits.device)
+            values = logits[i, seen]
+            penalty = p.repetition_penalty
+            logits[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
+        if (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and batch.outputs[i]:
+            # As in OpenAI's API: subtract count * frequency + presence from tokens already generated.
+            ids = torch.tensor(batch.outputs[i], device=logits.device)
+            counts = torch.zeros(logits.shape[1], device=logits.device).index_add_(
+                0, ids, torch.ones(len(ids), device=logits.device)
+            )
+            logits[i] -= counts * p.frequency_penalty + (counts > 0).float() * p.presence_penalty
+    return logits
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p, each row with its own values; returns probabilities."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    logits = logits / temperature[:, None]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        vocab = logits.shape[-1]
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+        ranks = torch.arange(vocab, device=device)[None, :]
+        remove = ranks >= top_k[:, None]
+        sorted_probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        # Drop a token when the tokens ranked above it already reach top_p; the top token always stays.
+        remove |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    if any(p.min_p > 0.0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs

@@ -1,0 +1,77 @@
+"""A request's life inside the engine: its tokens, its KV blocks and where it stands."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.batching import BatchRequest
+from engine.detokenizer import IncrementalDetokenizer
+from engine.request import FinishReason, GenerationRequest
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """Engine-side state of one request; owned by the step-loop thread once submitted."""
+
+    request: GenerationRequest
+    max_new_tokens: int
+    detokenizer: IncrementalDetokenizer
+    sink: object
+    generator: torch.Generator | None = None
+    token_ids: list[int] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    admitted_time: float | None = None
+    first_token_time: float | None = None
+    num_preemptions: int = 0
+    # Set by the scheduler in static mode: the sequence has finished but keeps its row in the batch.
+    padding_only: bool = False
+    batch_request: BatchRequest | None = None
+    telemetry: object | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.request.prompt_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def priority(self) -> int:
+        return self.request.priority
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose KV is not in the cache yet: the prompt (or the recompute) still to prefill."""
+        return self.num_tokens - self.num_computed_tokens
+
+    def expired(self, now: float | None = None) -> bool:
+        deadline = self.request.deadline
+        return deadline is not None and (now if now is not None else time.monotonic()) >= deadline
