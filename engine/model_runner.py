@@ -110,7 +110,7 @@ class ModelRunner:
         self.model, self.tokenizer = load_model_and_tokenizer(model, self.device, self.dtype)
         self.name = DEFAULT_MODEL_NAME if model is None else Path(model).name
         config = self.model.config.get_text_config()
-        self.max_context_len = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions"))
+        self.max_context_len = int(getattr(config, "max_position_embeddings", 0) or config.n_positions)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         num_layers = config.num_hidden_layers
         num_heads = config.num_attention_heads
@@ -163,7 +163,7 @@ class ModelRunner:
                 input_ids=torch.tensor([token_ids], device=device),
                 position_ids=torch.tensor([positions], device=device),
                 use_cache=False,
-                logits_to_keep=torch.tensor(last_rows, device=device),
+                logits_to_keep=torch.tensor(last_rows, dtype=torch.long, device=device),
             )
         finally:
             attention.set_context(None)
