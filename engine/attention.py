@@ -36,8 +36,10 @@ class StepContext:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's key and value go
     is_prefill: bool
     segments: list[PrefillSegment] | None = None  # prefill only
-    decode_slots: torch.Tensor | None = None  # decode only: [batch, max_context] slots, padded
-    decode_mask: torch.Tensor | None = None  # decode only: [batch, 1, 1, max_context] True where valid
+    block_tables: torch.Tensor | None = None  # decode only: [batch, max_blocks] block ids, padded
+    decode_mask: torch.Tensor | None = (
+        None  # decode only: [1, batch, 1, max_blocks * block_size] True where valid
+    )
 
 
 _context: StepContext | None = None
@@ -62,13 +64,16 @@ def paged_attention(
     ctx = _context
     assert ctx is not None, "paged attention called outside an engine step"
     k_cache, v_cache = ctx.kv_cache.layer(module.layer_idx)
-    k_new, v_new = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [tokens, kv_heads, dim]
-    k_cache[ctx.slot_mapping] = k_new.to(k_cache.dtype)
-    v_cache[ctx.slot_mapping] = v_new.to(v_cache.dtype)
+    k_new, v_new = key[0], value[0]  # [kv_heads, tokens, dim]
+    k_cache[:, ctx.slot_mapping] = k_new.to(k_cache.dtype)
+    v_cache[:, ctx.slot_mapping] = v_new.to(v_cache.dtype)
     if ctx.is_prefill:
         out = _prefill_attention(query[0], k_new, v_new, k_cache, v_cache, ctx.segments, scaling)
     else:
-        out = _decode_attention(query[0], k_cache, v_cache, ctx.decode_slots, ctx.decode_mask, scaling)
+        block_size = ctx.kv_cache.block_size
+        out = _decode_attention(
+            query[0], k_cache, v_cache, ctx.block_tables, ctx.decode_mask, block_size, scaling
+        )
     return out.unsqueeze(0), None
 
 
@@ -79,13 +84,11 @@ def _prefill_attention(q, k_new, v_new, k_cache, v_cache, segments, scaling) -> 
         q_seg = q[:, seg.start : seg.end]  # [heads, n, dim]
         n = seg.end - seg.start
         if seg.num_context == n:  # the whole context is in this step: no need to read the cache
-            k, v = k_new[seg.start : seg.end], v_new[seg.start : seg.end]
-            out = F.scaled_dot_product_attention(
-                q_seg, k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scaling, enable_gqa=True
-            )
+            k, v = k_new[:, seg.start : seg.end], v_new[:, seg.start : seg.end]
+            out = F.scaled_dot_product_attention(q_seg, k, v, is_causal=True, scale=scaling, enable_gqa=True)
         else:
-            k = k_cache[seg.context_slots].to(q.dtype).transpose(0, 1)
-            v = v_cache[seg.context_slots].to(q.dtype).transpose(0, 1)
+            k = k_cache[:, seg.context_slots].to(q.dtype)
+            v = v_cache[:, seg.context_slots].to(q.dtype)
             offset = seg.num_context - n
             rows = torch.arange(n, device=q.device)[:, None] + offset
             mask = torch.arange(seg.num_context, device=q.device)[None, :] <= rows
@@ -94,21 +97,28 @@ def _prefill_attention(q, k_new, v_new, k_cache, v_cache, segments, scaling) -> 
     return torch.cat(outputs, dim=0)
 
 
-def _decode_attention(q, k_cache, v_cache, slots, mask, scaling) -> torch.Tensor:
-    """One query token per sequence against its whole cached context, all sequences in one batched matmul."""
+def _decode_attention(q, k_cache, v_cache, block_tables, mask, block_size, scaling) -> torch.Tensor:
+    """One query token per sequence against its whole cached context, all sequences in one batched matmul.
+
+    Whole blocks are gathered (not single slots): far fewer, larger copies.
+    """
     num_heads, batch, head_dim = q.shape
-    k = k_cache[slots].to(q.dtype)  # [batch, context, kv_heads, dim]
-    v = v_cache[slots].to(q.dtype)
-    num_kv_heads = k.shape[2]
+    num_kv_heads = k_cache.shape[0]
     group = num_heads // num_kv_heads
-    # Grouped-query attention without repeating keys: [batch, kv_heads, group, dim] x [batch, kv_heads, dim, ctx].
-    q = q.permute(1, 0, 2).reshape(batch, num_kv_heads, group, head_dim)
+    blocks_shape = (num_kv_heads, -1, block_size, head_dim)
+    context = (num_kv_heads, batch, -1, head_dim)
+    flat_tables = block_tables.flatten()
+    k = (
+        k_cache.view(blocks_shape).index_select(1, flat_tables).view(context).to(q.dtype)
+    )  # [kv_heads, batch, ctx, dim]
+    v = v_cache.view(blocks_shape).index_select(1, flat_tables).view(context).to(q.dtype)
+    # Grouped-query attention without repeating keys: query heads h = kv_head * group + g.
+    q = q.view(num_kv_heads, group, batch, head_dim).transpose(1, 2)  # [kv_heads, batch, group, dim]
     scale = scaling if scaling is not None else head_dim**-0.5
-    scores = torch.matmul(q, k.permute(0, 2, 3, 1)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [batch, kv_heads, group, dim]
-    return out.reshape(batch, num_heads, head_dim)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [kv_heads, batch, group, ctx]
+    probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1)
+    out = torch.matmul(probs, v)  # [kv_heads, batch, group, dim]
+    return out.permute(1, 0, 2, 3).reshape(batch, num_heads, head_dim)
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -261,7 +262,9 @@ class Engine:
         seq = Sequence(
             request=request,
             max_new_tokens=max_new_tokens,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_ids, request.stopping.stop_sequences),
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, request.prompt_ids, request.stopping.stop_sequences
+            ),
             sink=sink,
             generator=self._generator(request.sampling),
         )
@@ -295,7 +298,9 @@ class Engine:
             )
         allocator = self.model_runner.allocator
         if allocator.blocks_needed(len(ids) + max_new) > allocator.num_blocks:
-            raise InvalidRequestError("stopping.max_new_tokens", "prompt + max_new_tokens exceeds the KV cache")
+            raise InvalidRequestError(
+                "stopping.max_new_tokens", "prompt + max_new_tokens exceeds the KV cache"
+            )
         if len(st.stop_sequences) > MAX_STOP_SEQUENCES:
             raise InvalidRequestError("stopping.stop_sequences", f"at most {MAX_STOP_SEQUENCES} allowed")
         if any(not s or len(s) > MAX_STOP_SEQUENCE_CHARS for s in st.stop_sequences):
@@ -418,7 +423,9 @@ class Engine:
             seq.finish_reason = FinishReason.EOS
         elif seq.num_completion_tokens >= seq.max_new_tokens:
             seq.finish_reason = FinishReason.LENGTH
-        event = GenerationEvent(seq.id, seq.detokenizer.take_text(final=seq.finish_reason is not None), [token])
+        event = GenerationEvent(
+            seq.id, seq.detokenizer.take_text(final=seq.finish_reason is not None), [token]
+        )
         if seq.finish_reason is not None:
             self._complete(seq, event)
         outbox.append((seq, event))
@@ -459,10 +466,8 @@ class Engine:
             else:
                 sink.put((seq.id, item))
         for loop, items in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:
-                pass  # that event loop is closed: nobody is listening any more
 
     def _fail_all(self, error: Exception) -> None:
         outbox: list = []

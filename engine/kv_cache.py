@@ -27,7 +27,7 @@ class BlockAllocator:
         return num_blocks <= len(self._free)
 
     def allocate(self, block_table: list[int], num_tokens: int) -> bool:
-        """Grow `block_table` until it holds `num_tokens` slots; False (and no change) if the pool is short."""
+        """Grow `block_table` to hold `num_tokens` slots; False (and no change) if the pool is short."""
         missing = self.blocks_needed(num_tokens) - len(block_table)
         if missing <= 0:
             return True
@@ -44,7 +44,11 @@ class BlockAllocator:
 
 
 class KVCache:
-    """Key and value tensors for every layer, addressed by slot = block id * block size + offset."""
+    """Key and value tensors for every layer, addressed by slot = block id * block size + offset.
+
+    Heads come first ([kv_heads, slots, head_dim] per layer), so gathering a batch's blocks gives
+    tensors that the attention matmuls read as they are, with no transposing copies.
+    """
 
     def __init__(
         self,
@@ -56,14 +60,21 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (2, num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        shape = (2, num_layers, num_kv_heads, num_blocks * block_size, head_dim)
         self.data = torch.zeros(shape, dtype=dtype, device=device)
         self.allocator = BlockAllocator(num_blocks, block_size)
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
         element_size = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
 
+    @property
+    def block_size(self) -> int:
+        return self.allocator.block_size
+
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of one layer, each [kv_heads, slots, head_dim]."""
         return self.data[0, layer_idx], self.data[1, layer_idx]

@@ -84,7 +84,9 @@ def load_model_and_tokenizer(model: str | None, device: torch.device, dtype: tor
     """Load `model` (a local transformers directory; None for the default SmolLM2) for paged attention."""
     path = default_model_dir() if model is None else Path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention.ATTENTION_NAME)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attention.ATTENTION_NAME
+    )
     hf_model.to(device).eval()
     return hf_model, tokenizer
 
@@ -103,7 +105,12 @@ class ModelRunner:
     """Owns the model, the tokenizer and the KV cache; runs prefill and decode steps."""
 
     def __init__(
-        self, model: str | None, device: str = "auto", dtype: str = "auto", num_kv_blocks: int = 0, block_size: int = 16
+        self,
+        model: str | None,
+        device: str = "auto",
+        dtype: str = "auto",
+        num_kv_blocks: int = 0,
+        block_size: int = 16,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -118,7 +125,9 @@ class ModelRunner:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         if num_kv_blocks <= 0:
             num_kv_blocks = self._auto_num_blocks(num_layers, block_size, num_kv_heads, head_dim)
-        self.kv_cache = KVCache(num_layers, num_kv_blocks, block_size, num_kv_heads, head_dim, self.dtype, self.device)
+        self.kv_cache = KVCache(
+            num_layers, num_kv_blocks, block_size, num_kv_heads, head_dim, self.dtype, self.device
+        )
         self.block_size = block_size
 
     def _auto_num_blocks(self, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int) -> int:
@@ -140,23 +149,24 @@ class ModelRunner:
         device, bs = self.device, self.block_size
         token_ids, positions, slots, last_rows = [], [], [], []
         segments: list[PrefillSegment] = []
-        context_slots: list[list[int]] = []
         for item in inputs:
             n = len(item.token_ids)
             start = len(token_ids)
             token_ids.extend(item.token_ids)
             positions.extend(range(item.start_pos, item.start_pos + n))
             num_context = item.start_pos + n
-            seq_slots = [item.block_table[p // bs] * bs + p % bs for p in range(num_context)]
-            slots.extend(seq_slots[item.start_pos :])
-            context_slots.append(seq_slots)
+            table = item.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(item.start_pos, num_context))
             if is_prefill:
-                segments.append(PrefillSegment(start, start + n, num_context, torch.tensor(seq_slots, device=device)))
+                context = [table[p // bs] * bs + p % bs for p in range(num_context)] if item.start_pos else []
+                segments.append(
+                    PrefillSegment(start, start + n, num_context, torch.tensor(context, device=device))
+                )
             if item.needs_logits:
                 last_rows.append(start + n - 1)
         ctx = StepContext(self.kv_cache, torch.tensor(slots, device=device), is_prefill, segments=segments)
         if not is_prefill:
-            ctx.decode_slots, ctx.decode_mask = self._decode_tables(context_slots)
+            ctx.block_tables, ctx.decode_mask = self._decode_tables(inputs)
         attention.set_context(ctx)
         try:
             out = self.model(
@@ -169,11 +179,14 @@ class ModelRunner:
             attention.set_context(None)
         return out.logits[0]
 
-    def _decode_tables(self, context_slots: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in context_slots)
-        padded = torch.zeros(len(context_slots), width, dtype=torch.long)
-        mask = torch.zeros(len(context_slots), width, dtype=torch.bool)
-        for i, s in enumerate(context_slots):
-            padded[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = True
-        return padded.to(self.device), mask[:, None, None, :].to(self.device)
+    def _decode_tables(self, inputs: list[StepInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables padded to the longest, and the mask of each sequence's valid context positions."""
+        bs = self.block_size
+        context_lens = [item.start_pos + 1 for item in inputs]
+        width = -(-max(context_lens) // bs)
+        tables = torch.zeros(len(inputs), width, dtype=torch.long)
+        for i, item in enumerate(inputs):
+            used = item.block_table[:width]
+            tables[i, : len(used)] = torch.tensor(used)
+        mask = torch.arange(width * bs)[None, :] < torch.tensor(context_lens)[:, None]
+        return tables.to(self.device), mask[None, :, None, :].to(self.device)

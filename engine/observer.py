@@ -1,4 +1,4 @@
-"""Hooks the engine calls as requests and steps progress; telemetry implements them, the default does nothing."""
+"""Hooks the engine calls as requests and steps progress; telemetry implements them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from engine.sequence import Sequence
 
 
 class EngineObserver:
-    """No-op base class. Every hook but `request_queued` runs on the engine's step-loop thread: keep them cheap."""
+    """No-op base class. All hooks but `request_queued` run on the step-loop thread: keep them cheap."""
 
     def request_queued(self, seq: Sequence) -> None:
         """Called by `submit()` on the caller's thread."""
@@ -24,5 +24,7 @@ class EngineObserver:
     def request_finished(self, seq: Sequence, error: Exception | None) -> None:
         """The sequence ended: `seq.finish_reason` is set, or `error` says why it failed."""
 
-    def step_finished(self, step: ScheduledStep, start: float, end: float, kv_used: int, kv_total: int) -> None:
+    def step_finished(
+        self, step: ScheduledStep, start: float, end: float, kv_used: int, kv_total: int
+    ) -> None:
         """One engine step ran; `start`/`end` are `time.monotonic()` instants."""

@@ -125,7 +125,9 @@ class Scheduler:
         slots = self.config.batch.max_batch_size - len(self.running) - len(self.prefilling)
         if budget > 0 and slots > 0 and self.batcher.ready():
             kv_tokens = self.allocator.num_free * self.allocator.block_size
-            formed = self.batcher.try_form_batch(max_batch_size=slots, max_batch_tokens=min(budget, kv_tokens))
+            formed = self.batcher.try_form_batch(
+                max_batch_size=slots, max_batch_tokens=min(budget, kv_tokens)
+            )
             for i, breq in enumerate(formed.requests if formed else []):
                 seq: Sequence = breq.payload
                 if not self.allocator.allocate(seq.block_table, seq.num_tokens):

@@ -16,17 +16,36 @@ from engine.model_runner import default_model_dir
 
 _TINY_CONFIGS = {
     "llama": lambda vocab: transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
     ),
     "qwen2": lambda vocab: transformers.Qwen2Config(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
     ),
     "gpt2": lambda vocab: transformers.GPT2Config(
-        vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=2048, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=2048,
+        bos_token_id=1,
+        eos_token_id=2,
     ),
 }
 
@@ -74,6 +93,11 @@ def smollm2_engine(smollm2_dir):
 
 import asyncio  # noqa: E402
 import threading  # noqa: E402
+
+try:
+    from protos.textgen.v1 import textgen_pb2  # noqa: E402, F401
+except ImportError as e:
+    raise pytest.UsageError("the gRPC stubs are not generated: run `make proto` (`make test` does)") from e
 
 from service.config import ServerConfig  # noqa: E402
 from service.server import Server  # noqa: E402
@@ -131,8 +155,11 @@ def server_config(tiny_model_dir):
 
     def make(**engine_overrides) -> ServerConfig:
         engine = EngineConfig(
-            model=str(tiny_model_dir("llama")), device="cpu", dtype="float32",
-            num_kv_blocks=SERVER_KV_BLOCKS, **engine_overrides,
+            model=str(tiny_model_dir("llama")),
+            device="cpu",
+            dtype="float32",
+            num_kv_blocks=SERVER_KV_BLOCKS,
+            **engine_overrides,
         )
         return ServerConfig(engine=engine, host="127.0.0.1", port=0, grace_period_s=5.0)
 
@@ -170,3 +197,69 @@ def stub(server):
 
     with grpc.insecure_channel(server.target) as channel:
         yield textgen_pb2_grpc.TextGenerationServiceStub(channel)
+
+
+@pytest.fixture
+def unloaded_server(server_config):
+    """A server that listens but has not loaded its model; `.load()` loads it."""
+    server = ServerThread(server_config()).start(load=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def wait_until_idle():
+    """Returns `wait(engine)`: wait until it runs nothing and every KV block is back in the pool."""
+    import time
+
+    def wait(engine: Engine, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while engine.num_running or engine.num_waiting or engine.num_free_kv_blocks != engine.num_kv_blocks:
+            assert time.monotonic() < deadline, (
+                f"{engine.num_running} running, {engine.num_waiting} waiting, "
+                f"{engine.num_free_kv_blocks}/{engine.num_kv_blocks} KV blocks free"
+            )
+            time.sleep(0.01)
+
+    return wait
+
+
+# ---- telemetry fixtures (observability) -------------------------------------------------------------------
+
+from telemetry.server import Telemetry  # noqa: E402
+
+
+class TelemetryServerThread(ServerThread):
+    """A `ServerThread` whose server installs `telemetry`: its gRPC interceptors and its engine observer."""
+
+    def __init__(self, config: ServerConfig, telemetry: Telemetry) -> None:
+        super().__init__(config)
+        self.telemetry = telemetry
+        self.stopped = False
+
+    def stop(self) -> None:
+        """Drain the server, then export the last spans and metrics and shut its telemetry down."""
+        super().stop()
+        self.telemetry.shutdown()
+        self.stopped = True
+
+    async def _start(self) -> Server:
+        server = Server(self.config, self.telemetry)
+        await server.start()
+        return server
+
+
+@pytest.fixture(scope="session")
+def serve_with_telemetry(server_config):
+    """Factory: a `Telemetry` -> a running tiny-model server that installs it; those still running stop at
+    the end."""
+    servers: list[TelemetryServerThread] = []
+
+    def start(telemetry: Telemetry, **engine_overrides) -> TelemetryServerThread:
+        servers.append(TelemetryServerThread(server_config(**engine_overrides), telemetry).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        if not server.stopped:
+            server.stop()

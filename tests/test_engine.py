@@ -168,7 +168,9 @@ def test_stop_sequence_cuts_the_text(llama_engine):
     full = llama_engine.generate([PROMPTS[1]], stopping=greedy(12))[0]
     stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
     assert stop, "the tiny model must produce some text for this test"
-    cut = llama_engine.generate([PROMPTS[1]], stopping=StoppingParams(max_new_tokens=12, stop_sequences=(stop,)))[0]
+    cut = llama_engine.generate(
+        [PROMPTS[1]], stopping=StoppingParams(max_new_tokens=12, stop_sequences=(stop,))
+    )[0]
     assert cut.finish_reason is FinishReason.STOP_SEQUENCE
     assert cut.text == full.text[: full.text.index(stop)]
 
@@ -227,7 +229,9 @@ async def test_engine_fault_fails_only_the_requests_in_that_step(llama_engine, m
 
 
 def test_kv_pool_is_full_after_a_mix_of_outcomes(llama_engine):
-    llama_engine.generate(PROMPTS, stopping=[greedy(3), greedy(7), StoppingParams(max_new_tokens=2), greedy(1)])
+    llama_engine.generate(
+        PROMPTS, stopping=[greedy(3), greedy(7), StoppingParams(max_new_tokens=2), greedy(1)]
+    )
     assert llama_engine.num_free_kv_blocks == llama_engine.num_kv_blocks
 
 
@@ -268,7 +272,9 @@ async def test_higher_priority_is_served_first(tiny_model_dir):
     order: list[str] = []
 
     async def run(name, priority, n):
-        async for event in engine.submit(GenerationRequest(PROMPTS[0], stopping=greedy(n), priority=priority)):
+        async for event in engine.submit(
+            GenerationRequest(PROMPTS[0], stopping=greedy(n), priority=priority)
+        ):
             if event.finished:
                 order.append(name)
 
@@ -301,7 +307,10 @@ def make_reference_outputs(path) -> list[list[int]]:
     engine = make_engine(path)
     try:
         lengths = [3, 9, 5, 2]
-        return [engine.generate([p], stopping=greedy(n))[0].token_ids for p, n in zip(PROMPTS, lengths, strict=True)]
+        return [
+            engine.generate([p], stopping=greedy(n))[0].token_ids
+            for p, n in zip(PROMPTS, lengths, strict=True)
+        ]
     finally:
         engine.shutdown()
 

@@ -1,0 +1,84 @@
+"""The engine on the real default model (SmolLM2-135M-Instruct, float32): batch invariance, references."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine.request import GenerationRequest, SamplingParams, StoppingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "def fibonacci(n):",
+    "List three primary colors:",
+    "Translate to French: I like apples.",
+    "Once upon a time, in a small village,",
+    "The quick brown fox",
+    "Explain why the sky is blue in one sentence.",
+]
+NEW_TOKENS = 32
+
+
+def greedy() -> StoppingParams:
+    return StoppingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm2_engine) -> list[list[int]]:
+    return [smollm2_engine.tokenize(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def alone(smollm2_engine, prompt_ids) -> list[list[int]]:
+    return [smollm2_engine.generate([ids], stopping=greedy())[0].token_ids for ids in prompt_ids]
+
+
+def test_greedy_matches_transformers_generate(smollm2_dir, prompt_ids, alone):
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    for ids, ours in zip(prompt_ids, alone, strict=True):
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        assert out[0, len(ids) :].tolist() == ours
+
+
+async def test_staggered_batch_gives_the_same_greedy_output_as_alone(smollm2_engine, prompt_ids, alone):
+    # Background traffic that is running when the prompts arrive, and keeps running after.
+    background = [asyncio.create_task(collect(smollm2_engine, ids, NEW_TOKENS * 2)) for ids in prompt_ids[:3]]
+    await asyncio.sleep(0.2)
+
+    async def staggered(i: int, ids: list[int]) -> list[int]:
+        await asyncio.sleep(0.15 * i)
+        return await collect(smollm2_engine, ids, NEW_TOKENS)
+
+    together = await asyncio.gather(*(staggered(i, ids) for i, ids in enumerate(prompt_ids)))
+    await asyncio.gather(*background)
+    assert together == alone
+
+
+def test_seeded_sample_is_the_same_alone_and_in_a_batch(smollm2_engine, prompt_ids):
+    sampling = SamplingParams(temperature=0.8, top_p=0.95, seed=7)
+    solo = smollm2_engine.generate([prompt_ids[0]], sampling=sampling, stopping=greedy())[0].token_ids
+    mixed = [sampling] + [SamplingParams(temperature=1.0, seed=i) for i in range(1, len(prompt_ids))]
+    batch = smollm2_engine.generate(prompt_ids, sampling=mixed, stopping=greedy())
+    assert batch[0].token_ids == solo
+
+
+def test_chat_template_renders_a_prompt(smollm2_engine):
+    ids = smollm2_engine.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
+    text = smollm2_engine.decode(ids)
+    assert "What is 2+2?" in text and ids[-1] != smollm2_engine.tokenize("?")[-1]
+
+
+async def collect(engine, ids: list[int], n: int) -> list[int]:
+    request = GenerationRequest(ids, stopping=StoppingParams(max_new_tokens=n, ignore_eos=True))
+    return [t.id async for event in engine.submit(request) for t in event.tokens]
