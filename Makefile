@@ -32,8 +32,8 @@ proto: $(PROTO_STAMP)
 $(PROTO_STAMP): $(PROTO_SRC) $(STAMP) $(if $(PROTO_MISSING),proto-missing)
 	rm -f $(PROTO_OUT)
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
-		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --mypy_out=. \
-		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=. $(PROTO_SRC)
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --mypy_out=quiet:. \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=quiet:. $(PROTO_SRC)
 	touch $@
 
 .PHONY: proto-missing node-deps
@@ -53,16 +53,23 @@ $(NODE_EXAMPLE)/node_modules/.package-lock.json: $(NODE_EXAMPLE)/package.json $(
 	@if command -v npm >/dev/null; then cd $(NODE_EXAMPLE) && npm ci --no-audit --no-fund; \
 	else echo "npm not found: the Node.js example's test will be skipped"; fi
 
-test: node-deps
-
-test: install proto
+test: install proto node-deps
 	$(PY) -m pytest -q
 
 example: install
-	$(PY) examples/continuous_batching.py
+	PYTHONPATH=. $(PY) examples/continuous_batching.py
 
 bench-engine: install
 	$(PY) -m bench.engine_throughput
 
+# Online serving benchmark: continuous batching vs sequential, static batching and transformers
+# generate on one seeded workload (a few minutes on 2 CPU cores). Flags: BENCH_ARGS="--help".
+bench: install proto
+	$(PY) -m bench.serve_compare $(BENCH_ARGS)
+
+# The full sweep over request rates; writes JSON and a PNG plot to bench/results/.
+bench-sweep: install proto
+	$(PY) -m bench.sweep $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) $(PROTO_STAMP)
+	rm -rf $(VENV) $(PROTO_STAMP) $(PROTO_OUT) $(NODE_EXAMPLE)/node_modules

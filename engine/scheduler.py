@@ -4,8 +4,8 @@ Policy (continuous mode), checked at every step:
 1. Prefill when a prompt is part-way through a chunked prefill, or when the batcher is ready (the seed's
    `min_batch_size` / `max_wait_ms`) and there is a free sequence slot. Prefill first because a new
    request's time to first token is what a queue hurts most, while a decode step only adds one token.
-2. ...unless the running sequences have already waited `max_decode_stall_ms` since their last decode
-   step: then decode first, so a stream of arrivals cannot starve the sequences already generating.
+2. ...unless prefill steps have held decoding off for `max_decode_stall_ms` already: then decode
+   first, so a stream of arrivals or a long chunked prompt cannot starve the sequences generating.
 3. Otherwise decode every running sequence. When a decode step finds no free KV block, preempt the
    lowest-priority, newest sequence (free its blocks, requeue it, recompute its tokens later).
 
@@ -71,7 +71,7 @@ class Scheduler:
         self.batcher = ContinuousBatcher(batch, clock=clock)
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
-        self._last_decode = clock()
+        self._prefill_since: float | None = None  # when prefill steps began holding decoding off
 
     @property
     def static(self) -> bool:
@@ -97,20 +97,23 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep | None:
         """Pick the next step, or None when there is nothing to run."""
-        batch = self.config.batch
+        now = self.clock()
         if self.static:
             want_prefill = bool(self.prefilling) or (not self.running and self.batcher.ready())
         else:
-            has_slot = len(self.running) + len(self.prefilling) < batch.max_batch_size
+            has_slot = len(self.running) + len(self.prefilling) < self.config.batch.max_batch_size
             want_prefill = bool(self.prefilling) or (has_slot and self.batcher.ready())
-            stalled_ms = (self.clock() - self._last_decode) * 1000
-            if self.running and stalled_ms >= self.config.max_decode_stall_ms and not self.prefilling:
+            stalled_ms = 0.0 if self._prefill_since is None else (now - self._prefill_since) * 1000
+            if self.running and stalled_ms >= self.config.max_decode_stall_ms:
                 want_prefill = False
         if want_prefill:
             step = self._schedule_prefill()
             if step is not None:
+                if self._prefill_since is None and self.running:
+                    self._prefill_since = now
                 return step
         if self.running:
+            self._prefill_since = None
             return self._schedule_decode()
         return None
 
@@ -152,7 +155,6 @@ class Scheduler:
                 preempted.append(victim)
                 if victim is seq:
                     break
-        self._last_decode = self.clock()
         return ScheduledStep(False, [(seq, 1) for seq in self.running], preempted)
 
     def _preempt(self, seq: Sequence) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks: a seeded workload, an online gRPC load generator, and offline engine throughput."""

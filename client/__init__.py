@@ -1,0 +1,31 @@
+"""Python client for textgen.v1: `TextGenClient`, `AsyncTextGenClient`, typed results, and a CLI."""
+
+from client.aio import AsyncTextGenClient
+from client.params import GenerateParams
+from client.results import (
+    FinishReason,
+    GenerationResult,
+    ModelInfo,
+    StreamChunk,
+    Timing,
+    Token,
+    TokenizeResult,
+    Usage,
+)
+from client.retry import RetryPolicy
+from client.sync import TextGenClient
+
+__all__ = [
+    "AsyncTextGenClient",
+    "FinishReason",
+    "GenerateParams",
+    "GenerationResult",
+    "ModelInfo",
+    "RetryPolicy",
+    "StreamChunk",
+    "TextGenClient",
+    "Timing",
+    "Token",
+    "TokenizeResult",
+    "Usage",
+]

@@ -1,0 +1,82 @@
+"""`python -m client "prompt"`: generate from the command line, printing text as it comes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import grpc
+from opentelemetry import trace
+
+from client.results import FinishReason, Timing, Usage
+from client.sync import TextGenClient
+from telemetry.exporters import tracer_provider_from_env
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m client", description="Generate text with a textgen server."
+    )
+    parser.add_argument("prompt", help="the prompt, or with --chat the user's message")
+    parser.add_argument("--target", default="localhost:50051", help="server address (default: %(default)s)")
+    parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a user message through the model's chat template",
+    )
+    parser.add_argument("--system", help="with --chat, a system message before the user's")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=0, help="tokens to generate (default: the server's)"
+    )
+    parser.add_argument("--temperature", type=float, help="sampling temperature (default: greedy)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling threshold")
+    parser.add_argument("--seed", type=int, help="sampling seed")
+    parser.add_argument("--stop", action="append", default=[], help="a stop sequence (repeatable)")
+    parser.add_argument("--timeout", type=float, help="deadline in seconds")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if (provider := tracer_provider_from_env("textgen-client")) is not None:
+        trace.set_tracer_provider(provider)  # OTEL_TRACES_EXPORTER set: trace the call; spans export at exit
+    inputs = {"prompt": args.prompt}
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        inputs = {"messages": [*system, {"role": "user", "content": args.prompt}]}
+    params = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_sequences=args.stop,
+        timeout=args.timeout,
+    )
+    with TextGenClient(args.target) as client:
+        try:
+            if args.stream:
+                for chunk in client.stream(**inputs, **params):
+                    print(chunk.text, end="", flush=True)
+                    last = chunk
+            else:
+                last = client.generate(**inputs, **params)
+                print(last.text, end="")
+        except grpc.RpcError as e:
+            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print()
+    print(summary(last.finish_reason, last.usage, last.timing), file=sys.stderr)
+    return 0
+
+
+def summary(finish_reason: FinishReason | None, usage: Usage | None, timing: Timing | None) -> str:
+    """One line: why it stopped, token counts, time to first token and total time."""
+    reason = finish_reason.value if finish_reason else "?"
+    if usage is None or timing is None:
+        return f"[{reason}]"
+    return (
+        f"[{reason}] {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens, "
+        f"first token {timing.time_to_first_token_s:.3f} s, total {timing.total_s:.3f} s"
+    )

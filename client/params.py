@@ -1,0 +1,89 @@
+"""Request building: `GenerateParams` and the inputs (prompt, chat messages or token ids) to protos."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from protos.textgen.v1 import textgen_pb2 as pb
+
+Messages = Sequence[Mapping[str, str]]
+
+
+@dataclass(slots=True)
+class GenerateParams:
+    """Everything about a generation request but its input; each field means what it does in textgen.proto.
+
+    None leaves an optional proto field unset (the server's default: greedy, top_p 1, min_p 0,
+    repetition_penalty 1, a random seed); max_new_tokens 0 is the server's default.
+    """
+
+    max_new_tokens: int = 0
+    temperature: float | None = None
+    top_k: int = 0
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop_sequences: Sequence[str] = ()
+    ignore_eos: bool = False
+    priority: int = 0
+    request_id: str = ""
+
+    def sampling(self) -> pb.SamplingParameters:
+        sampling = pb.SamplingParameters(
+            top_k=self.top_k, frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty
+        )
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "seed"):
+            if getattr(self, name) is not None:
+                setattr(sampling, name, getattr(self, name))
+        return sampling
+
+    def stopping(self) -> pb.StoppingCriteria:
+        return pb.StoppingCriteria(
+            max_new_tokens=self.max_new_tokens,
+            stop_sequences=list(self.stop_sequences),
+            ignore_eos=self.ignore_eos,
+        )
+
+
+def chat_input(messages: Messages) -> pb.ChatInput:
+    """`[{"role": "user", "content": "Hi"}, ...]` as a ChatInput."""
+    return pb.ChatInput(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+
+
+def generate_request(
+    prompt: str | None, messages: Messages | None, input_ids: Sequence[int] | None, params: GenerateParams
+) -> pb.GenerateRequest:
+    """A GenerateRequest with exactly one input; raises ValueError when zero or several are given."""
+    given = [
+        name
+        for name, value in (("prompt", prompt), ("messages", messages), ("input_ids", input_ids))
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of prompt, messages or input_ids, got {given or 'none'}")
+    request = pb.GenerateRequest(
+        request_id=params.request_id,
+        sampling=params.sampling(),
+        stopping=params.stopping(),
+        priority=params.priority,
+    )
+    if prompt is not None:
+        request.prompt = prompt
+    elif messages is not None:
+        request.chat.CopyFrom(chat_input(messages))
+    else:
+        request.input_ids.ids.extend(input_ids)
+    return request
+
+
+def tokenize_request(text: str | None, messages: Messages | None) -> pb.TokenizeRequest:
+    """A TokenizeRequest for `text` or chat `messages` (exactly one)."""
+    if (text is None) == (messages is None):
+        raise ValueError("give exactly one of text or messages")
+    if text is not None:
+        return pb.TokenizeRequest(text=text)
+    return pb.TokenizeRequest(chat=chat_input(messages))

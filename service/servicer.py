@@ -1,0 +1,189 @@
+"""The textgen.v1 servicer: proto requests in, engine requests out, engine events back as protos."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from opentelemetry import context as otel_context
+
+from engine.engine import MAX_STOP_SEQUENCE_CHARS, MAX_STOP_SEQUENCES, Engine
+from engine.errors import InvalidRequestError
+from engine.request import GenerationEvent, GenerationRequest
+from protos.textgen.v1 import textgen_pb2 as pb
+from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
+from service import translate
+from service.config import ServerConfig
+from service.status import DuplicateRequestId, InvalidArgument, NotReady, abort
+from service.validation import (
+    RequestLimits,
+    check_generate_request,
+    check_prompt_length,
+    check_tokenize_request,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
+    """Serves textgen.v1 from one engine, attached once it is loaded; until then calls get UNAVAILABLE."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+        self._engine: Engine | None = None
+        self._limits: RequestLimits | None = None
+        self._in_flight: set[str] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def attach(self, engine: Engine) -> None:
+        """Serve from `engine`, which is loaded and started."""
+        info = engine.model_info
+        self._limits = RequestLimits(
+            max_context_len=info.max_context_len,
+            vocab_size=info.vocab_size,
+            default_max_new_tokens=self._config.engine.default_max_new_tokens,
+            max_new_tokens_limit=self._config.engine.max_new_tokens_limit,
+            max_stop_sequences=MAX_STOP_SEQUENCES,
+            max_stop_sequence_length=MAX_STOP_SEQUENCE_CHARS,
+        )
+        self._engine = engine
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no generation is in flight, at most `timeout_s`; whether that happened."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        try:
+            async with contextlib.aclosing(self._events(request, context)) as events:
+                return translate.response([event async for event in events])
+        except Exception as e:
+            await abort(context, e)
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        try:
+            async with contextlib.aclosing(self._events(request, context)) as events:
+                async for event in events:
+                    yield translate.stream_response(event)
+        except Exception as e:
+            await abort(context, e)
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        try:
+            engine, limits = self._ready()
+        except NotReady as e:
+            await abort(context, e)
+        info = engine.model_info
+        return pb.GetModelInfoResponse(
+            model_name=info.name,
+            max_context_length=info.max_context_len,
+            vocab_size=info.vocab_size,
+            eos_token_ids=info.eos_token_ids,
+            device=info.device,
+            dtype=info.dtype,
+            kv_block_size=info.kv_block_size,
+            num_kv_blocks=info.num_kv_blocks,
+            default_max_new_tokens=limits.default_max_new_tokens,
+            max_new_tokens_limit=limits.max_new_tokens_limit,
+            max_stop_sequences=limits.max_stop_sequences,
+            max_stop_sequence_length=limits.max_stop_sequence_length,
+        )
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        try:
+            engine, _ = self._ready()
+            check_tokenize_request(request)
+            if request.WhichOneof("input") == "text":
+                ids = engine.tokenize(request.text)
+            else:
+                ids = self._apply_chat_template(engine, request.chat)
+            return pb.TokenizeResponse(ids=ids, pieces=[engine.decode([i]) for i in ids])
+        except Exception as e:
+            await abort(context, e)
+
+    def _ready(self) -> tuple[Engine, RequestLimits]:
+        if self._engine is None or self._limits is None:
+            raise NotReady("the model is loading; retry shortly")
+        return self._engine, self._limits
+
+    async def _events(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[GenerationEvent]:
+        """Submit `request` and yield its engine events; however the call ends, the engine request ends."""
+        engine, limits = self._ready()
+        generation = self._generation_request(engine, limits, request, context)
+        if generation.request_id in self._in_flight:
+            raise DuplicateRequestId(f"request_id {generation.request_id!r} is already in flight")
+        try:
+            events = engine.submit(generation)
+        except InvalidRequestError as e:
+            field = translate.proto_field(e.field, request.WhichOneof("input"))
+            raise InvalidArgument([(field, e.description)]) from e
+        self._in_flight.add(generation.request_id)
+        self._idle.clear()
+        finished = False
+        try:
+            async for event in events:
+                finished = event.finished
+                yield event
+        finally:
+            self._in_flight.discard(generation.request_id)
+            if not self._in_flight:
+                self._idle.set()
+            if not finished:
+                engine.cancel(generation.request_id)
+
+    def _generation_request(
+        self,
+        engine: Engine,
+        limits: RequestLimits,
+        request: pb.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> GenerationRequest:
+        check_generate_request(request, limits)
+        kind = request.WhichOneof("input")
+        if kind == "prompt":
+            prompt_ids = engine.tokenize(request.prompt)
+        elif kind == "chat":
+            prompt_ids = self._apply_chat_template(engine, request.chat)
+        else:
+            prompt_ids = list(request.input_ids.ids)
+        max_new_tokens = check_prompt_length(request, len(prompt_ids), limits)
+        remaining = context.time_remaining()
+        return GenerationRequest(
+            prompt_ids=prompt_ids,
+            sampling=translate.sampling_params(request.sampling),
+            stopping=translate.stopping_params(request.stopping, max_new_tokens),
+            priority=request.priority,
+            request_id=request.request_id or uuid.uuid4().hex,
+            deadline=None if remaining is None else time.monotonic() + remaining,
+            trace_context=otel_context.get_current(),  # holds the server span: the engine's spans go under it
+        )
+
+    @staticmethod
+    def _apply_chat_template(engine: Engine, chat: pb.ChatInput) -> list[int]:
+        try:
+            return engine.apply_chat_template(translate.chat_messages(chat))
+        except Exception as e:  # the template rejects the conversation (roles, order): the client's to fix
+            raise InvalidArgument([("chat.messages", f"the model's chat template rejected them: {e}")]) from e

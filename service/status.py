@@ -1,0 +1,90 @@
+"""Errors to gRPC status: one code per error, with google.rpc details a client can act on."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from engine.errors import (
+    DeadlineExceededError,
+    EngineStoppedError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestCancelledError,
+    RequestFailedError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class InvalidArgument(Exception):
+    """The request can never succeed as sent; `violations` are (proto field path, description) pairs."""
+
+    def __init__(self, violations: Sequence[tuple[str, str]]) -> None:
+        assert violations
+        super().__init__("; ".join(f"{field}: {description}" for field, description in violations))
+        self.violations = list(violations)
+
+
+class NotReady(Exception):
+    """The model is still loading."""
+
+
+class DuplicateRequestId(Exception):
+    """Another request with the same request_id is in flight."""
+
+
+_CODES: list[tuple[type[BaseException], int]] = [
+    (InvalidArgument, code_pb2.INVALID_ARGUMENT),
+    (InvalidRequestError, code_pb2.INVALID_ARGUMENT),
+    (QueueFullError, code_pb2.RESOURCE_EXHAUSTED),
+    (DeadlineExceededError, code_pb2.DEADLINE_EXCEEDED),
+    (RequestCancelledError, code_pb2.CANCELLED),
+    (EngineStoppedError, code_pb2.UNAVAILABLE),
+    (NotReady, code_pb2.UNAVAILABLE),
+    (DuplicateRequestId, code_pb2.ALREADY_EXISTS),
+    (RequestFailedError, code_pb2.INTERNAL),
+]
+
+
+def _pack(message) -> any_pb2.Any:
+    detail = any_pb2.Any()
+    detail.Pack(message)
+    return detail
+
+
+def to_status(error: BaseException) -> status_pb2.Status:
+    """The google.rpc.Status for `error`: its code, a message, and BadRequest or RetryInfo details."""
+    code = next((c for cls, c in _CODES if isinstance(error, cls)), code_pb2.INTERNAL)
+    if code == code_pb2.INTERNAL and not isinstance(error, RequestFailedError):
+        log.exception("unexpected error", exc_info=error)
+        return status_pb2.Status(code=code, message="internal error")
+    status = status_pb2.Status(code=code, message=str(error) or type(error).__name__)
+    if isinstance(error, InvalidArgument | InvalidRequestError):
+        violations = (
+            error.violations if isinstance(error, InvalidArgument) else [(error.field, error.description)]
+        )
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+                for field, description in violations
+            ]
+        )
+        status.details.append(_pack(bad_request))
+    elif isinstance(error, QueueFullError):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        status.details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    return status
+
+
+async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
+    """End the call with the status for `error`."""
+    await context.abort_with_status(rpc_status.to_status(to_status(error)))
+    raise AssertionError("abort_with_status returned")  # it always raises

@@ -1,0 +1,101 @@
+"""Proto to engine objects and back; no policy lives here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from google.protobuf import duration_pb2
+
+from engine.request import FinishReason, GenerationEvent, SamplingParams, StoppingParams, Timing, TokenInfo
+from protos.textgen.v1 import textgen_pb2 as pb
+
+FINISH_REASONS = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+}
+
+
+def sampling_params(sampling: pb.SamplingParameters) -> SamplingParams:
+    """Engine sampling parameters; unset optional fields take the engine's defaults."""
+    params = SamplingParams(
+        top_k=sampling.top_k,
+        frequency_penalty=sampling.frequency_penalty,
+        presence_penalty=sampling.presence_penalty,
+    )
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "seed"):
+        if sampling.HasField(name):
+            setattr(params, name, getattr(sampling, name))
+    return params
+
+
+def stopping_params(stopping: pb.StoppingCriteria, max_new_tokens: int) -> StoppingParams:
+    return StoppingParams(
+        max_new_tokens=max_new_tokens,
+        stop_sequences=tuple(stopping.stop_sequences),
+        ignore_eos=stopping.ignore_eos,
+    )
+
+
+def chat_messages(chat: pb.ChatInput) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in chat.messages]
+
+
+def proto_field(engine_field: str, input_kind: str) -> str:
+    """The proto field path for a field the engine names in an `InvalidRequestError`."""
+    name = engine_field.rpartition(".")[2]
+    if name in ("prompt", "prompt_ids", "input", "input_ids", "chat"):
+        return input_kind
+    if name in SamplingParams.__slots__:
+        return f"sampling.{name}"
+    if name in StoppingParams.__slots__:
+        return f"stopping.{name}"
+    return engine_field
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def timing(t: Timing) -> pb.Timing:
+    return pb.Timing(
+        queue_duration=duration(t.queue_s),
+        time_to_first_token=duration(t.time_to_first_token_s),
+        total_duration=duration(t.total_s),
+    )
+
+
+def tokens(infos: Sequence[TokenInfo]) -> list[pb.Token]:
+    return [pb.Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in infos]
+
+
+def stream_response(event: GenerationEvent) -> pb.GenerateStreamResponse:
+    """One stream message per engine event; the last also carries finish reason, usage and timing."""
+    response = pb.GenerateStreamResponse(
+        request_id=event.request_id, text=event.text, tokens=tokens(event.tokens)
+    )
+    if event.finished:
+        response.finish_reason = FINISH_REASONS[event.finish_reason]
+        response.usage.CopyFrom(
+            pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
+        )
+        if event.timing is not None:
+            response.timing.CopyFrom(timing(event.timing))
+    return response
+
+
+def response(events: Sequence[GenerationEvent]) -> pb.GenerateResponse:
+    """The whole output of a finished request from all of its events."""
+    last = events[-1]
+    assert last.finished
+    return pb.GenerateResponse(
+        request_id=last.request_id,
+        text="".join(e.text for e in events),
+        tokens=[token for e in events for token in tokens(e.tokens)],
+        finish_reason=FINISH_REASONS[last.finish_reason],
+        usage=pb.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
+        timing=timing(last.timing) if last.timing is not None else None,
+    )
