@@ -10,7 +10,16 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on a server or in CI
 import matplotlib.pyplot as plt
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import FuncFormatter
+
+
+def _log_label(value: float, _position: int) -> str:
+    """Plain numbers (0.2, not 2 x 10^-1) on log axes, only at 1, 2 and 5 times a power of ten."""
+    lead = round(value / 10 ** math.floor(math.log10(value))) if value > 0 else 0
+    return f"{value:g}" if lead in (1, 2, 5) else ""
+
+
+PLAIN = FuncFormatter(_log_label)
 
 # (rate in req/s, summary as `Summary.to_dict()`) for each point of one server's sweep.
 SweepPoints = Sequence[tuple[float, Mapping]]
@@ -54,7 +63,8 @@ def plot_sweep(results: Mapping[str, SweepPoints], path: Path, title: str = "") 
         ax.legend(fontsize=8)
     for ax in axes[1:]:
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_major_formatter(PLAIN)
+        ax.yaxis.set_minor_formatter(PLAIN)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

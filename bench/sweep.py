@@ -35,12 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_workload_args(
-        parser, num_requests=32, request_rate=None, prompt_len=64, output_len=64, slo_ttft=2.0, slo_tpot=0.5
+        parser, num_requests=32, request_rate=None, prompt_len=32, output_len=32, slo_ttft=2.0, slo_tpot=0.5
     )
     parser.add_argument(
         "--request-rates",
         type=parse_rates,
-        default=parse_rates("0.25,0.5,1,2,4,inf"),
+        default=parse_rates("0.5,1,2,4,8,inf"),
         help="comma-separated Poisson rates in req/s; inf = all at once",
     )
     parser.add_argument(

@@ -48,18 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def tiny_model_dir() -> str:
-    """A 2-layer llama with random weights and the SmolLM2 tokenizer, saved to a temporary directory."""
+def save_tiny_model(path: str) -> None:
+    """A 2-layer llama with random weights and the SmolLM2 tokenizer, saved to `path`."""
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
     )  # fmt: skip
-    path = tempfile.mkdtemp(prefix="tiny-llama-")
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
 
 
 class EncodingExporter(SpanExporter):
@@ -125,8 +123,13 @@ class TimedObserver(EngineObserver):
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    model = args.model or tiny_model_dir()
-    engine = Engine(EngineConfig(model=model, device=args.device, dtype=args.dtype, batch=BatchConfig()))
+    with tempfile.TemporaryDirectory(prefix="tiny-llama-") as tiny:
+        if args.model is None:
+            save_tiny_model(tiny)
+        config = EngineConfig(
+            model=args.model or tiny, device=args.device, dtype=args.dtype, batch=BatchConfig()
+        )
+        engine = Engine(config)  # loads everything: the directory can go
     engine.start()
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(

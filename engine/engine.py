@@ -167,8 +167,8 @@ class Engine:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Render chat messages with the model's template, ready for the assistant's reply."""
@@ -271,10 +271,10 @@ class Engine:
         with self._wakeup:
             if request.request_id in self._live:
                 raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
+            self.observer.request_queued(seq)  # before the loop thread can see the sequence
             self._live[request.request_id] = seq
             self.scheduler.add(seq)
             self._wakeup.notify()
-        self.observer.request_queued(seq)
 
     def _validate(self, request: GenerationRequest) -> int:
         """Check everything that can be checked up front; return the effective max_new_tokens."""

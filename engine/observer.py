@@ -7,7 +7,11 @@ from engine.sequence import Sequence
 
 
 class EngineObserver:
-    """No-op base class. All hooks but `request_queued` run on the step-loop thread: keep them cheap."""
+    """No-op base class. All hooks but `request_queued` run on the step-loop thread: keep them cheap.
+
+    Hooks must not raise: an exception would stop the step loop. `request_admitted` fires again when a
+    preempted sequence is readmitted for recomputation.
+    """
 
     def request_queued(self, seq: Sequence) -> None:
         """Called by `submit()` on the caller's thread."""

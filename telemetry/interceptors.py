@@ -57,13 +57,14 @@ class CallStatusInterceptor(grpc.aio.ServerInterceptor):
 
 def _watch_unary(behavior):
     async def unary(request, context):
+        span = trace.get_current_span()
         try:
             return await behavior(request, context)
         except asyncio.CancelledError:
-            _record(_cancelled_code(context), "the call ended before its response")
+            _record(span, _cancelled_code(context), _CANCELLED)
             raise
         except Exception:
-            _record(context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
+            _record(span, context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
             raise
 
     return unary
@@ -71,17 +72,32 @@ def _watch_unary(behavior):
 
 def _watch_stream(behavior):
     async def stream(request, context):
+        span = trace.get_current_span()
+        running = True
+
+        def on_done(_: object) -> None:
+            # Cancelled while grpc.aio was sending a message, the handler never sees the cancellation: its
+            # generator is only closed later, after the span has ended. Record it now, while the span is open.
+            if running:
+                _record(span, _cancelled_code(context), _CANCELLED)
+
+        context.add_done_callback(on_done)
         try:
             async for response in behavior(request, context):
                 yield response
         except asyncio.CancelledError:
-            _record(_cancelled_code(context), "the call ended before its response")
+            _record(span, _cancelled_code(context), _CANCELLED)
             raise
         except Exception:
-            _record(context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
+            _record(span, context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
             raise
+        finally:
+            running = False
 
     return stream
+
+
+_CANCELLED = "the call ended before its response"
 
 
 def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
@@ -90,8 +106,7 @@ def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
-def _record(code: grpc.StatusCode, details: str) -> None:
-    span = trace.get_current_span()
+def _record(span: trace.Span, code: grpc.StatusCode, details: str) -> None:
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     if code in _ERRORS:
         span.set_attribute("error.type", code.name.lower())

@@ -28,6 +28,7 @@ from engine.request import StoppingParams
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc
 from telemetry.exporters import tracer_provider_from_env
+from telemetry.interceptors import server_interceptors
 from telemetry.server import Telemetry
 
 GENERATE = "/textgen.v1.TextGenerationService/Generate"
@@ -379,3 +380,39 @@ def test_an_engine_fault_over_grpc_marks_the_server_span_internal(traced_server,
     assert server_span.attributes["error.type"] == "internal"
     assert server_span.status.status_code is StatusCode.ERROR
     assert only(spans, "text_completion").attributes["error.type"] == "engine_fault"
+
+
+class EndlessStream(textgen_pb2_grpc.TextGenerationServiceServicer):
+    """Streams until cancelled, pausing `pause_s` between messages (0: always busy sending)."""
+
+    def __init__(self, pause_s: float) -> None:
+        self.pause_s = pause_s
+
+    async def GenerateStream(self, request, context):
+        while True:
+            if self.pause_s:
+                await asyncio.sleep(self.pause_s)
+            yield pb.GenerateStreamResponse(text="x" * 1000)
+
+
+@pytest.mark.parametrize("pause_s", [0.0, 0.01], ids=["while-sending", "while-generating"])
+async def test_a_cancelled_stream_is_recorded_wherever_the_handler_was(pause_s):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = grpc.aio.server(interceptors=server_interceptors(provider))
+    textgen_pb2_grpc.add_TextGenerationServiceServicer_to_server(EndlessStream(pause_s), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = textgen_pb2_grpc.TextGenerationServiceStub(channel).GenerateStream(pb.GenerateRequest())
+            for _ in range(3):
+                await call.read()
+            call.cancel()
+        server_span = await asyncio.to_thread(wait_for, exporter.get_finished_spans)
+    finally:
+        await server.stop(grace=None)
+
+    assert server_span[0].attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert server_span[0].status.status_code is StatusCode.ERROR
