@@ -34,7 +34,7 @@ class ServerConfig:
     port: int = 50051
     grace_period_s: float = 30.0
     log_level: str = "INFO"
-    metrics_port: int = 9464  # Prometheus /metrics; 0: none (see docs/observability.md)
+    metrics_port: int = 9464  # Prometheus /metrics; 0: none (README: Observability)
 
     @property
     def address(self) -> str:

@@ -1,7 +1,7 @@
 """Serving metrics: histograms and counters fed by the engine's hooks, gauges read from the engine.
 
 The three `gen_ai.server.*` histograms follow the GenAI semantic conventions (names, unit, bucket
-boundaries, attributes); the `textgen.*` metrics are ours. docs/observability.md lists them all.
+boundaries, attributes); the `textgen.*` metrics are ours. The README (Observability) lists them all.
 """
 
 from __future__ import annotations
