@@ -161,6 +161,21 @@ def ratio_table(summaries: dict[str, Summary], offline: hf_generate.OfflineResul
     return table + "\n(throughputs: continuous / baseline; latencies: baseline / continuous)"
 
 
+def add_server_args(parser: argparse.ArgumentParser, default_setups: str) -> None:
+    """The flags that pick the server setups to run and pass extra flags to every server."""
+    parser.add_argument(
+        "--setups", default=default_setups, help=f"comma-separated server setups among {', '.join(SETUPS)}"
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra flag for every server (repeat; e.g. --server-arg=--max-wait-ms=20)",
+    )
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where JSON, plots and logs go")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.serve_compare",
@@ -170,25 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_workload_args(
         parser, num_requests=32, request_rate=4.0, prompt_len=32, output_len=32, slo_ttft=2.0, slo_tpot=0.5
     )
-    parser.add_argument(
-        "--setups",
-        default="continuous,sequential,static",
-        help=f"comma-separated server setups among {', '.join(SETUPS)}",
-    )
-    parser.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="FLAG",
-        help="extra flag for every server (repeat; e.g. --server-arg=--max-wait-ms=20)",
-    )
+    add_server_args(parser, default_setups="continuous,sequential,static")
     parser.add_argument(
         "--model", default=None, help="local model directory; unset = the default SmolLM2-135M"
     )
     parser.add_argument("--dtype", default="auto", help="dtype for every server and the offline baseline")
     parser.add_argument("--offline-batch-size", type=int, default=32, help="static batch size for generate")
     parser.add_argument("--no-offline", action="store_true", help="skip the transformers generate baseline")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where JSON, plots and logs go")
     return parser
 
 

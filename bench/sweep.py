@@ -12,12 +12,11 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
-from pathlib import Path
 
 from bench.loadgen import add_workload_args, run_record, workload_config
 from bench.plot import plot_sweep
 from bench.report import environment, load_note, markdown_table, to_json
-from bench.serve_compare import RESULTS_DIR, SETUPS, run_setup
+from bench.serve_compare import SETUPS, add_server_args, run_setup
 from bench.workload import make_workload
 
 
@@ -43,19 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=parse_rates("0.5,1,2,4,8,inf"),
         help="comma-separated Poisson rates in req/s; inf = all at once",
     )
-    parser.add_argument(
-        "--setups",
-        default="continuous,static,sequential",
-        help=f"comma-separated server setups among {', '.join(SETUPS)}",
-    )
-    parser.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="FLAG",
-        help="extra flag for every server (repeat; e.g. --server-arg=--max-wait-ms=20)",
-    )
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where JSON, plots and logs go")
+    add_server_args(parser, default_setups="continuous,static,sequential")
     return parser
 
 

@@ -181,8 +181,7 @@ class Engine:
         """Warm the model up and start the step loop (idempotent)."""
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._loop, name="textgen-engine", daemon=True)
-        self._thread.start()
+        self._ensure_thread()
         self.generate([[self._warmup_token()]], stopping=StoppingParams(max_new_tokens=2, ignore_eos=True))
 
     def stop_accepting(self) -> None:
