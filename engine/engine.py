@@ -341,13 +341,19 @@ class Engine:
                     break
                 cancelled, self._cancelled = self._cancelled, {}
             outbox: list[tuple[Sequence, object]] = []
-            self._drop(cancelled, outbox)
-            self._drop_expired(outbox)
-            step = self.scheduler.schedule()
-            if step is not None:
-                self._run_step(step, outbox)
+            try:
+                self._drop(cancelled, outbox)
+                self._drop_expired(outbox)
+                step = self.scheduler.schedule()
+                if step is not None:
+                    self._run_step(step, outbox)
+            except Exception as exc:  # a bug outside the model step: fail what is in flight, keep serving
+                log.exception("engine loop failed")
+                self._fail_all(RequestFailedError(f"engine fault: {exc}"), outbox)
             self._dispatch(outbox)
-        self._fail_all(EngineStoppedError("the engine stopped"))
+        outbox = []
+        self._fail_all(EngineStoppedError("the engine stopped"), outbox)
+        self._dispatch(outbox)
 
     def _idle_timeout(self) -> float | None:
         """How long an idle loop may sleep: until the oldest queued request reaches max_wait_ms."""
@@ -362,9 +368,13 @@ class Engine:
             if seq is not None:
                 self._end(seq, outbox, error)
 
+    def _live_sequences(self) -> list[Sequence]:
+        with self._lock:  # submit() adds to the dict from other threads
+            return list(self._live.values())
+
     def _drop_expired(self, outbox: list) -> None:
         now = time.monotonic()
-        for seq in [s for s in self._live.values() if s.expired(now)]:
+        for seq in [s for s in self._live_sequences() if s.expired(now)]:
             self._end(seq, outbox, DeadlineExceededError(f"request {seq.id} passed its deadline"))
 
     def _run_step(self, step: ScheduledStep, outbox: list) -> None:
@@ -468,11 +478,9 @@ class Engine:
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(_deliver, items)
 
-    def _fail_all(self, error: Exception) -> None:
-        outbox: list = []
-        for seq in list(self._live.values()):
+    def _fail_all(self, error: Exception, outbox: list) -> None:
+        for seq in self._live_sequences():
             self._end(seq, outbox, error)
-        self._dispatch(outbox)
 
     # ---- helpers ------------------------------------------------------------------------------------------
 

@@ -321,3 +321,26 @@ async def wait_for_idle(engine: Engine, timeout: float = 5.0) -> None:
         assert asyncio.get_running_loop().time() < deadline, "engine did not go idle"
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.05)  # the step that frees blocks may still be finishing
+
+
+async def test_a_fault_outside_the_model_step_fails_in_flight_requests_and_the_loop_keeps_serving(
+    llama_engine, monkeypatch
+):
+    scheduler = llama_engine.scheduler
+    real_schedule = scheduler.schedule
+    calls = {"n": 0}
+
+    def schedule():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected scheduler fault")
+        return real_schedule()
+
+    monkeypatch.setattr(scheduler, "schedule", schedule)
+    with pytest.raises(RequestFailedError, match="injected scheduler fault"):
+        async for _ in llama_engine.submit(GenerationRequest(PROMPTS[0], stopping=greedy(30))):
+            pass
+    await wait_for_idle(llama_engine)
+    assert llama_engine.num_free_kv_blocks == llama_engine.num_kv_blocks
+    after = [e async for e in llama_engine.submit(GenerationRequest(PROMPTS[1], stopping=greedy(4)))]
+    assert sum(len(e.tokens) for e in after) == 4
