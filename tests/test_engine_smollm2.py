@@ -8,18 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from bench.cpu_dtype import PROMPTS  # the prompts whose greedy outputs the dtype benchmark compares
 from engine.request import GenerationRequest, SamplingParams, StoppingParams
 
-PROMPTS = [
-    "The capital of France is",
-    "Write a haiku about the sea.",
-    "def fibonacci(n):",
-    "List three primary colors:",
-    "Translate to French: I like apples.",
-    "Once upon a time, in a small village,",
-    "The quick brown fox",
-    "Explain why the sky is blue in one sentence.",
-]
 NEW_TOKENS = 32
 
 
