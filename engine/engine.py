@@ -60,6 +60,7 @@ class EngineConfig:
     max_model_len: int = 0  # 0: the model's own context length
     scheduling: str = "continuous"
     max_decode_stall_ms: float = 200.0
+    attention_backend: str = "torch"  # decode attention: "torch" (gathers blocks) or "triton" (a kernel)
 
 
 @dataclass(slots=True)
@@ -111,7 +112,12 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, observer: EngineObserver | None = None) -> None:
         self.config = config = config or EngineConfig()
         self.model_runner = ModelRunner(
-            config.model, config.device, config.dtype, config.num_kv_blocks, config.kv_block_size
+            config.model,
+            config.device,
+            config.dtype,
+            config.num_kv_blocks,
+            config.kv_block_size,
+            config.attention_backend,
         )
         self.tokenizer = self.model_runner.tokenizer
         self.observer = observer or EngineObserver()

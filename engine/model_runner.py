@@ -111,7 +111,11 @@ class ModelRunner:
         dtype: str = "auto",
         num_kv_blocks: int = 0,
         block_size: int = 16,
+        attention_backend: str = "torch",
     ) -> None:
+        if attention_backend not in ("torch", "triton"):
+            raise ValueError(f"attention_backend must be 'torch' or 'triton', not {attention_backend!r}")
+        self.attention_backend = attention_backend
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model, self.tokenizer = load_model_and_tokenizer(model, self.device, self.dtype)
@@ -166,7 +170,8 @@ class ModelRunner:
                 last_rows.append(start + n - 1)
         ctx = StepContext(self.kv_cache, torch.tensor(slots, device=device), is_prefill, segments=segments)
         if not is_prefill:
-            ctx.block_tables, ctx.decode_mask = self._decode_tables(inputs)
+            ctx.block_tables, ctx.decode_mask, ctx.context_lens = self._decode_tables(inputs)
+            ctx.decode_backend = self.attention_backend
         attention.set_context(ctx)
         try:
             out = self.model(
@@ -179,7 +184,7 @@ class ModelRunner:
             attention.set_context(None)
         return out.logits[0]
 
-    def _decode_tables(self, inputs: list[StepInput]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_tables(self, inputs: list[StepInput]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block tables padded to the longest, and the mask of each sequence's valid context positions."""
         bs = self.block_size
         context_lens = [item.start_pos + 1 for item in inputs]
@@ -188,5 +193,6 @@ class ModelRunner:
         for i, item in enumerate(inputs):
             used = item.block_table[:width]
             tables[i, : len(used)] = torch.tensor(used)
-        mask = torch.arange(width * bs)[None, :] < torch.tensor(context_lens)[:, None]
-        return tables.to(self.device), mask[None, :, None, :].to(self.device)
+        lens = torch.tensor(context_lens)
+        mask = torch.arange(width * bs)[None, :] < lens[:, None]
+        return tables.to(self.device), mask[None, :, None, :].to(self.device), lens.to(self.device)

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
           "cuda or cuda:N")  # fmt: skip
     _flag(model, "dtype", "auto", "weight and activation type; auto is bfloat16 on cuda, float32 on cpu",
           choices=["auto", "float32", "bfloat16", "float16"])  # fmt: skip
+    _flag(model, "attention-backend", "torch", "decode attention: torch (gathers KV blocks, any device) or "
+          "triton (a paged-attention kernel that reads the cache in place; for cuda)",
+          choices=["torch", "triton"])  # fmt: skip
     _flag(model, "max-model-len", 0, "the most tokens (prompt plus output) one request may hold; "
           "0 uses the model's context length", type=int)  # fmt: skip
 
@@ -140,6 +143,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         max_model_len=args.max_model_len,
         scheduling=args.scheduling,
         max_decode_stall_ms=args.max_decode_stall_ms,
+        attention_backend=args.attention_backend,
     )
     return ServerConfig(
         engine=engine,
