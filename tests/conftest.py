@@ -20,30 +20,23 @@ from engine.model_runner import default_model_dir
 
 # ---- engine fixtures (lead) -------------------------------------------------------------------------------
 
+# Llama and Qwen2 take the same configuration fields; only the model classes differ.
+_LLAMA_LIKE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
 _TINY_CONFIGS = {
     "llama": lambda vocab: transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=True,
+        vocab_size=vocab, tie_word_embeddings=True, **_LLAMA_LIKE
     ),
-    "qwen2": lambda vocab: transformers.Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
+    "qwen2": lambda vocab: transformers.Qwen2Config(vocab_size=vocab, **_LLAMA_LIKE),
     "gpt2": lambda vocab: transformers.GPT2Config(
         vocab_size=vocab,
         n_embd=64,
