@@ -61,6 +61,7 @@ class EngineConfig:
     scheduling: str = "continuous"
     max_decode_stall_ms: float = 200.0
     attention_backend: str = "torch"  # decode attention: "torch" (gathers blocks) or "triton" (a kernel)
+    weight_format: str = "auto"  # "fp16-packed": CPU linear layers on FBGEMM's float16 GEMM; "native"
 
 
 @dataclass(slots=True)
@@ -111,14 +112,13 @@ class Engine:
 
     def __init__(self, config: EngineConfig | None = None, observer: EngineObserver | None = None) -> None:
         self.config = config = config or EngineConfig()
-        self.model_runner = ModelRunner(
-            config.model,
-            config.device,
-            config.dtype,
-            config.num_kv_blocks,
-            config.kv_block_size,
-            config.attention_backend,
-        )
+        # All torch work (loading, every step) happens on the loop thread. With libgomp, a second
+        # thread that runs parallel torch ops gets its own OpenMP team, and on a small CPU the two teams
+        # make every later op about twice as slow (a SmolLM2 decode step of one sequence: ~40 ms when
+        # one thread does everything, ~85 ms when the model was loaded on another thread).
+        self._go = threading.Event()
+        self._stop = False
+        self.model_runner = self._start_thread_and_load(config)
         self.tokenizer = self.model_runner.tokenizer
         self.observer = observer or EngineObserver()
         self.scheduler = Scheduler(
@@ -135,8 +135,6 @@ class Engine:
         self._live: dict[str, Sequence] = {}
         self._cancelled: dict[str, Exception] = {}
         self._accepting = True
-        self._stop = False
-        self._thread: threading.Thread | None = None
 
     # ---- public API -------------------------------------------------------------------------------------
 
@@ -185,7 +183,7 @@ class Engine:
 
     def start(self) -> None:
         """Warm the model up and start the step loop (idempotent)."""
-        if self._thread is not None:
+        if self._go.is_set():
             return
         self._ensure_thread()
         self.generate([[self._warmup_token()]], stopping=StoppingParams(max_new_tokens=2, ignore_eos=True))
@@ -200,9 +198,9 @@ class Engine:
         with self._wakeup:
             self._stop = True
             self._wakeup.notify()
-        if self._thread is not None:
+        self._go.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
-            self._thread = None
 
     def submit(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Queue a request; iterate the result for its events. Raises at once if it cannot be queued."""
@@ -333,10 +331,42 @@ class Engine:
 
     # ---- the step loop ------------------------------------------------------------------------------------
 
+    def _start_thread_and_load(self, config: EngineConfig) -> ModelRunner:
+        """Start the loop thread, which loads the model and then waits for `_ensure_thread`."""
+        loaded: list[ModelRunner | BaseException] = []
+        ready = threading.Event()
+
+        def main() -> None:
+            try:
+                loaded.append(
+                    ModelRunner(
+                        config.model,
+                        config.device,
+                        config.dtype,
+                        config.num_kv_blocks,
+                        config.kv_block_size,
+                        config.attention_backend,
+                        config.weight_format,
+                    )
+                )
+            except BaseException as exc:  # handed to the constructor's thread, which raises it
+                loaded.append(exc)
+                return
+            finally:
+                ready.set()
+            self._go.wait()
+            self._loop()
+
+        self._thread = threading.Thread(target=main, name="textgen-engine", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if isinstance(loaded[0], BaseException):
+            self._thread.join()
+            raise loaded[0]
+        return loaded[0]
+
     def _ensure_thread(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="textgen-engine", daemon=True)
-            self._thread.start()
+        self._go.set()
 
     def _loop(self) -> None:
         while True:

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from engine import attention
 from engine.attention import PrefillSegment, StepContext
 from engine.kv_cache import KVCache
+from engine.packed_linear import pack_linear_layers, resolve_weight_format
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +113,21 @@ class ModelRunner:
         num_kv_blocks: int = 0,
         block_size: int = 16,
         attention_backend: str = "torch",
+        weight_format: str = "auto",
     ) -> None:
         if attention_backend not in ("torch", "triton"):
             raise ValueError(f"attention_backend must be 'torch' or 'triton', not {attention_backend!r}")
         self.attention_backend = attention_backend
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.weight_format = resolve_weight_format(weight_format, self.device, self.dtype)
         self.model, self.tokenizer = load_model_and_tokenizer(model, self.device, self.dtype)
         self.name = DEFAULT_MODEL_NAME if model is None else Path(model).name
         config = self.model.config.get_text_config()
         self.max_context_len = int(getattr(config, "max_position_embeddings", 0) or config.n_positions)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        if self.weight_format == "fp16-packed":
+            pack_linear_layers(self.model)
         num_layers = config.num_hidden_layers
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(model, "attention-backend", "torch", "decode attention: torch (gathers KV blocks, any device) or "
           "triton (a paged-attention kernel that reads the cache in place; for cuda)",
           choices=["torch", "triton"])  # fmt: skip
+    _flag(model, "weight-format", "auto", "how linear-layer weights are held: auto (fp16-packed for "
+          "float32 on an x86 cpu, else native), native (the dtype's own matmuls) or fp16-packed (float16 "
+          "weights on FBGEMM's GEMM, float32 arithmetic; cpu only)",
+          choices=["auto", "native", "fp16-packed"])  # fmt: skip
     _flag(model, "max-model-len", 0, "the most tokens (prompt plus output) one request may hold; "
           "0 uses the model's context length", type=int)  # fmt: skip
 
@@ -144,6 +148,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         scheduling=args.scheduling,
         max_decode_stall_ms=args.max_decode_stall_ms,
         attention_backend=args.attention_backend,
+        weight_format=args.weight_format,
     )
     return ServerConfig(
         engine=engine,
