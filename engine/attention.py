@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from engine import cpu_attention
 from engine.kv_cache import KVCache
 
 ATTENTION_NAME = "textgen_paged"
@@ -39,7 +40,7 @@ class StepContext:
     block_tables: torch.Tensor | None = None  # decode only: [batch, max_blocks] block ids, padded
     decode_mask: torch.Tensor | None = None  # decode only: [1, batch, 1, context] True where valid
     context_lens: torch.Tensor | None = None  # decode only: [batch] tokens of context, the new one included
-    decode_backend: str = "torch"  # "triton": engine.triton_attention's kernel reads the cache in place
+    decode_backend: str = "torch"  # "triton" / "cpu": a kernel that reads the cache in place
 
 
 _context: StepContext | None = None
@@ -69,6 +70,12 @@ def paged_attention(
     v_cache[:, ctx.slot_mapping] = v_new.to(v_cache.dtype)
     if ctx.is_prefill:
         out = _prefill_attention(query[0], k_new, v_new, k_cache, v_cache, ctx.segments, scaling)
+    elif ctx.decode_backend == "cpu":
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = cpu_attention.paged_decode_attention(
+            query[0].transpose(0, 1), k_cache, v_cache, ctx.block_tables, ctx.context_lens,
+            ctx.kv_cache.block_size, scale,
+        )  # fmt: skip
     elif ctx.decode_backend == "triton":
         from engine.triton_attention import paged_decode_attention  # imported only where it is used
 

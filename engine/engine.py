@@ -60,8 +60,9 @@ class EngineConfig:
     max_model_len: int = 0  # 0: the model's own context length
     scheduling: str = "continuous"
     max_decode_stall_ms: float = 200.0
-    attention_backend: str = "torch"  # decode attention: "torch" (gathers blocks) or "triton" (a kernel)
+    attention_backend: str = "auto"  # decode attention: auto, torch (gathers blocks), cpu or triton (kernels)
     weight_format: str = "auto"  # "fp16-packed": CPU linear layers on FBGEMM's float16 GEMM; "native"
+    prefill_chunk_tokens: int = -1  # most tokens per forward pass of a prefill step; -1: 512 on CPU, 0: all
 
 
 @dataclass(slots=True)
@@ -347,6 +348,7 @@ class Engine:
                         config.kv_block_size,
                         config.attention_backend,
                         config.weight_format,
+                        config.prefill_chunk_tokens,
                     )
                 )
             except BaseException as exc:  # handed to the constructor's thread, which raises it

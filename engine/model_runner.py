@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine import attention
+from engine import attention, cpu_attention
 from engine.attention import PrefillSegment, StepContext
 from engine.kv_cache import KVCache
 from engine.packed_linear import pack_linear_layers, resolve_weight_format
@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A prefill step's tokens go through the model in forward passes of at most this many tokens on the
+# CPU, so that each pass's activations stay in the caches: 2112 prompt tokens of SmolLM2 took 5.6 s in
+# one pass and 4.4 s in passes of 528 (`python -m bench.cpu_dtype --prefill-chunks`, README "CPU dtype").
+CPU_PREFILL_CHUNK_TOKENS = 512
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,6 +48,27 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)} or auto")
     return _DTYPES[dtype]
+
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
+
+
+def resolve_attention_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """'auto' is the C kernel for float32 on the CPU (torch if it cannot be built), else torch.
+
+    Triton stays opt-in until it has run on a GPU.
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, not {backend!r}")
+    cpu_float32 = device.type == "cpu" and dtype == torch.float32
+    if backend == "cpu":
+        if not cpu_float32:
+            raise ValueError("the cpu attention backend is for float32 models on the CPU")
+        if cpu_attention.load() is None:
+            raise ValueError(f"the cpu attention kernel could not be built: {cpu_attention.load_error()}")
+    if backend == "auto":
+        return "cpu" if cpu_float32 and cpu_attention.load() is not None else "torch"
+    return backend
 
 
 def default_gguf_path() -> Path:
@@ -112,14 +138,13 @@ class ModelRunner:
         dtype: str = "auto",
         num_kv_blocks: int = 0,
         block_size: int = 16,
-        attention_backend: str = "torch",
+        attention_backend: str = "auto",
         weight_format: str = "auto",
+        prefill_chunk_tokens: int = -1,
     ) -> None:
-        if attention_backend not in ("torch", "triton"):
-            raise ValueError(f"attention_backend must be 'torch' or 'triton', not {attention_backend!r}")
-        self.attention_backend = attention_backend
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.attention_backend = resolve_attention_backend(attention_backend, self.device, self.dtype)
         self.weight_format = resolve_weight_format(weight_format, self.device, self.dtype)
         self.model, self.tokenizer = load_model_and_tokenizer(model, self.device, self.dtype)
         self.name = DEFAULT_MODEL_NAME if model is None else Path(model).name
@@ -138,6 +163,9 @@ class ModelRunner:
             num_layers, num_kv_blocks, block_size, num_kv_heads, head_dim, self.dtype, self.device
         )
         self.block_size = block_size
+        if prefill_chunk_tokens < 0:
+            prefill_chunk_tokens = CPU_PREFILL_CHUNK_TOKENS if self.device.type == "cpu" else 0
+        self.prefill_chunk_tokens = prefill_chunk_tokens
 
     def _auto_num_blocks(self, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int) -> int:
         per_block = KVCache.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, self.dtype)
@@ -154,7 +182,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, inputs: list[StepInput], is_prefill: bool) -> torch.Tensor:
-        """Run one step; return logits [rows, vocab] for the inputs that need them, in order."""
+        """Run one step; return logits [rows, vocab] for the inputs that need them, in order.
+
+        A prefill step larger than `prefill_chunk_tokens` runs as several forward passes over whole
+        sequences, so a sequence computes what it would in one pass; only a sequence longer than the
+        budget is cut, into pieces that continue from the cache as chunked prefill does.
+        """
+        budget = self.prefill_chunk_tokens
+        if not is_prefill or budget <= 0 or sum(len(item.token_ids) for item in inputs) <= budget:
+            return self._forward(inputs, is_prefill)
+        outputs = [self._forward(part, True) for part in split_prefill(inputs, budget)]
+        return torch.cat(outputs, dim=0)
+
+    def _forward(self, inputs: list[StepInput], is_prefill: bool) -> torch.Tensor:
         device, bs = self.device, self.block_size
         token_ids, positions, slots, last_rows = [], [], [], []
         segments: list[PrefillSegment] = []
@@ -201,3 +241,36 @@ class ModelRunner:
         lens = torch.tensor(context_lens)
         mask = torch.arange(width * bs)[None, :] < lens[:, None]
         return tables.to(self.device), mask[None, :, None, :].to(self.device), lens.to(self.device)
+
+
+def split_prefill(inputs: list[StepInput], budget: int) -> list[list[StepInput]]:
+    """Group prefill inputs, in order, into passes of at most `budget` tokens.
+
+    Whole sequences are packed while they fit; a sequence longer than `budget` gets passes of its
+    own, cut into pieces whose later parts start where the earlier left off (only its last piece asks
+    for logits).
+    """
+    parts: list[list[StepInput]] = []
+    current: list[StepInput] = []
+    used = 0
+    for item in inputs:
+        n = len(item.token_ids)
+        if n > budget:
+            if current:
+                parts.append(current)
+                current, used = [], 0
+            for offset in range(0, n, budget):
+                piece = item.token_ids[offset : offset + budget]
+                last = offset + budget >= n
+                parts.append(
+                    [StepInput(piece, item.start_pos + offset, item.block_table, item.needs_logits and last)]
+                )
+            continue
+        if used + n > budget:
+            parts.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += n
+    if current:
+        parts.append(current)
+    return parts

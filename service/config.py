@@ -67,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
           "cuda or cuda:N")  # fmt: skip
     _flag(model, "dtype", "auto", "weight and activation type; auto is bfloat16 on cuda, float32 on cpu",
           choices=["auto", "float32", "bfloat16", "float16"])  # fmt: skip
-    _flag(model, "attention-backend", "torch", "decode attention: torch (gathers KV blocks, any device) or "
-          "triton (a paged-attention kernel that reads the cache in place; for cuda)",
-          choices=["torch", "triton"])  # fmt: skip
+    _flag(model, "attention-backend", "auto", "decode attention: auto (cpu for float32 on the cpu when "
+          "the kernel builds, else torch), torch (gathers KV blocks, any device), cpu (a C kernel that "
+          "reads the cache in place, compiled at first use) or triton (a paged-attention kernel for cuda)",
+          choices=["auto", "torch", "cpu", "triton"])  # fmt: skip
     _flag(model, "weight-format", "auto", "how linear-layer weights are held: auto (fp16-packed for "
           "float32 on an x86 cpu, else native), native (the dtype's own matmuls) or fp16-packed (float16 "
           "weights on FBGEMM's GEMM, float32 arithmetic; cpu only)",

@@ -1,0 +1,78 @@
+/* Paged decode attention for the CPU: one query token per sequence against its cached context.
+ *
+ * The keys and values stay where they are in the paged cache (head-major: [kv_heads, slots, head_dim]
+ * per layer); each (sequence, kv head) pair walks its block table once, so a step reads every cached key
+ * and value once and copies nothing. Each pair's result depends only on its own sequence, so the
+ * output cannot depend on the rest of the batch. Built at first use by engine/cpu_attention.py.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static float dot(const float *a, const float *b, int64_t n) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+/* Work items [begin, end) of batch * kv_heads; q and out are [batch, heads, head_dim], tables is
+ * [batch, width] block ids, lens is [batch] context lengths (the new token included). Returns 0, or -1
+ * when out of memory. */
+/* One (sequence, kv head) pair: its `group` query heads against the sequence's cached context. */
+static void attend(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
+                   const int64_t *lens, float *out, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                   int64_t slots, int64_t width, int64_t block_size, float scale, int64_t item,
+                   int64_t group, float *scores) {
+    const int64_t b = item / kv_heads, kh = item % kv_heads, len = lens[b];
+    const int64_t *table = tables + b * width;
+    const float *qs = q + (b * heads + kh * group) * head_dim;
+    float *os = out + (b * heads + kh * group) * head_dim;
+    const float *ks = k_cache + kh * slots * head_dim, *vs = v_cache + kh * slots * head_dim;
+    for (int64_t t = 0; t < len; t++) {
+        const float *key = ks + (table[t / block_size] * block_size + t % block_size) * head_dim;
+        for (int64_t g = 0; g < group; g++) scores[g * len + t] = dot(qs + g * head_dim, key, head_dim) * scale;
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *s = scores + g * len, max = -INFINITY, sum = 0.0f;
+        for (int64_t t = 0; t < len; t++) max = s[t] > max ? s[t] : max;
+        for (int64_t t = 0; t < len; t++) sum += (s[t] = expf(s[t] - max));
+        for (int64_t t = 0; t < len; t++) s[t] /= sum;
+    }
+    memset(os, 0, sizeof(float) * (size_t)(group * head_dim));
+    for (int64_t t = 0; t < len; t++) {
+        const float *value = vs + (table[t / block_size] * block_size + t % block_size) * head_dim;
+        for (int64_t g = 0; g < group; g++) {
+            const float p = scores[g * len + t];
+            float *o = os + g * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; d++) o[d] += p * value[d];
+        }
+    }
+}
+
+int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+                           const int64_t *tables, const int64_t *lens, float *out, int64_t heads,
+                           int64_t kv_heads, int64_t head_dim, int64_t slots, int64_t width,
+                           int64_t block_size, float scale, int64_t begin, int64_t end) {
+    const int64_t group = heads / kv_heads;
+    int64_t max_len = 1;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t len = lens[item / kv_heads];
+        if (len > max_len) max_len = len;
+    }
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(group * max_len));
+        failed = scores == NULL;
+#pragma omp for schedule(dynamic)
+        for (int64_t item = begin; item < end; item++) {
+            if (scores != NULL) attend(q, k_cache, v_cache, tables, lens, out, heads, kv_heads, head_dim,
+                                       slots, width, block_size, scale, item, group, scores);
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
