@@ -93,22 +93,27 @@ def paged_attention(
 
 
 def _prefill_attention(q, k_new, v_new, k_cache, v_cache, segments, scaling) -> torch.Tensor:
-    """Causal attention per sequence; a sequence with earlier chunks reads them from the cache."""
+    """Causal attention per sequence; a sequence with earlier chunks reads them from the cache.
+
+    The inputs keep a batch dimension of one: with it, the CPU takes SDPA's flash kernel (2.6x faster
+    on 66 tokens, 6x on 2048 than the 3-D call, which falls back to the unfused math path).
+    """
+    q = q[None]  # [1, heads, tokens, dim]
     outputs = []
     for seg in segments:
-        q_seg = q[:, seg.start : seg.end]  # [heads, n, dim]
+        q_seg = q[:, :, seg.start : seg.end]
         n = seg.end - seg.start
         if seg.num_context == n:  # the whole context is in this step: no need to read the cache
-            k, v = k_new[:, seg.start : seg.end], v_new[:, seg.start : seg.end]
+            k, v = k_new[None, :, seg.start : seg.end], v_new[None, :, seg.start : seg.end]
             out = F.scaled_dot_product_attention(q_seg, k, v, is_causal=True, scale=scaling, enable_gqa=True)
         else:
-            k = k_cache[:, seg.context_slots].to(q.dtype)
-            v = v_cache[:, seg.context_slots].to(q.dtype)
+            k = k_cache[None, :, seg.context_slots].to(q.dtype)
+            v = v_cache[None, :, seg.context_slots].to(q.dtype)
             offset = seg.num_context - n
             rows = torch.arange(n, device=q.device)[:, None] + offset
             mask = torch.arange(seg.num_context, device=q.device)[None, :] <= rows
             out = F.scaled_dot_product_attention(q_seg, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-        outputs.append(out.transpose(0, 1))  # [n, heads, dim]
+        outputs.append(out[0].transpose(0, 1))  # [n, heads, dim]
     return torch.cat(outputs, dim=0)
 
 
