@@ -1,17 +1,18 @@
-"""Which dtype should the CPU default to? Times decode and prefill per dtype, and checks greedy outputs.
+"""Which dtype, weight format and attention backend should the CPU default to?
 
-For each dtype: one decode step at `--batch-size` sequences of `--context` tokens, a prefill of `--context`
-tokens, and how many of the first `--new-tokens` greedy tokens of each test prompt agree with float32.
+For each configuration: the median of a few decode steps at batch 1 and at `--batch-size` sequences of
+`--context` tokens, prefill throughput (`--batch-size` prompts of `--context` tokens in one step), and how
+many of the first `--new-tokens` greedy tokens of each test prompt agree with the first configuration's.
+Everything runs on this thread, through the model runner (the engine's loop thread does the same work).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
-from engine.engine import Engine, EngineConfig
-from engine.model_runner import StepInput
-from engine.request import StoppingParams
+from engine.model_runner import ModelRunner, StepInput
 
 PROMPTS = [
     "The capital of France is",
@@ -24,57 +25,96 @@ PROMPTS = [
     "Explain why the sky is blue in one sentence.",
 ]
 
+# (dtype, weight format, attention backend): the first is the reference for greedy agreement.
+CONFIGS = {
+    "float32-native-torch": ("float32", "native", "torch"),
+    "float32-fp16packed-cpu": ("float32", "fp16-packed", "cpu"),
+    "bfloat16-native-torch": ("bfloat16", "native", "torch"),
+}
 
-def time_steps(engine: Engine, batch_size: int, context: int, repeats: int) -> tuple[float, float]:
-    """(seconds per decode step, prefill tokens per second), run directly on the model runner."""
-    runner = engine.model_runner
+
+def _tables(runner: ModelRunner, count: int, tokens: int) -> list[list[int]]:
     tables = []
-    for _ in range(batch_size):
+    for _ in range(count):
         table: list[int] = []
-        assert runner.allocator.allocate(table, context + 1)
+        assert runner.allocator.allocate(table, tokens)
         tables.append(table)
-    prompt = list(range(1000, 1000 + context))
-    start = time.perf_counter()
-    for table in tables:
-        runner.run([StepInput(prompt, 0, table)], is_prefill=True)
-    prefill_rate = batch_size * context / (time.perf_counter() - start)
+    return tables
+
+
+def decode_step_s(runner: ModelRunner, batch_size: int, context: int, repeats: int) -> float:
+    """Median seconds of one decode step of `batch_size` sequences with `context` cached tokens."""
+    tables = _tables(runner, batch_size, context + 1)
     decode = [StepInput([5], context, table) for table in tables]
     runner.run(decode, is_prefill=False)
-    start = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        start = time.perf_counter()
         runner.run(decode, is_prefill=False)
-    step = (time.perf_counter() - start) / repeats
+        times.append(time.perf_counter() - start)
     for table in tables:
         runner.allocator.free(table)
-    return step, prefill_rate
+    return statistics.median(times)
+
+
+def prefill_tokens_per_s(runner: ModelRunner, batch_size: int, context: int) -> float:
+    tables = _tables(runner, batch_size, context)
+    prompt = list(range(1000, 1000 + context))
+    start = time.perf_counter()
+    runner.run([StepInput(prompt, 0, table) for table in tables], is_prefill=True)
+    rate = batch_size * context / (time.perf_counter() - start)
+    for table in tables:
+        runner.allocator.free(table)
+    return rate
+
+
+def greedy_tokens(runner: ModelRunner, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding straight on the runner: one prefill, then one decode step per token."""
+    table: list[int] = []
+    assert runner.allocator.allocate(table, len(prompt) + new_tokens)
+    out = [int(runner.run([StepInput(prompt, 0, table)], is_prefill=True)[0].argmax())]
+    while len(out) < new_tokens:
+        position = len(prompt) + len(out) - 1
+        out.append(int(runner.run([StepInput([out[-1]], position, table)], is_prefill=False)[0].argmax()))
+    runner.allocator.free(table)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"from {', '.join(CONFIGS)}")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--context", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     reference = None
     print(
-        f"| dtype | decode step, batch {args.batch_size} (ms) | prefill (tok/s) | greedy tokens as float32 |"
+        "| dtype, weights, attention | decode step, batch 1 (ms) "
+        f"| decode step, batch {args.batch_size} (ms) | prefill (tok/s) | greedy tokens as the first row |"
     )
-    print("|---|---|---|---|")
-    for dtype in args.dtypes.split(","):
-        engine = Engine(EngineConfig(device="cpu", dtype=dtype))
-        engine.start()
-        step, prefill = time_steps(engine, args.batch_size, args.context, args.repeats)
-        stopping = StoppingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-        outputs = [r.token_ids for r in engine.generate(PROMPTS, stopping=stopping)]
-        engine.shutdown()
+    print("|---|---|---|---|---|")
+    for name in args.configs.split(","):
+        dtype, weight_format, backend = CONFIGS[name]
+        runner = ModelRunner(
+            None, "cpu", dtype, num_kv_blocks=1024, attention_backend=backend, weight_format=weight_format
+        )
+        step_1 = decode_step_s(runner, 1, args.context, args.repeats)
+        step_b = decode_step_s(runner, args.batch_size, args.context, args.repeats)
+        prefill = prefill_tokens_per_s(runner, args.batch_size, args.context)
+        encode = runner.tokenizer.encode
+        outputs = [greedy_tokens(runner, encode(p), args.new_tokens) for p in PROMPTS]
         reference = reference or outputs
         agree = [
             next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
             for x, y in zip(reference, outputs, strict=True)
         ]
-        print(f"| {dtype} | {1000 * step:.0f} | {prefill:.0f} | {agree} |")
+        print(
+            f"| {dtype}, {weight_format}, {backend} | {1000 * step_1:.0f} | {1000 * step_b:.0f} "
+            f"| {prefill:.0f} | {agree} |",
+            flush=True,
+        )
+        del runner
 
 
 if __name__ == "__main__":
