@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sysconfig
@@ -42,13 +43,23 @@ def _compiler() -> str | None:
     return None
 
 
+def _cpu_signature() -> str:
+    """What -march=native depends on: a library built for one CPU must not be loaded on another."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line for line in lines if line.startswith(("flags", "Features"))), platform.machine())
+
+
 def build() -> Path:
     """Compile the kernel (once per source and flags; the result is cached) and return the library."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
+    key = source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
     target = _cache_dir() / f"paged_attention-{digest}.so"
     if target.exists():
         return target
