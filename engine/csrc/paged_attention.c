@@ -17,9 +17,6 @@ static float dot(const float *a, const float *b, int64_t n) {
     return acc;
 }
 
-/* Work items [begin, end) of batch * kv_heads; q and out are [batch, heads, head_dim], tables is
- * [batch, width] block ids, lens is [batch] context lengths (the new token included). Returns 0, or -1
- * when out of memory. */
 /* One (sequence, kv head) pair: its `group` query heads against the sequence's cached context. */
 static void attend(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
                    const int64_t *lens, float *out, int64_t heads, int64_t kv_heads, int64_t head_dim,
@@ -30,19 +27,50 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
     const float *qs = q + (b * heads + kh * group) * head_dim;
     float *os = out + (b * heads + kh * group) * head_dim;
     const float *ks = k_cache + kh * slots * head_dim, *vs = v_cache + kh * slots * head_dim;
-    for (int64_t t = 0; t < len; t++) {
-        const float *key = ks + (table[t / block_size] * block_size + t % block_size) * head_dim;
+#define SLOT(t) (table[(t) / block_size] * block_size + (t) % block_size)
+    /* Scores, four keys at a time: four independent sums per query row instead of one dependent chain. */
+    int64_t t = 0;
+    for (; t + 4 <= len; t += 4) {
+        const float *k0 = ks + SLOT(t) * head_dim, *k1 = ks + SLOT(t + 1) * head_dim;
+        const float *k2 = ks + SLOT(t + 2) * head_dim, *k3 = ks + SLOT(t + 3) * head_dim;
+        for (int64_t g = 0; g < group; g++) {
+            const float *qg = qs + g * head_dim;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+            for (int64_t d = 0; d < head_dim; d++) {
+                a0 += qg[d] * k0[d];
+                a1 += qg[d] * k1[d];
+                a2 += qg[d] * k2[d];
+                a3 += qg[d] * k3[d];
+            }
+            float *s = scores + g * len + t;
+            s[0] = a0 * scale, s[1] = a1 * scale, s[2] = a2 * scale, s[3] = a3 * scale;
+        }
+    }
+    for (; t < len; t++) {
+        const float *key = ks + SLOT(t) * head_dim;
         for (int64_t g = 0; g < group; g++) scores[g * len + t] = dot(qs + g * head_dim, key, head_dim) * scale;
     }
     for (int64_t g = 0; g < group; g++) {
         float *s = scores + g * len, max = -INFINITY, sum = 0.0f;
-        for (int64_t t = 0; t < len; t++) max = s[t] > max ? s[t] : max;
-        for (int64_t t = 0; t < len; t++) sum += (s[t] = expf(s[t] - max));
-        for (int64_t t = 0; t < len; t++) s[t] /= sum;
+        for (int64_t i = 0; i < len; i++) max = s[i] > max ? s[i] : max;
+        for (int64_t i = 0; i < len; i++) sum += (s[i] = expf(s[i] - max));
+        for (int64_t i = 0; i < len; i++) s[i] /= sum;
     }
+    /* Weighted values, four at a time: each output row is loaded and stored once per four keys. */
     memset(os, 0, sizeof(float) * (size_t)(group * head_dim));
-    for (int64_t t = 0; t < len; t++) {
-        const float *value = vs + (table[t / block_size] * block_size + t % block_size) * head_dim;
+    for (t = 0; t + 4 <= len; t += 4) {
+        const float *v0 = vs + SLOT(t) * head_dim, *v1 = vs + SLOT(t + 1) * head_dim;
+        const float *v2 = vs + SLOT(t + 2) * head_dim, *v3 = vs + SLOT(t + 3) * head_dim;
+        for (int64_t g = 0; g < group; g++) {
+            const float *p = scores + g * len + t;
+            float *o = os + g * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; d++) o[d] += p[0] * v0[d] + p[1] * v1[d] + p[2] * v2[d] + p[3] * v3[d];
+        }
+    }
+    for (; t < len; t++) {
+        const float *value = vs + SLOT(t) * head_dim;
         for (int64_t g = 0; g < group; g++) {
             const float p = scores[g * len + t];
             float *o = os + g * head_dim;
@@ -50,8 +78,12 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
             for (int64_t d = 0; d < head_dim; d++) o[d] += p * value[d];
         }
     }
+#undef SLOT
 }
 
+/* Work items [begin, end) of batch * kv_heads; q and out are [batch, heads, head_dim], tables is
+ * [batch, width] block ids, lens is [batch] context lengths (the new token included). Returns 0, or -1
+ * when out of memory. */
 int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
                            const int64_t *tables, const int64_t *lens, float *out, int64_t heads,
                            int64_t kv_heads, int64_t head_dim, int64_t slots, int64_t width,
