@@ -38,7 +38,7 @@ class StepContext:
     is_prefill: bool
     segments: list[PrefillSegment] | None = None  # prefill only
     block_tables: torch.Tensor | None = None  # decode only: [batch, max_blocks] block ids, padded
-    decode_mask: torch.Tensor | None = None  # decode only: [1, batch, 1, context] True where valid
+    decode_mask: torch.Tensor | None = None  # decode, torch backend: [1, batch, 1, context] True where valid
     context_lens: torch.Tensor | None = None  # decode only: [batch] tokens of context, the new one included
     decode_backend: str = "torch"  # "triton" / "cpu": a kernel that reads the cache in place
 
@@ -70,17 +70,13 @@ def paged_attention(
     v_cache[:, ctx.slot_mapping] = v_new.to(v_cache.dtype)
     if ctx.is_prefill:
         out = _prefill_attention(query[0], k_new, v_new, k_cache, v_cache, ctx.segments, scaling)
-    elif ctx.decode_backend == "cpu":
+    elif ctx.decode_backend in ("cpu", "triton"):
+        if ctx.decode_backend == "cpu":
+            kernel = cpu_attention.paged_decode_attention
+        else:
+            from engine.triton_attention import paged_decode_attention as kernel  # imported only where used
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = cpu_attention.paged_decode_attention(
-            query[0].transpose(0, 1), k_cache, v_cache, ctx.block_tables, ctx.context_lens,
-            ctx.kv_cache.block_size, scale,
-        )  # fmt: skip
-    elif ctx.decode_backend == "triton":
-        from engine.triton_attention import paged_decode_attention  # imported only where it is used
-
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = paged_decode_attention(
+        out = kernel(
             query[0].transpose(0, 1), k_cache, v_cache, ctx.block_tables, ctx.context_lens,
             ctx.kv_cache.block_size, scale,
         )  # fmt: skip

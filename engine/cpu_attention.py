@@ -32,10 +32,6 @@ _library: ctypes.CDLL | None = None
 _error: str | None = None
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("TEXTGEN_CACHE_DIR", Path.home() / ".cache" / "textgen")) / "kernels"
-
-
 def _compiler() -> str | None:
     for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc"):
         if candidate and shutil.which(candidate.split()[0]):
@@ -60,7 +56,9 @@ def build() -> Path:
     source = SOURCE.read_bytes()
     key = source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
-    target = _cache_dir() / f"paged_attention-{digest}.so"
+    from engine.model_runner import cache_dir  # (model_runner imports this module)
+
+    target = cache_dir() / "kernels" / f"paged_attention-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -83,9 +81,9 @@ def load() -> ctypes.CDLL | None:
                 library = ctypes.CDLL(str(build()))
                 fn = library.paged_decode_attention
                 fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float] + [
-                    ctypes.c_int64
-                ] * 2
+                fn.argtypes = (
+                    [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float] + [ctypes.c_int64] * 2
+                )
                 _library = library
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _error = str(exc)

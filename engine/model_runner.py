@@ -230,8 +230,11 @@ class ModelRunner:
             attention.set_context(None)
         return out.logits[0]
 
-    def _decode_tables(self, inputs: list[StepInput]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Block tables padded to the longest, and the mask of each sequence's valid context positions."""
+    def _decode_tables(
+        self, inputs: list[StepInput]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Block tables padded to the longest; the mask of each sequence's valid context positions (the
+        torch backend only: the kernels read the lengths); the context lengths."""
         bs = self.block_size
         context_lens = [item.start_pos + 1 for item in inputs]
         width = -(-max(context_lens) // bs)
@@ -240,8 +243,10 @@ class ModelRunner:
             used = item.block_table[:width]
             tables[i, : len(used)] = torch.tensor(used)
         lens = torch.tensor(context_lens)
-        mask = torch.arange(width * bs)[None, :] < lens[:, None]
-        return tables.to(self.device), mask[None, :, None, :].to(self.device), lens.to(self.device)
+        mask = None
+        if self.attention_backend == "torch":
+            mask = (torch.arange(width * bs)[None, :] < lens[:, None])[None, :, None, :].to(self.device)
+        return tables.to(self.device), mask, lens.to(self.device)
 
 
 def split_prefill(inputs: list[StepInput], budget: int) -> list[list[StepInput]]:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from engine.batching import BatchConfig
 from engine.engine import EngineConfig
+from engine.model_runner import ATTENTION_BACKENDS
+from engine.packed_linear import WEIGHT_FORMATS
 
 # The smallest value each numeric flag accepts (BatchConfig checks its own fields).
 _MINIMUMS = {
@@ -70,11 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(model, "attention-backend", "auto", "decode attention: auto (cpu for float32 on the cpu when "
           "the kernel builds, else torch), torch (gathers KV blocks, any device), cpu (a C kernel that "
           "reads the cache in place, compiled at first use) or triton (a paged-attention kernel for cuda)",
-          choices=["auto", "torch", "cpu", "triton"])  # fmt: skip
+          choices=ATTENTION_BACKENDS)  # fmt: skip
     _flag(model, "weight-format", "auto", "how linear-layer weights are held: auto (fp16-packed for "
           "float32 on an x86 cpu, else native), native (the dtype's own matmuls) or fp16-packed (float16 "
           "weights on FBGEMM's GEMM, float32 arithmetic; cpu only)",
-          choices=["auto", "native", "fp16-packed"])  # fmt: skip
+          choices=WEIGHT_FORMATS)  # fmt: skip
     _flag(model, "max-model-len", 0, "the most tokens (prompt plus output) one request may hold; "
           "0 uses the model's context length", type=int)  # fmt: skip
 
