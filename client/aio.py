@@ -9,9 +9,10 @@ from typing import Any
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
+from client.channel import open_channel
 from client.params import GenerateParams, Messages, generate_request, tokenize_request
 from client.results import GenerationResult, ModelInfo, StreamChunk, TokenizeResult
-from client.retry import DEFAULT_RETRY, RetryPolicy, deadline_after, time_left
+from client.retry import DEFAULT_RETRY, Retries, RetryPolicy
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
 
@@ -34,10 +35,7 @@ class AsyncTextGenClient:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         tracing = aio_client_interceptors()  # a client span per call, its W3C context sent in the metadata
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options, interceptors=tracing)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options, interceptors=tracing)
+        self._channel = open_channel(grpc.aio, target, credentials, options, interceptors=tracing)
         self._stub = pb_grpc.TextGenerationServiceStub(self._channel)
         self._timeout = timeout
         self._retry = retry
@@ -66,10 +64,9 @@ class AsyncTextGenClient:
     ) -> AsyncIterator[StreamChunk]:
         """Like `generate`, but yields text and tokens as they are generated; stopping early cancels."""
         request = generate_request(prompt, messages, input_ids, GenerateParams(**params))
-        deadline = deadline_after(self._timeout if timeout is None else timeout)
-        attempt = 1
+        retries = Retries(self._retry, self._timeout if timeout is None else timeout)
         while True:
-            call = self._stub.GenerateStream(request, timeout=time_left(deadline))
+            call = self._stub.GenerateStream(request, timeout=retries.time_left())
             received = False
             try:
                 async for message in call:
@@ -77,13 +74,10 @@ class AsyncTextGenClient:
                     yield StreamChunk.from_proto(message)
                 return
             except grpc.RpcError as error:
-                delay = None if received else self._retry.delay(attempt, error, deadline)
-                if delay is None:
-                    raise
+                delay = retries.delay_after(error, received=received)
             finally:
                 call.cancel()  # no-op once the call ended; stops generation if the caller stopped early
             await asyncio.sleep(delay)
-            attempt += 1
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model and the server's limits."""
@@ -110,14 +104,10 @@ class AsyncTextGenClient:
     async def _unary(
         self, method: grpc.aio.UnaryUnaryMultiCallable, request: Any, timeout: float | None
     ) -> Any:
-        deadline = deadline_after(self._timeout if timeout is None else timeout)
-        attempt = 1
+        retries = Retries(self._retry, self._timeout if timeout is None else timeout)
         while True:
             try:
-                return await method(request, timeout=time_left(deadline))
+                return await method(request, timeout=retries.time_left())
             except grpc.RpcError as error:
-                delay = self._retry.delay(attempt, error, deadline)
-                if delay is None:
-                    raise
+                delay = retries.delay_after(error)
             await asyncio.sleep(delay)
-            attempt += 1

@@ -8,9 +8,10 @@ from typing import Any
 
 import grpc
 
+from client.channel import open_channel
 from client.params import GenerateParams, Messages, generate_request, tokenize_request
 from client.results import GenerationResult, ModelInfo, StreamChunk, TokenizeResult
-from client.retry import DEFAULT_RETRY, RetryPolicy, deadline_after, time_left
+from client.retry import DEFAULT_RETRY, Retries, RetryPolicy
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
 from telemetry.interceptors import ClientTracingInterceptor
@@ -20,8 +21,9 @@ class TextGenClient:
     """A blocking textgen.v1 client for one target (`host:port`, or any gRPC target such as `dns:///...`).
 
     `timeout` is the default deadline of each call in seconds (None: no deadline), covering every
-    retry. Calls failing with UNAVAILABLE or RESOURCE_EXHAUSTED are retried per `retry`; a stream
-    only until its first message arrives. Other errors raise `grpc.RpcError`.
+    retry. Calls failing with UNAVAILABLE, or with RESOURCE_EXHAUSTED that carries the server's
+    RetryInfo, are retried per `retry`; a stream only until its first message arrives. Other errors
+    raise `grpc.RpcError`.
 
         with TextGenClient("localhost:50051") as client:
             print(client.generate("The capital of France is", max_new_tokens=8).text)
@@ -36,10 +38,7 @@ class TextGenClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        if credentials is None:
-            channel = grpc.insecure_channel(target, options=options)
-        else:
-            channel = grpc.secure_channel(target, credentials, options=options)
+        channel = open_channel(grpc, target, credentials, options)
         # A client span per call, its W3C context sent in the metadata.
         self._channel = grpc.intercept_channel(channel, ClientTracingInterceptor())
         self._stub = pb_grpc.TextGenerationServiceStub(self._channel)
@@ -70,10 +69,9 @@ class TextGenClient:
     ) -> Iterator[StreamChunk]:
         """Like `generate`, but yields text and tokens as they are generated; stopping early cancels."""
         request = generate_request(prompt, messages, input_ids, GenerateParams(**params))
-        deadline = deadline_after(self._timeout if timeout is None else timeout)
-        attempt = 1
+        retries = Retries(self._retry, self._timeout if timeout is None else timeout)
         while True:
-            call = self._stub.GenerateStream(request, timeout=time_left(deadline))
+            call = self._stub.GenerateStream(request, timeout=retries.time_left())
             received = False
             try:
                 for message in call:
@@ -81,13 +79,10 @@ class TextGenClient:
                     yield StreamChunk.from_proto(message)
                 return
             except grpc.RpcError as error:
-                delay = None if received else self._retry.delay(attempt, error, deadline)
-                if delay is None:
-                    raise
+                delay = retries.delay_after(error, received=received)
             finally:
                 call.cancel()  # no-op once the call ended; stops generation if the caller stopped early
             time.sleep(delay)
-            attempt += 1
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model and the server's limits."""
@@ -110,14 +105,10 @@ class TextGenClient:
         self.close()
 
     def _unary(self, method: grpc.UnaryUnaryMultiCallable, request: Any, timeout: float | None) -> Any:
-        deadline = deadline_after(self._timeout if timeout is None else timeout)
-        attempt = 1
+        retries = Retries(self._retry, self._timeout if timeout is None else timeout)
         while True:
             try:
-                return method(request, timeout=time_left(deadline))
+                return method(request, timeout=retries.time_left())
             except grpc.RpcError as error:
-                delay = self._retry.delay(attempt, error, deadline)
-                if delay is None:
-                    raise
+                delay = retries.delay_after(error)
             time.sleep(delay)
-            attempt += 1

@@ -7,10 +7,14 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from client import (
     AsyncTextGenClient,
@@ -28,6 +32,51 @@ from protos.textgen.v1 import textgen_pb2_grpc
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox"
 FAST_RETRY = RetryPolicy(max_attempts=200, initial_backoff_s=0.02, max_backoff_s=0.1)
+
+
+class RefusingServicer(textgen_pb2_grpc.TextGenerationServiceServicer):
+    """Refuses the first `refusals` Tokenize calls with RESOURCE_EXHAUSTED, with RetryInfo when
+    `retry_after_s` is set; answers the others."""
+
+    def __init__(self, refusals: int, retry_after_s: float | None) -> None:
+        self.refusals = refusals
+        self.retry_after_s = retry_after_s
+        self.calls = 0
+
+    def Tokenize(self, request, context):
+        self.calls += 1
+        if self.calls <= self.refusals:
+            context.abort_with_status(rpc_status.to_status(self._refusal()))
+        return pb.TokenizeResponse(ids=[1], pieces=["a"])
+
+    def _refusal(self) -> status_pb2.Status:
+        status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message="refused")
+        if self.retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(self.retry_after_s * 1e9))
+            detail = any_pb2.Any()
+            detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+            status.details.append(detail)
+        return status
+
+
+@pytest.fixture
+def refusing_server():
+    """Factory: `RefusingServicer` arguments -> (the servicer, the target of a server running it)."""
+    servers = []
+
+    def start(refusals: int, retry_after_s: float | None = None) -> tuple[RefusingServicer, str]:
+        servicer = RefusingServicer(refusals, retry_after_s)
+        server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        textgen_pb2_grpc.add_TextGenerationServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return servicer, f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop(grace=None)
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +213,34 @@ def test_client_retries_while_the_server_loads_its_model(unloaded_server):
     caller.join(timeout=60)
 
     assert results and results[0].usage.completion_tokens == 2
+
+
+def test_resource_exhausted_with_retry_info_is_retried(refusing_server):
+    servicer, target = refusing_server(refusals=2, retry_after_s=0.01)
+    with TextGenClient(target, timeout=30) as client:
+        tokens = client.tokenize("a")
+
+    assert tokens.ids == [1]
+    assert servicer.calls == 3
+
+
+def test_resource_exhausted_without_retry_info_is_not_retried(refusing_server):
+    servicer, target = refusing_server(refusals=1)
+    with TextGenClient(target, timeout=30) as client, pytest.raises(grpc.RpcError) as error:
+        client.tokenize("a")
+
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert servicer.calls == 1
+
+
+def test_a_response_over_the_clients_size_limit_is_not_retried(refusing_server):
+    servicer, target = refusing_server(refusals=0)
+    options = [("grpc.max_receive_message_length", 1)]
+    with TextGenClient(target, timeout=30, options=options) as client, pytest.raises(grpc.RpcError) as error:
+        client.tokenize("a")
+
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # raised by gRPC, without RetryInfo
+    assert servicer.calls == 1
 
 
 def test_cli_prints_the_streamed_text(client, server):
