@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.model_runner import default_model_dir, resolve_device, resolve_dtype
+from engine.loader import default_model_dir, resolve_device, resolve_dtype
 
 
 @dataclass(slots=True)

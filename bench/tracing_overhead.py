@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 from bench.report import markdown_table
 from engine.batching import BatchConfig
 from engine.engine import Engine, EngineConfig
-from engine.model_runner import default_model_dir
+from engine.loader import default_model_dir
 from engine.observer import EngineObserver
 from engine.request import StoppingParams
 from telemetry.server import Telemetry

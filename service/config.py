@@ -7,9 +7,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from engine.attention import ATTENTION_BACKENDS
 from engine.batching import BatchConfig
 from engine.engine import EngineConfig
-from engine.model_runner import ATTENTION_BACKENDS
 from engine.packed_linear import WEIGHT_FORMATS
 
 # The smallest value each numeric flag accepts (BatchConfig checks its own fields).

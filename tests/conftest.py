@@ -16,7 +16,7 @@ import transformers
 from transformers import AutoTokenizer
 
 from engine.engine import Engine, EngineConfig
-from engine.model_runner import default_model_dir
+from engine.loader import default_model_dir
 
 # ---- engine fixtures (lead) -------------------------------------------------------------------------------
 

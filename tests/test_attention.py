@@ -129,15 +129,12 @@ def decode_context(kv_cache, tables: list[list[int]], context_lens: list[int]) -
     """A decode step: one new token per sequence at position context_len - 1; tables padded with block 0."""
     width = max(len(t) for t in tables)
     block_tables = torch.zeros(len(tables), width, dtype=torch.long)
-    mask = torch.zeros(len(tables), width * BLOCK_SIZE, dtype=torch.bool)
-    for i, (table, n) in enumerate(zip(tables, context_lens, strict=True)):
+    for i, table in enumerate(tables):
         block_tables[i, : len(table)] = torch.tensor(table)
-        mask[i, :n] = True
     pairs = zip(tables, context_lens, strict=True)
     new_slots = torch.stack([slots_of(t, range(n - 1, n))[0] for t, n in pairs])
-    return StepContext(
-        kv_cache, new_slots, is_prefill=False, block_tables=block_tables, decode_mask=mask[None, :, None, :]
-    )
+    lens = torch.tensor(context_lens)
+    return StepContext(kv_cache, new_slots, is_prefill=False, block_tables=block_tables, context_lens=lens)
 
 
 def write_context(kv_cache, table: list[int], k, v) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import cpu_attention
-from engine.attention import _decode_attention
+from engine.attention import cpu_backend, resolve_decode_backend
+from engine.attention.torch_backend import paged_decode_attention as torch_decode_attention
 
 BACKENDS = ["cpu", "triton"]
 
@@ -14,11 +14,11 @@ BACKENDS = ["cpu", "triton"]
 def kernel_for(backend: str):
     if backend == "triton":
         pytest.importorskip("triton")
-        from engine.triton_attention import paged_decode_attention
+        from engine.attention.triton_backend import paged_decode_attention
 
         return paged_decode_attention, "cuda" if torch.cuda.is_available() else "cpu"
-    assert cpu_attention.load() is not None, cpu_attention.load_error()  # gcc is part of the test setup
-    return cpu_attention.paged_decode_attention, "cpu"
+    assert cpu_backend.load() is not None, cpu_backend.load_error()  # gcc is part of the test setup
+    return cpu_backend.paged_decode_attention, "cpu"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -36,14 +36,12 @@ def test_decode_kernel_matches_the_torch_path(backend, num_heads, num_kv_heads, 
     context_lens = [2 * block_size + 1, block_size, 3 * block_size + 2, 1]
     width = max(len(t) for t in tables)
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-    mask = torch.arange(width * block_size)[None, :] < torch.tensor(context_lens)[:, None]
+    lens = torch.tensor(context_lens)
     q = torch.randn(len(tables), num_heads, head_dim, generator=rng)
     scale = head_dim**-0.5
 
-    expected = _decode_attention(
-        q.transpose(0, 1), k_cache, v_cache, block_tables, mask[None, :, None, :], block_size, scale
-    )
-    on = [t.to(device) for t in (q, k_cache, v_cache, block_tables, torch.tensor(context_lens))]
+    expected = torch_decode_attention(q, k_cache, v_cache, block_tables, lens, block_size, scale)
+    on = [t.to(device) for t in (q, k_cache, v_cache, block_tables, lens)]
     got = kernel(*on, block_size, scale)
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
 
@@ -63,28 +61,26 @@ def test_cpu_kernel_output_does_not_depend_on_the_batch():
 
 def test_cpu_kernel_build_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("TEXTGEN_CACHE_DIR", str(tmp_path))
-    first = cpu_attention.build()
+    first = cpu_backend.build()
     assert first.parent == tmp_path / "kernels" and first.exists()
     mtime = first.stat().st_mtime_ns
-    assert cpu_attention.build() == first and first.stat().st_mtime_ns == mtime
+    assert cpu_backend.build() == first and first.stat().st_mtime_ns == mtime
 
 
 def test_without_a_compiler_auto_falls_back_to_torch(monkeypatch):
-    from engine.model_runner import resolve_attention_backend
-
-    monkeypatch.setattr(cpu_attention, "_library", None)
-    monkeypatch.setattr(cpu_attention, "_error", None)
-    monkeypatch.setattr(cpu_attention, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu_backend, "_library", None)
+    monkeypatch.setattr(cpu_backend, "_error", None)
+    monkeypatch.setattr(cpu_backend, "_compiler", lambda: None)
     monkeypatch.setenv("TEXTGEN_CACHE_DIR", "/nonexistent-textgen-cache")
     cpu = torch.device("cpu")
-    assert resolve_attention_backend("auto", cpu, torch.float32) == "torch"
-    assert "no C compiler" in cpu_attention.load_error()
+    assert resolve_decode_backend("auto", cpu, torch.float32) == ("torch", torch_decode_attention)
+    assert "no C compiler" in cpu_backend.load_error()
     with pytest.raises(ValueError, match="could not be built"):
-        resolve_attention_backend("cpu", cpu, torch.float32)
+        resolve_decode_backend("cpu", cpu, torch.float32)
     with pytest.raises(ValueError, match="float32 models on the CPU"):
-        resolve_attention_backend("cpu", cpu, torch.bfloat16)
+        resolve_decode_backend("cpu", cpu, torch.bfloat16)
     with pytest.raises(ValueError, match="must be one of"):
-        resolve_attention_backend("flash", cpu, torch.float32)
+        resolve_decode_backend("flash", cpu, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

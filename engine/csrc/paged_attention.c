@@ -3,7 +3,7 @@
  * The keys and values stay where they are in the paged cache (head-major: [kv_heads, slots, head_dim]
  * per layer); each (sequence, kv head) pair walks its block table once, so a step reads every cached key
  * and value once and copies nothing. Each pair's result depends only on its own sequence, so the
- * output cannot depend on the rest of the batch. Built at first use by engine/cpu_attention.py.
+ * output cannot depend on the rest of the batch. Built at first use by engine/attention/cpu_backend.py.
  */
 #include <math.h>
 #include <stdint.h>

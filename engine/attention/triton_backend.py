@@ -1,4 +1,4 @@
-"""Paged decode attention as one Triton kernel, for CUDA: no gathered copy of the KV cache.
+"""The "triton" decode backend: paged decode attention as one Triton kernel for CUDA, no gathered copy.
 
 One program per (sequence, KV head) walks the sequence's block table, reading each KV block straight
 from the cache, and keeps an online softmax (running max and sum) in float32, so the whole context is

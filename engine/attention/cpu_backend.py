@@ -1,10 +1,10 @@
-"""The CPU paged decode-attention kernel (engine/csrc/paged_attention.c), built at first use.
+"""The "cpu" decode backend: the C paged decode-attention kernel (engine/csrc/paged_attention.c).
 
 The torch decode path gathers every sequence's KV blocks into new tensors and then runs small batched
 matmuls over them; on the CPU both are bound by memory and per-call overheads. The C kernel reads the
 blocks in place, once. It is compiled with the system's C compiler (`cc`, or `$CC`) into
-`~/.cache/textgen/kernels` the first time it is needed (about a second) and loaded with ctypes; when no
-compiler is there the engine says so and falls back to the torch path.
+`~/.cache/textgen/kernels` the first time it is needed and loaded with ctypes; when no compiler is there
+the engine says so and falls back to the torch path.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
+from engine.paths import cache_dir
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
+SOURCE = Path(__file__).parents[1] / "csrc" / "paged_attention.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 _lock = threading.Lock()
@@ -56,8 +58,6 @@ def build() -> Path:
     source = SOURCE.read_bytes()
     key = source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
-    from engine.model_runner import cache_dir  # (model_runner imports this module)
-
     target = cache_dir() / "kernels" / f"paged_attention-{digest}.so"
     if target.exists():
         return target
