@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class EngineError(Exception):
     """Base class of every error the engine reports."""
 
 
 class InvalidRequestError(EngineError, ValueError):
-    """The request can never be served as given (bad parameter, prompt too long)."""
+    """The request can never be served as given (bad parameter, prompt too long).
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.description = message
+    `violations` are (field path, description) pairs, at least one; `field` and `description` are the first's.
+    """
+
+    def __init__(self, field: str, description: str, *more: tuple[str, str]) -> None:
+        self.violations = [(field, description), *more]
+        super().__init__("; ".join(f"{f}: {d}" for f, d in self.violations))
+
+    @classmethod
+    def from_violations(cls, violations: Sequence[tuple[str, str]]) -> InvalidRequestError:
+        """One error listing every one of `violations` (not empty)."""
+        first, *more = violations
+        return cls(*first, *more)
+
+    @property
+    def field(self) -> str:
+        return self.violations[0][0]
+
+    @property
+    def description(self) -> str:
+        return self.violations[0][1]
 
 
 class QueueFullError(EngineError):
@@ -38,3 +56,7 @@ class EngineStoppedError(EngineError):
 
 class RequestFailedError(EngineError):
     """An engine fault hit this request; other requests carry on."""
+
+
+class DuplicateRequestError(EngineError):
+    """Another request with the same request id is in flight."""

@@ -12,20 +12,16 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry import context as otel_context
 
-from engine.engine import MAX_STOP_SEQUENCE_CHARS, MAX_STOP_SEQUENCES, Engine
+from engine.engine import Engine
 from engine.errors import InvalidRequestError
+from engine.limits import RequestLimits, check_request
 from engine.request import GenerationEvent, GenerationRequest
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
 from service import translate
 from service.config import ServerConfig
 from service.status import DuplicateRequestId, InvalidArgument, NotReady, abort
-from service.validation import (
-    RequestLimits,
-    check_generate_request,
-    check_prompt_length,
-    check_tokenize_request,
-)
+from service.validation import check_generate_request, check_tokenize_request
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +43,9 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         self._limits = RequestLimits(
             max_context_len=info.max_context_len,
             vocab_size=info.vocab_size,
-            default_max_new_tokens=self._config.engine.default_max_new_tokens,
-            max_new_tokens_limit=self._config.engine.max_new_tokens_limit,
-            max_stop_sequences=MAX_STOP_SEQUENCES,
-            max_stop_sequence_length=MAX_STOP_SEQUENCE_CHARS,
+            kv_capacity_tokens=info.num_kv_blocks * info.kv_block_size,
+            default_max_new_tokens=engine.config.default_max_new_tokens,
+            max_new_tokens_limit=engine.config.max_new_tokens_limit,
         )
         self._engine = engine
 
@@ -105,7 +100,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
             default_max_new_tokens=limits.default_max_new_tokens,
             max_new_tokens_limit=limits.max_new_tokens_limit,
             max_stop_sequences=limits.max_stop_sequences,
-            max_stop_sequence_length=limits.max_stop_sequence_length,
+            max_stop_sequence_length=limits.max_stop_sequence_chars,
         )
 
     async def Tokenize(
@@ -132,14 +127,13 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
     ) -> AsyncIterator[GenerationEvent]:
         """Submit `request` and yield its engine events; however the call ends, the engine request ends."""
         engine, limits = self._ready()
-        generation = self._generation_request(engine, limits, request, context)
-        if generation.request_id in self._in_flight:
-            raise DuplicateRequestId(f"request_id {generation.request_id!r} is already in flight")
         try:
+            generation = self._generation_request(engine, limits, request, context)
+            if generation.request_id in self._in_flight:
+                raise DuplicateRequestId(f"request_id {generation.request_id!r} is already in flight")
             events = engine.submit(generation)
         except InvalidRequestError as e:
-            field = translate.proto_field(e.field, request.WhichOneof("input"))
-            raise InvalidArgument([(field, e.description)]) from e
+            raise InvalidArgument(translate.proto_violations(e, request.WhichOneof("input"))) from e
         self._in_flight.add(generation.request_id)
         self._idle.clear()
         finished = False
@@ -161,6 +155,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         request: pb.GenerateRequest,
         context: grpc.aio.ServicerContext,
     ) -> GenerationRequest:
+        """The engine request for `request`; raises naming each field that can never be served."""
         check_generate_request(request, limits)
         kind = request.WhichOneof("input")
         if kind == "prompt":
@@ -169,17 +164,18 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
             prompt_ids = self._apply_chat_template(engine, request.chat)
         else:
             prompt_ids = list(request.input_ids.ids)
-        max_new_tokens = check_prompt_length(request, len(prompt_ids), limits)
         remaining = context.time_remaining()
-        return GenerationRequest(
+        generation = GenerationRequest(
             prompt_ids=prompt_ids,
             sampling=translate.sampling_params(request.sampling),
-            stopping=translate.stopping_params(request.stopping, max_new_tokens),
+            stopping=translate.stopping_params(request.stopping),
             priority=request.priority,
             request_id=request.request_id or uuid.uuid4().hex,
             deadline=None if remaining is None else time.monotonic() + remaining,
             trace_context=otel_context.get_current(),  # holds the server span: the engine's spans go under it
         )
+        check_request(generation, limits)  # the prompt's rules; max_new_tokens 0 is left to the engine
+        return generation
 
     @staticmethod
     def _apply_chat_template(engine: Engine, chat: pb.ChatInput) -> list[int]:

@@ -22,6 +22,13 @@ from engine.errors import (
 
 log = logging.getLogger(__name__)
 
+# A status travels in the trailers, its message twice (grpc-message and the details), and clients refuse
+# trailers over 16 KiB by default: these bounds keep a status under 8 KiB (1,000 bad fields made ~50 KB).
+MAX_FIELD_VIOLATIONS = 10
+MAX_FIELD_BYTES = 100
+MAX_DESCRIPTION_BYTES = 200
+MAX_MESSAGE_BYTES = 512
+
 
 class InvalidArgument(Exception):
     """The request can never succeed as sent; `violations` are (proto field path, description) pairs."""
@@ -65,23 +72,49 @@ def to_status(error: BaseException) -> status_pb2.Status:
     if code == code_pb2.INTERNAL and not isinstance(error, RequestFailedError):
         log.exception("unexpected error", exc_info=error)
         return status_pb2.Status(code=code, message="internal error")
-    status = status_pb2.Status(code=code, message=str(error) or type(error).__name__)
     if isinstance(error, InvalidArgument | InvalidRequestError):
-        violations = (
-            error.violations if isinstance(error, InvalidArgument) else [(error.field, error.description)]
-        )
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
-                for field, description in violations
-            ]
-        )
-        status.details.append(_pack(bad_request))
-    elif isinstance(error, QueueFullError):
+        return _bad_request(code, _bounded(error.violations))
+    message = _clip(str(error) or type(error).__name__, MAX_MESSAGE_BYTES)
+    status = status_pb2.Status(code=code, message=message)
+    if isinstance(error, QueueFullError):
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_s * 1e9))
         status.details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     return status
+
+
+def _bounded(violations: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The first `MAX_FIELD_VIOLATIONS` violations, clipped, then one without a field counting the rest."""
+    shown = [
+        (_clip(field, MAX_FIELD_BYTES), _clip(description, MAX_DESCRIPTION_BYTES))
+        for field, description in violations[:MAX_FIELD_VIOLATIONS]
+    ]
+    left_out = len(violations) - len(shown)
+    if left_out:
+        shown.append(("", f"and {left_out} more invalid fields, not listed"))
+    return shown
+
+
+def _bad_request(code: int, violations: list[tuple[str, str]]) -> status_pb2.Status:
+    """A status whose message and BadRequest details both list `violations`."""
+    message = "; ".join(f"{field}: {text}" if field else text for field, text in violations)
+    status = status_pb2.Status(code=code, message=_clip(message, MAX_MESSAGE_BYTES))
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+            for field, description in violations
+        ]
+    )
+    status.details.append(_pack(bad_request))
+    return status
+
+
+def _clip(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` bytes of UTF-8, marked with "..." where it was cut."""
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text
+    return data[: max_bytes - 3].decode(errors="ignore") + "..."
 
 
 async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:

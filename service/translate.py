@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from google.protobuf import duration_pb2
 
+from engine.errors import InvalidRequestError
 from engine.request import FinishReason, GenerationEvent, SamplingParams, StoppingParams, Timing, TokenInfo
 from protos.textgen.v1 import textgen_pb2 as pb
 
@@ -30,9 +31,10 @@ def sampling_params(sampling: pb.SamplingParameters) -> SamplingParams:
     return params
 
 
-def stopping_params(stopping: pb.StoppingCriteria, max_new_tokens: int) -> StoppingParams:
+def stopping_params(stopping: pb.StoppingCriteria) -> StoppingParams:
+    """Engine stopping parameters; max_new_tokens 0 stays 0, the engine's default."""
     return StoppingParams(
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=stopping.max_new_tokens,
         stop_sequences=tuple(stopping.stop_sequences),
         ignore_eos=stopping.ignore_eos,
     )
@@ -43,15 +45,22 @@ def chat_messages(chat: pb.ChatInput) -> list[dict[str, str]]:
 
 
 def proto_field(engine_field: str, input_kind: str) -> str:
-    """The proto field path for a field the engine names in an `InvalidRequestError`."""
-    name = engine_field.rpartition(".")[2]
-    if name in ("prompt", "prompt_ids", "input", "input_ids", "chat"):
-        return input_kind
-    if name in SamplingParams.__slots__:
-        return f"sampling.{name}"
-    if name in StoppingParams.__slots__:
-        return f"stopping.{name}"
-    return engine_field
+    """The proto field path for an engine field path (`engine/limits.py`); `input_kind` is the input oneof.
+
+    `sampling.*`, `stopping.*` and `request_id` are spelled alike on both sides; the prompt is the input
+    the client sent, and `prompt_ids[i]` is `input_ids.ids[i]` when the client sent token ids.
+    """
+    name, bracket, index = engine_field.partition("[")
+    if name not in ("prompt_ids", "chat"):
+        return engine_field
+    if bracket and input_kind == "input_ids":
+        return f"input_ids.ids[{index}"
+    return input_kind
+
+
+def proto_violations(error: InvalidRequestError, input_kind: str) -> list[tuple[str, str]]:
+    """`error`'s violations with their fields named for the proto."""
+    return [(proto_field(field, input_kind), description) for field, description in error.violations]
 
 
 def duration(seconds: float) -> duration_pb2.Duration:

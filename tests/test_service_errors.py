@@ -11,8 +11,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from engine.batching import BatchConfig
+from engine.errors import RequestFailedError
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc
+from service.status import InvalidArgument, to_status
 
 PROMPT = "Once upon a time"
 
@@ -108,6 +110,48 @@ def test_every_invalid_field_is_reported_at_once(stub):
         "sampling.top_k",
         "stopping.max_new_tokens",
     ]
+
+
+FLOODS = {
+    "1,000 empty stop sequences": (
+        stopping(stop_sequences=[""] * 1000),
+        ["stopping.stop_sequences", "stopping.stop_sequences[0]"],
+    ),
+    "200 chat messages without a role": (
+        pb.GenerateRequest(chat=pb.ChatInput(messages=[pb.ChatMessage(role="", content="hi")] * 200)),
+        ["chat.messages[0].role", "chat.messages[1].role"],
+    ),
+}
+
+
+@pytest.mark.parametrize("bad_request, first_fields", FLOODS.values(), ids=FLOODS.keys())
+def test_a_flood_of_violations_is_invalid_argument_with_ten_listed_and_the_rest_counted(
+    stub, bad_request, first_fields
+):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Generate(bad_request, timeout=10)
+
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (bad_request_detail,) = status_details(error.value, error_details_pb2.BadRequest)
+    violations = bad_request_detail.field_violations
+    assert len(violations) == 11
+    assert [v.field for v in violations[:2]] == first_fields
+    assert violations[-1].field == ""
+    assert "more invalid fields" in violations[-1].description
+
+
+def test_a_status_stays_under_8_kib_however_many_and_long_its_violations():
+    status = to_status(InvalidArgument([("f" * 1000, "é" * 10_000)] * 1000))
+
+    assert status.ByteSize() < 8 * 1024
+    assert len(status.message.encode()) <= 512
+
+
+def test_a_long_error_message_is_cut_short():
+    status = to_status(RequestFailedError("x" * 100_000))
+
+    assert status.message.startswith("xxx") and status.message.endswith("...")
+    assert len(status.message.encode()) <= 512
 
 
 def test_tokenize_without_input_is_invalid_argument(stub):

@@ -1,0 +1,155 @@
+"""What a request may ask for: every rule a request must pass before the engine accepts it.
+
+Rules report (field path, description) pairs; field paths name the engine's objects
+(`prompt_ids[3]`, `sampling.top_p`, `stopping.stop_sequences[0]`), and `service/` maps them to proto fields.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.errors import InvalidRequestError
+from engine.request import GenerationRequest, SamplingParams, StoppingParams
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_SEQUENCE_CHARS = 256
+MAX_REPETITION_PENALTY = 10.0
+MAX_ABS_FREQUENCY_PRESENCE_PENALTY = 2.0
+
+Violation = tuple[str, str]
+
+_PENALTY_RULE = (
+    lambda v: abs(v) <= MAX_ABS_FREQUENCY_PRESENCE_PENALTY,
+    f"in [-{MAX_ABS_FREQUENCY_PRESENCE_PENALTY:g}, {MAX_ABS_FREQUENCY_PRESENCE_PENALTY:g}]",
+)
+# (SamplingParams field, the rule as a predicate, the rule in words); every value must also be finite.
+_SAMPLING_RULES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+    ("temperature", lambda v: v >= 0, ">= 0 (0 is greedy)"),
+    ("top_k", lambda v: v >= 0, ">= 0 (0 is off)"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("repetition_penalty", lambda v: 0 < v <= MAX_REPETITION_PENALTY, f"in (0, {MAX_REPETITION_PENALTY:g}]"),
+    ("frequency_penalty", *_PENALTY_RULE),
+    ("presence_penalty", *_PENALTY_RULE),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What a request may ask for on one engine.
+
+    `kv_capacity_tokens` is the whole KV cache (blocks x block size): a request whose prompt plus
+    max_new_tokens exceeds it could never run, even alone.
+    """
+
+    max_context_len: int
+    vocab_size: int
+    kv_capacity_tokens: int
+    default_max_new_tokens: int
+    max_new_tokens_limit: int
+    max_stop_sequences: int = MAX_STOP_SEQUENCES
+    max_stop_sequence_chars: int = MAX_STOP_SEQUENCE_CHARS
+
+
+def check_request(request: GenerationRequest, limits: RequestLimits) -> int:
+    """The request's effective max_new_tokens; raises `InvalidRequestError` listing every violation.
+
+    Lengths are checked only once everything else is valid, so a field is never reported twice.
+    """
+    violations = _prompt_violations(request.prompt_ids, limits)
+    violations += parameter_violations(request.sampling, request.stopping, limits)
+    if violations:
+        raise InvalidRequestError.from_violations(violations)
+    return resolve_max_new_tokens(len(request.prompt_ids), request.stopping, limits)
+
+
+def parameter_violations(
+    sampling: SamplingParams, stopping: StoppingParams, limits: RequestLimits
+) -> list[Violation]:
+    """Every violation of the rules that need no tokens: sampling ranges, max_new_tokens, stop sequences."""
+    return (
+        _sampling_violations(sampling)
+        + _max_new_tokens_violations(stopping, limits)
+        + _stop_sequence_violations(stopping.stop_sequences, limits)
+    )
+
+
+def resolve_max_new_tokens(num_prompt_tokens: int, stopping: StoppingParams, limits: RequestLimits) -> int:
+    """The effective max_new_tokens for a prompt of `num_prompt_tokens`; raises if the request can never fit.
+
+    The prompt plus the new tokens must fit both the context and the KV cache. The default (0) shrinks to
+    fit; an explicit max_new_tokens must fit as given. Assumes `parameter_violations` found nothing.
+    """
+    budget, bound = _token_budget(limits)
+    if num_prompt_tokens >= budget:
+        raise InvalidRequestError(
+            "prompt_ids",
+            f"is {num_prompt_tokens} tokens; {bound} must also hold at least one new token",
+        )
+    room = budget - num_prompt_tokens
+    if stopping.max_new_tokens == 0:
+        return min(limits.default_max_new_tokens, room)
+    if stopping.max_new_tokens > room:
+        raise InvalidRequestError(
+            "stopping.max_new_tokens",
+            f"the prompt ({num_prompt_tokens} tokens) plus max_new_tokens ({stopping.max_new_tokens}) "
+            f"exceeds {bound}",
+        )
+    return stopping.max_new_tokens
+
+
+def _token_budget(limits: RequestLimits) -> tuple[int, str]:
+    """The most tokens (prompt + new) one request may hold, and what sets that bound, in words."""
+    if limits.kv_capacity_tokens < limits.max_context_len:
+        return limits.kv_capacity_tokens, f"the KV cache of {limits.kv_capacity_tokens} tokens"
+    return limits.max_context_len, f"the model's context of {limits.max_context_len} tokens"
+
+
+def _prompt_violations(prompt_ids: list[int], limits: RequestLimits) -> list[Violation]:
+    """The prompt must not be empty and its ids must be in the vocabulary; only the first bad id is named."""
+    if not prompt_ids:
+        return [("prompt_ids", "must not be empty")]
+    vocab = limits.vocab_size
+    bad = next(((i, t) for i, t in enumerate(prompt_ids) if not 0 <= t < vocab), None)
+    if bad is None:
+        return []
+    index, token_id = bad
+    return [(f"prompt_ids[{index}]", f"must be a token id in [0, {vocab}), got {token_id}")]
+
+
+def _sampling_violations(sampling: SamplingParams) -> list[Violation]:
+    violations = []
+    for name, ok, rule in _SAMPLING_RULES:
+        value = getattr(sampling, name)
+        if not (math.isfinite(value) and ok(value)):
+            violations.append((f"sampling.{name}", f"must be {rule}, got {value:g}"))
+    return violations
+
+
+def _max_new_tokens_violations(stopping: StoppingParams, limits: RequestLimits) -> list[Violation]:
+    limit, value = limits.max_new_tokens_limit, stopping.max_new_tokens
+    if 0 <= value <= limit:
+        return []
+    return [("stopping.max_new_tokens", f"must be in [0, {limit}] (0 is the default), got {value}")]
+
+
+def _stop_sequence_violations(stop_sequences: tuple[str, ...], limits: RequestLimits) -> list[Violation]:
+    violations = []
+    if len(stop_sequences) > limits.max_stop_sequences:
+        violations.append(
+            (
+                "stopping.stop_sequences",
+                f"at most {limits.max_stop_sequences} allowed, got {len(stop_sequences)}",
+            )
+        )
+    max_chars = limits.max_stop_sequence_chars
+    for i, stop in enumerate(stop_sequences):
+        if not stop:
+            violations.append((f"stopping.stop_sequences[{i}]", "must not be empty"))
+        elif len(stop) > max_chars:
+            violations.append(
+                (f"stopping.stop_sequences[{i}]", f"must be at most {max_chars} characters, got {len(stop)}")
+            )
+    return violations

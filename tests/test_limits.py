@@ -1,0 +1,224 @@
+"""The request rules of `engine/limits.py`, one behaviour per test, on plain values (no model, no server)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from engine.errors import InvalidRequestError
+from engine.limits import (
+    MAX_STOP_SEQUENCE_CHARS,
+    MAX_STOP_SEQUENCES,
+    RequestLimits,
+    check_request,
+    parameter_violations,
+    resolve_max_new_tokens,
+)
+from engine.request import GenerationRequest, SamplingParams, StoppingParams
+
+LIMITS = RequestLimits(
+    max_context_len=100,
+    vocab_size=50,
+    kv_capacity_tokens=1000,
+    default_max_new_tokens=30,
+    max_new_tokens_limit=80,
+)
+SMALL_CACHE = dataclasses.replace(LIMITS, kv_capacity_tokens=64)  # smaller than the context
+
+
+def fields(sampling: SamplingParams | None = None, stopping: StoppingParams | None = None) -> list[str]:
+    """The fields `parameter_violations` names for these parameters (defaults where not given)."""
+    violations = parameter_violations(sampling or SamplingParams(), stopping or StoppingParams(), LIMITS)
+    return [field for field, _ in violations]
+
+
+def refused(request: GenerationRequest, limits: RequestLimits = LIMITS) -> InvalidRequestError:
+    with pytest.raises(InvalidRequestError) as info:
+        check_request(request, limits)
+    return info.value
+
+
+# ---- sampling -------------------------------------------------------------------------------------------
+
+
+def test_default_parameters_have_no_violations():
+    assert fields() == []
+
+
+@pytest.mark.parametrize(
+    "name, bad, good",
+    [
+        ("temperature", -0.1, 0.0),
+        ("top_k", -1, 0),
+        ("top_p", 0.0, 1.0),
+        ("top_p", 1.01, 0.01),
+        ("min_p", -0.1, 0.0),
+        ("min_p", 1.1, 1.0),
+        ("repetition_penalty", 0.0, 0.01),
+        ("repetition_penalty", 10.5, 10.0),
+        ("frequency_penalty", 2.5, 2.0),
+        ("frequency_penalty", -2.5, -2.0),
+        ("presence_penalty", 2.1, 2.0),
+        ("presence_penalty", -2.1, -2.0),
+    ],
+)
+def test_sampling_values_outside_their_range_are_refused_and_the_bounds_accepted(name, bad, good):
+    assert fields(SamplingParams(**{name: bad})) == [f"sampling.{name}"]
+    assert fields(SamplingParams(**{name: good})) == []
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(
+    "name", ["temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"]
+)
+def test_sampling_values_must_be_finite(name, value):
+    assert fields(SamplingParams(**{name: value})) == [f"sampling.{name}"]
+
+
+def test_a_sampling_violation_states_the_rule_and_the_value():
+    [(_, description)] = parameter_violations(SamplingParams(temperature=-1), StoppingParams(), LIMITS)
+
+    assert description == "must be >= 0 (0 is greedy), got -1"
+
+
+def test_every_sampling_violation_is_reported():
+    bad = SamplingParams(temperature=-1, top_k=-1, top_p=0, min_p=2)
+
+    assert fields(bad) == ["sampling.temperature", "sampling.top_k", "sampling.top_p", "sampling.min_p"]
+
+
+# ---- max_new_tokens -------------------------------------------------------------------------------------
+
+
+def test_max_new_tokens_over_the_limit_is_refused():
+    assert fields(stopping=StoppingParams(max_new_tokens=81)) == ["stopping.max_new_tokens"]
+    assert fields(stopping=StoppingParams(max_new_tokens=80)) == []
+
+
+def test_negative_max_new_tokens_is_refused():
+    assert fields(stopping=StoppingParams(max_new_tokens=-1)) == ["stopping.max_new_tokens"]
+
+
+def test_default_max_new_tokens_is_used_when_it_fits():
+    assert resolve_max_new_tokens(10, StoppingParams(), LIMITS) == 30
+
+
+def test_default_max_new_tokens_shrinks_to_fit_the_context():
+    assert resolve_max_new_tokens(90, StoppingParams(), LIMITS) == 10
+
+
+def test_explicit_max_new_tokens_is_kept_when_it_fits():
+    assert resolve_max_new_tokens(20, StoppingParams(max_new_tokens=80), LIMITS) == 80
+
+
+def test_explicit_max_new_tokens_past_the_context_is_refused():
+    with pytest.raises(InvalidRequestError) as info:
+        resolve_max_new_tokens(21, StoppingParams(max_new_tokens=80), LIMITS)
+
+    assert info.value.field == "stopping.max_new_tokens"
+    assert "context of 100 tokens" in info.value.description
+
+
+def test_a_prompt_that_fills_the_context_is_refused_on_the_prompt():
+    with pytest.raises(InvalidRequestError) as info:
+        resolve_max_new_tokens(100, StoppingParams(), LIMITS)
+
+    assert info.value.field == "prompt_ids"
+    assert "at least one new token" in info.value.description
+
+
+def test_the_kv_cache_bounds_a_request_when_smaller_than_the_context():
+    with pytest.raises(InvalidRequestError) as info:
+        resolve_max_new_tokens(20, StoppingParams(max_new_tokens=45), SMALL_CACHE)
+
+    assert info.value.field == "stopping.max_new_tokens"
+    assert "KV cache of 64 tokens" in info.value.description
+
+
+def test_default_max_new_tokens_shrinks_to_fit_the_kv_cache():
+    assert resolve_max_new_tokens(50, StoppingParams(), SMALL_CACHE) == 14
+
+
+# ---- stop sequences -------------------------------------------------------------------------------------
+
+
+def test_too_many_stop_sequences_are_refused():
+    too_many = StoppingParams(stop_sequences=("s",) * (MAX_STOP_SEQUENCES + 1))
+
+    assert fields(stopping=too_many) == ["stopping.stop_sequences"]
+    assert fields(stopping=StoppingParams(stop_sequences=("s",) * MAX_STOP_SEQUENCES)) == []
+
+
+def test_an_empty_stop_sequence_is_refused_by_its_index():
+    assert fields(stopping=StoppingParams(stop_sequences=("ok", ""))) == ["stopping.stop_sequences[1]"]
+
+
+def test_a_stop_sequence_too_long_is_refused_by_its_index():
+    too_long = StoppingParams(
+        stop_sequences=("x" * (MAX_STOP_SEQUENCE_CHARS + 1), "x" * MAX_STOP_SEQUENCE_CHARS)
+    )
+
+    assert fields(stopping=too_long) == ["stopping.stop_sequences[0]"]
+
+
+def test_every_bad_stop_sequence_is_reported():
+    many_empty = StoppingParams(stop_sequences=("",) * 20)
+
+    assert len(fields(stopping=many_empty)) == 1 + 20
+
+
+# ---- the whole request ------------------------------------------------------------------------------------
+
+
+def test_a_valid_request_gets_its_effective_max_new_tokens():
+    assert check_request(GenerationRequest([1, 2, 3]), LIMITS) == 30
+
+
+def test_an_empty_prompt_is_refused():
+    assert refused(GenerationRequest([])).field == "prompt_ids"
+
+
+def test_a_token_id_past_the_vocabulary_is_refused_by_its_index():
+    error = refused(GenerationRequest([1, 50, 99]))
+
+    assert error.violations == [("prompt_ids[1]", "must be a token id in [0, 50), got 50")]
+
+
+def test_a_negative_token_id_is_refused():
+    assert refused(GenerationRequest([-1])).field == "prompt_ids[0]"
+
+
+def test_every_violation_of_a_request_is_reported_at_once():
+    request = GenerationRequest(
+        [],
+        sampling=SamplingParams(temperature=-1),
+        stopping=StoppingParams(max_new_tokens=1000, stop_sequences=("",)),
+    )
+
+    assert [field for field, _ in refused(request).violations] == [
+        "prompt_ids",
+        "sampling.temperature",
+        "stopping.max_new_tokens",
+        "stopping.stop_sequences[0]",
+    ]
+
+
+def test_lengths_are_checked_only_once_the_parameters_are_valid():
+    request = GenerationRequest([1] * 99, stopping=StoppingParams(max_new_tokens=1000))
+
+    assert [field for field, _ in refused(request).violations] == ["stopping.max_new_tokens"]
+
+
+def test_a_request_too_long_for_the_context_is_refused():
+    request = GenerationRequest([1] * 50, stopping=StoppingParams(max_new_tokens=51))
+
+    assert refused(request).field == "stopping.max_new_tokens"
+
+
+def test_the_error_keeps_the_first_violation_as_field_and_description():
+    error = refused(GenerationRequest([], sampling=SamplingParams(top_k=-1)))
+
+    assert (error.field, error.description) == ("prompt_ids", "must not be empty")
+    assert str(error) == "prompt_ids: must not be empty; sampling.top_k: must be >= 0 (0 is off), got -1"
