@@ -25,7 +25,7 @@ class StepTimes(EngineObserver):
         self.steps: list[tuple[bool, int, float]] = []  # (is prefill, sequences, seconds)
 
     def step_finished(self, step, start, end, kv_used, kv_total) -> None:
-        self.steps.append((step.is_prefill, len(step.chunks), end - start))
+        self.steps.append((step.is_prefill, len(step.rows), end - start))
 
 
 class ProfiledEngine(Engine):

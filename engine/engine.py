@@ -1,4 +1,10 @@
-"""The engine: a step loop on its own thread that serves submitted requests with continuous batching."""
+"""The engine's front door: submit, cancel and offline generate, served by one step-loop thread.
+
+Callers never touch engine state: `submit` and `cancel` append commands to an `Inbox` that only the
+loop thread applies (the model of TGI's router queue). The loop thread owns everything else, the `EngineCore`
+(scheduler, model runner, output processor) and each request's event sink, and hands events back once
+per step per asyncio loop.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +13,17 @@ import contextlib
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.batching import BatchConfig
-from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import (
-    DeadlineExceededError,
-    EngineStoppedError,
-    InvalidRequestError,
-    QueueFullError,
-    RequestCancelledError,
-    RequestFailedError,
-)
-from engine.model_runner import ModelRunner, StepInput
+from engine.core import EngineCore, Outbox
+from engine.errors import EngineStoppedError, InvalidRequestError, RequestFailedError
+from engine.inbox import Add, Command, Inbox
+from engine.limits import RequestLimits, check_request
+from engine.model_runner import ModelRunner
 from engine.observer import EngineObserver
+from engine.output import OutputProcessor
 from engine.request import (
     FinishReason,
     GenerationEvent,
@@ -34,14 +33,10 @@ from engine.request import (
     Timing,
     TokenInfo,
 )
-from engine.sampler import SamplingBatch, sample
-from engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
-from engine.sequence import Sequence, SequenceStatus
+from engine.scheduler import SchedulerConfig, make_scheduler
+from engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
-
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_SEQUENCE_CHARS = 256
 
 
 @dataclass(slots=True)
@@ -93,14 +88,12 @@ class GenerationResult:
     timing: Timing
 
 
+@dataclass(slots=True)
 class _AsyncSink:
     """Delivers a request's events to an asyncio queue on the loop that submitted it."""
 
-    __slots__ = ("loop", "queue")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
@@ -109,35 +102,31 @@ def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
 
 
 class Engine:
-    """Continuous-batching generation engine. `submit`/`cancel` are safe to call from any asyncio loop."""
+    """Continuous-batching generation engine. `submit`/`cancel` are safe to call from any thread or loop."""
 
     def __init__(self, config: EngineConfig | None = None, observer: EngineObserver | None = None) -> None:
         self.config = config = config or EngineConfig()
-        # All torch work (loading, every step) happens on the loop thread. With libgomp, a second
-        # thread that runs parallel torch ops gets its own OpenMP team, and on a small CPU the two teams
-        # make every later op about twice as slow (a SmolLM2 decode step of one sequence: ~40 ms when
-        # one thread does everything, ~85 ms when the model was loaded on another thread).
-        self._go = threading.Event()
-        self._stop = False
-        self.model_runner = self._start_thread_and_load(config)
-        self.tokenizer = self.model_runner.tokenizer
         self.observer = observer or EngineObserver()
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.batch, config.max_decode_stall_ms, config.scheduling),
-            self.model_runner.allocator,
-        )
-        runner = self.model_runner
-        max_len = runner.max_context_len
-        self.max_context_len = min(max_len, config.max_model_len) if config.max_model_len > 0 else max_len
-        self.eos_token_ids = self._eos_token_ids()
-        self._special_ids = set(self.tokenizer.all_special_ids)
-        self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
-        self._live: dict[str, Sequence] = {}
-        self._cancelled: dict[str, Exception] = {}
+        self._inbox = Inbox(config.max_queue_size)
+        self._sinks: dict[int, _AsyncSink | queue.Queue] = {}  # sequence id -> sink; the loop thread's
         self._accepting = True
+        self._go = threading.Event()
+        self.core = self._start_loop_thread()
+        self.model_runner: ModelRunner = self.core.runner
+        self.scheduler = self.core.scheduler
+        self.tokenizer = self.model_runner.tokenizer
+        self.eos_token_ids: set[int] = self.scheduler.eos_token_ids
+        self.max_context_len = _max_context_len(self.model_runner, config)
+        allocator = self.model_runner.allocator
+        self.limits = RequestLimits(
+            max_context_len=self.max_context_len,
+            vocab_size=self.model_runner.vocab_size,
+            kv_capacity_tokens=allocator.num_blocks * allocator.block_size,
+            default_max_new_tokens=config.default_max_new_tokens,
+            max_new_tokens_limit=config.max_new_tokens_limit,
+        )
 
-    # ---- public API -------------------------------------------------------------------------------------
+    # ---- what the engine serves -------------------------------------------------------------------------
 
     @property
     def model_info(self) -> ModelInfo:
@@ -146,7 +135,7 @@ class Engine:
             name=runner.name,
             max_context_len=self.max_context_len,
             vocab_size=runner.vocab_size,
-            eos_token_ids=list(self.eos_token_ids),
+            eos_token_ids=sorted(self.eos_token_ids),
             device=str(runner.device),
             dtype=str(runner.dtype).removeprefix("torch."),
             kv_block_size=runner.block_size,
@@ -163,7 +152,8 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return self.scheduler.num_waiting
+        """Requests submitted and not yet admitted (the loop thread may not have seen the newest)."""
+        return self.scheduler.num_waiting + self._inbox.num_pending_adds
 
     @property
     def num_running(self) -> int:
@@ -182,11 +172,13 @@ class Engine:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
+    # ---- life cycle -------------------------------------------------------------------------------------
+
     def start(self) -> None:
         """Warm the model up and start the step loop (idempotent)."""
         if self._go.is_set():
             return
-        self._ensure_thread()
+        self._go.set()
         self.generate([[self._warmup_token()]], stopping=StoppingParams(max_new_tokens=2, ignore_eos=True))
 
     def stop_accepting(self) -> None:
@@ -196,20 +188,64 @@ class Engine:
     def shutdown(self) -> None:
         """Stop the step loop; requests still in flight fail."""
         self._accepting = False
-        with self._wakeup:
-            self._stop = True
-            self._wakeup.notify()
+        self._inbox.stop()
         self._go.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
 
-    def submit(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        """Queue a request; iterate the result for its events. Raises at once if it cannot be queued."""
-        sink = _AsyncSink(asyncio.get_running_loop())
-        self._enqueue(request, sink)
-        return self._events(request.request_id, sink.queue)
+    # ---- requests ---------------------------------------------------------------------------------------
 
-    async def _events(self, request_id: str, events: asyncio.Queue) -> AsyncIterator[GenerationEvent]:
+    def submit(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Queue a request; iterate the result for its events. Raises at once if it cannot be queued.
+
+        Closing the iterator before the last event cancels the request.
+        """
+        sink = _AsyncSink(asyncio.get_running_loop())
+        seq = self._enqueue(request, sink)
+        return self._events(seq, sink.queue)
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel a queued or running request; its blocks are freed at the next step. Idempotent.
+
+        The request id is free for a new request as soon as this returns.
+        """
+        self._inbox.cancel(request_id)
+
+    def generate(
+        self,
+        prompts: list[str | list[int]],
+        sampling: SamplingParams | list[SamplingParams] | None = None,
+        stopping: StoppingParams | list[StoppingParams] | None = None,
+    ) -> list[GenerationResult]:
+        """Offline batch generation through the same engine loop (for examples, tests and benchmarks)."""
+        self._go.set()
+        n = len(prompts)
+        samplings = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * n
+        stoppings = stopping if isinstance(stopping, list) else [stopping or StoppingParams()] * n
+        sink: queue.Queue = queue.Queue()
+        requests = []
+        for prompt, sp, st in zip(prompts, samplings, stoppings, strict=True):
+            ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+            requests.append(GenerationRequest(ids, sp, st))
+            self._enqueue(requests[-1], sink)
+        collected: dict[str, list[GenerationEvent]] = {r.request_id: [] for r in requests}
+        remaining = n
+        while remaining:
+            request_id, item = sink.get()
+            if isinstance(item, Exception):
+                raise item
+            collected[request_id].append(item)
+            remaining -= item.finished
+        return [_result(r.request_id, collected[r.request_id]) for r in requests]
+
+    def _enqueue(self, request: GenerationRequest, sink: _AsyncSink | queue.Queue) -> Sequence:
+        if not self._accepting:
+            raise EngineStoppedError("the server is shutting down and accepts no new requests")
+        seq = Sequence(request, check_request(request, self.limits))
+        self._inbox.add(seq, sink, self.scheduler.num_waiting, self.observer.request_queued)
+        return seq
+
+    async def _events(self, seq: Sequence, events: asyncio.Queue) -> AsyncIterator[GenerationEvent]:
         done = False
         try:
             while not done:
@@ -221,138 +257,24 @@ class Engine:
                 yield item
         finally:
             if not done:
-                self.cancel(request_id)  # the consumer went away: free the request's KV blocks
+                self._inbox.cancel(seq.id, seq.seq_id)  # the consumer went away: free the request's KV blocks
 
-    def cancel(self, request_id: str) -> None:
-        """Cancel a queued or running request; its blocks are freed at the next step. Idempotent."""
-        self._abort(request_id, RequestCancelledError(f"request {request_id} was cancelled"))
+    # ---- the loop thread --------------------------------------------------------------------------------
 
-    def generate(
-        self,
-        prompts: list[str | list[int]],
-        sampling: SamplingParams | list[SamplingParams] | None = None,
-        stopping: StoppingParams | list[StoppingParams] | None = None,
-    ) -> list[GenerationResult]:
-        """Offline batch generation through the same engine loop (for examples, tests and benchmarks)."""
-        self._ensure_thread()
-        n = len(prompts)
-        samplings = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * n
-        stoppings = stopping if isinstance(stopping, list) else [stopping or StoppingParams()] * n
-        sink: queue.Queue = queue.Queue()
-        requests = []
-        for prompt, sp, st in zip(prompts, samplings, stoppings, strict=True):
-            ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-            request = GenerationRequest(ids, sp, st)
-            self._enqueue(request, sink)
-            requests.append(request)
-        collected: dict[str, list[GenerationEvent]] = {r.request_id: [] for r in requests}
-        remaining = n
-        while remaining:
-            rid, item = sink.get()
-            if isinstance(item, Exception):
-                raise item
-            collected[rid].append(item)
-            remaining -= item.finished
-        return [self._result(r.request_id, collected[r.request_id]) for r in requests]
+    def _start_loop_thread(self) -> EngineCore:
+        """Start the loop thread, which builds the core (loads the model) and then waits for `_go`.
 
-    # ---- submission -------------------------------------------------------------------------------------
-
-    def _enqueue(self, request: GenerationRequest, sink) -> None:
-        if not self._accepting:
-            raise EngineStoppedError("the server is shutting down and accepts no new requests")
-        max_new_tokens = self._validate(request)
-        if self.scheduler.num_waiting >= self.config.max_queue_size:
-            raise QueueFullError(f"the queue is full ({self.config.max_queue_size} requests waiting)")
-        seq = Sequence(
-            request=request,
-            max_new_tokens=max_new_tokens,
-            detokenizer=IncrementalDetokenizer(
-                self.tokenizer, request.prompt_ids, request.stopping.stop_sequences
-            ),
-            sink=sink,
-            generator=self._generator(request.sampling),
-        )
-        with self._wakeup:
-            if request.request_id in self._live:
-                raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
-            self.observer.request_queued(seq)  # before the loop thread can see the sequence
-            self._live[request.request_id] = seq
-            self.scheduler.add(seq)
-            self._wakeup.notify()
-
-    def _validate(self, request: GenerationRequest) -> int:
-        """Check everything that can be checked up front; return the effective max_new_tokens."""
-        ids, sp, st = request.prompt_ids, request.sampling, request.stopping
-        if not ids:
-            raise InvalidRequestError("prompt", "must not be empty")
-        vocab = self.model_runner.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise InvalidRequestError("input_ids", f"token ids must be in [0, {vocab})")
-        if st.max_new_tokens < 0 or st.max_new_tokens > self.config.max_new_tokens_limit:
-            limit = self.config.max_new_tokens_limit
-            raise InvalidRequestError("stopping.max_new_tokens", f"must be between 0 and {limit}")
-        max_new = st.max_new_tokens or self.config.default_max_new_tokens
-        if st.max_new_tokens == 0:
-            max_new = min(max_new, self.max_context_len - len(ids))  # the default shrinks to fit
-        if max_new < 1 or len(ids) + max_new > self.max_context_len:
-            raise InvalidRequestError(
-                "stopping.max_new_tokens",
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the model's context of "
-                f"{self.max_context_len} tokens",
-            )
-        allocator = self.model_runner.allocator
-        if allocator.blocks_needed(len(ids) + max_new) > allocator.num_blocks:
-            raise InvalidRequestError(
-                "stopping.max_new_tokens", "prompt + max_new_tokens exceeds the KV cache"
-            )
-        if len(st.stop_sequences) > MAX_STOP_SEQUENCES:
-            raise InvalidRequestError("stopping.stop_sequences", f"at most {MAX_STOP_SEQUENCES} allowed")
-        if any(not s or len(s) > MAX_STOP_SEQUENCE_CHARS for s in st.stop_sequences):
-            raise InvalidRequestError(
-                "stopping.stop_sequences", f"each must have 1 to {MAX_STOP_SEQUENCE_CHARS} characters"
-            )
-        _validate_sampling(sp)
-        return max_new
-
-    def _generator(self, sp: SamplingParams) -> torch.Generator | None:
-        if sp.greedy:
-            return None
-        generator = torch.Generator(device=self.model_runner.device)
-        if sp.seed is not None:
-            generator.manual_seed(sp.seed)
-        else:
-            generator.seed()
-        return generator
-
-    def _abort(self, request_id: str, error: Exception) -> None:
-        with self._wakeup:
-            if request_id in self._live:
-                self._cancelled.setdefault(request_id, error)
-                self._wakeup.notify()
-
-    # ---- the step loop ------------------------------------------------------------------------------------
-
-    def _start_thread_and_load(self, config: EngineConfig) -> ModelRunner:
-        """Start the loop thread, which loads the model and then waits for `_ensure_thread`."""
-        loaded: list[ModelRunner | BaseException] = []
+        All torch work happens on this one thread: with libgomp, a second thread running parallel torch
+        ops gets its own OpenMP team, and two teams on a small CPU slow every op down (README, "Engine").
+        """
+        built: list[EngineCore | BaseException] = []
         ready = threading.Event()
 
         def main() -> None:
             try:
-                loaded.append(
-                    ModelRunner(
-                        config.model,
-                        config.device,
-                        config.dtype,
-                        config.num_kv_blocks,
-                        config.kv_block_size,
-                        config.attention_backend,
-                        config.weight_format,
-                        config.prefill_chunk_tokens,
-                    )
-                )
+                built.append(_build_core(self.config, self.observer))
             except BaseException as exc:  # handed to the constructor's thread, which raises it
-                loaded.append(exc)
+                built.append(exc)
                 return
             finally:
                 ready.set()
@@ -362,152 +284,43 @@ class Engine:
         self._thread = threading.Thread(target=main, name="textgen-engine", daemon=True)
         self._thread.start()
         ready.wait()
-        if isinstance(loaded[0], BaseException):
+        if isinstance(built[0], BaseException):
             self._thread.join()
-            raise loaded[0]
-        return loaded[0]
-
-    def _ensure_thread(self) -> None:
-        self._go.set()
+            raise built[0]
+        return built[0]
 
     def _loop(self) -> None:
-        while True:
-            with self._wakeup:
-                while not self._stop and not self._cancelled and not self.scheduler.has_work():
-                    self._wakeup.wait(timeout=self._idle_timeout())
-                if self._stop:
-                    break
-                cancelled, self._cancelled = self._cancelled, {}
-            outbox: list[tuple[Sequence, object]] = []
+        scheduler = self.scheduler
+        while (commands := self._inbox.take(scheduler.has_work, scheduler.idle_timeout)) is not None:
+            outbox: Outbox = []
             try:
-                self._drop(cancelled, outbox)
-                self._drop_expired(outbox)
-                step = self.scheduler.schedule()
-                if step is not None:
-                    self._run_step(step, outbox)
+                self._apply(commands, outbox)
+                self.core.step(outbox)
             except Exception as exc:  # a bug outside the model step: fail what is in flight, keep serving
                 log.exception("engine loop failed")
-                self._fail_all(RequestFailedError(f"engine fault: {exc}"), outbox)
+                self.core.fail_all(RequestFailedError(f"engine fault: {exc}"), outbox)
             self._dispatch(outbox)
         outbox = []
-        self._fail_all(EngineStoppedError("the engine stopped"), outbox)
+        self._apply(self._inbox.drain(), outbox)
+        self.core.fail_all(EngineStoppedError("the engine stopped"), outbox)
         self._dispatch(outbox)
 
-    def _idle_timeout(self) -> float | None:
-        """How long an idle loop may sleep: until the oldest queued request reaches max_wait_ms."""
-        waited = self.scheduler.batcher.peek_oldest_wait()
-        if waited is None:
-            return None
-        return max(self.config.batch.max_wait_ms / 1000 - waited, 0.001)
+    def _apply(self, commands: list[Command], outbox: Outbox) -> None:
+        for command in commands:
+            if isinstance(command, Add):
+                self._sinks[command.seq.seq_id] = command.sink
+                self.core.add(command.seq)
+            else:
+                self.core.abort(command.seq_id, command.error, outbox)
 
-    def _drop(self, errors: dict[str, Exception], outbox: list) -> None:
-        for request_id, error in errors.items():
-            seq = self._live.get(request_id)
-            if seq is not None:
-                self._end(seq, outbox, error)
-
-    def _live_sequences(self) -> list[Sequence]:
-        with self._lock:  # submit() adds to the dict from other threads
-            return list(self._live.values())
-
-    def _drop_expired(self, outbox: list) -> None:
-        now = time.monotonic()
-        for seq in [s for s in self._live_sequences() if s.expired(now)]:
-            self._end(seq, outbox, DeadlineExceededError(f"request {seq.id} passed its deadline"))
-
-    def _run_step(self, step: ScheduledStep, outbox: list) -> None:
-        for seq in step.preempted:
-            self.observer.request_preempted(seq)
-        start = time.monotonic()
-        try:
-            sampled = self._forward_and_sample(step)
-        except Exception as exc:  # an engine fault fails only the requests of this step
-            log.exception("engine step failed")
-            for seq, _ in step.chunks:
-                self._end(seq, outbox, RequestFailedError(f"engine fault: {exc}"))
-            return
-        for seq, token_id, logprob in sampled:
-            self._append_token(seq, token_id, logprob, outbox)
-        allocator = self.model_runner.allocator
-        kv_used = allocator.num_blocks - allocator.num_free
-        self.observer.step_finished(step, start, time.monotonic(), kv_used, allocator.num_blocks)
-
-    def _forward_and_sample(self, step: ScheduledStep) -> list[tuple[Sequence, int, float]]:
-        inputs = []
-        for seq, n in step.chunks:
-            if step.is_prefill and seq.num_computed_tokens == 0:
-                self.observer.request_admitted(seq)
-            begin = seq.num_computed_tokens
-            completes = begin + n == seq.num_tokens
-            inputs.append(StepInput(seq.token_ids[begin : begin + n], begin, seq.block_table, completes))
-        logits = self.model_runner.run(inputs, step.is_prefill)
-        ready = [seq for (seq, n) in step.chunks if self.scheduler.finish_chunk(seq, n)]
-        if not ready:
-            return []
-        batch = SamplingBatch(
-            params=[s.request.sampling for s in ready],
-            generators=[s.generator for s in ready],
-            history=[s.token_ids for s in ready],
-            outputs=[s.output_ids for s in ready],
-        )
-        token_ids, logprobs = sample(logits, batch)
-        return list(zip(ready, token_ids.tolist(), logprobs.tolist(), strict=True))
-
-    def _append_token(self, seq: Sequence, token_id: int, logprob: float, outbox: list) -> None:
-        seq.token_ids.append(token_id)
-        if seq.padding_only:
-            if seq.num_tokens >= self.max_context_len:
-                self.scheduler.finish(seq)
-            return
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-            self.observer.first_token(seq)
-        token_text = seq.detokenizer.add_token(token_id)
-        token = TokenInfo(token_id, token_text, logprob, token_id in self._special_ids)
-        if seq.detokenizer.stopped:
-            seq.finish_reason = FinishReason.STOP_SEQUENCE
-        elif token_id in self.eos_token_ids and not seq.request.stopping.ignore_eos:
-            seq.finish_reason = FinishReason.EOS
-        elif seq.num_completion_tokens >= seq.max_new_tokens:
-            seq.finish_reason = FinishReason.LENGTH
-        event = GenerationEvent(
-            seq.id, seq.detokenizer.take_text(final=seq.finish_reason is not None), [token]
-        )
-        if seq.finish_reason is not None:
-            self._complete(seq, event)
-        outbox.append((seq, event))
-
-    def _complete(self, seq: Sequence, event: GenerationEvent) -> None:
-        now = time.monotonic()
-        arrival = seq.request.arrival_time
-        event.finish_reason = seq.finish_reason
-        event.prompt_tokens = seq.num_prompt_tokens
-        event.completion_tokens = seq.num_completion_tokens
-        event.timing = Timing(
-            queue_s=(seq.admitted_time or now) - arrival,
-            time_to_first_token_s=(seq.first_token_time or now) - arrival,
-            total_s=now - arrival,
-        )
-        self._retire(seq, None)
-
-    def _end(self, seq: Sequence, outbox: list, error: Exception) -> None:
-        """End a sequence with an error (cancelled, deadline, fault): free its blocks, tell its caller."""
-        if seq.status is SequenceStatus.FINISHED:
-            return
-        self._retire(seq, error)
-        outbox.append((seq, error))
-
-    def _retire(self, seq: Sequence, error: Exception | None) -> None:
-        self.scheduler.finish(seq)
-        with self._lock:
-            self._live.pop(seq.id, None)
-        self.observer.request_finished(seq, error)
-
-    def _dispatch(self, outbox: list[tuple[Sequence, object]]) -> None:
+    def _dispatch(self, outbox: Outbox) -> None:
         """Hand this step's events to their callers: one thread crossing per asyncio loop per step."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for seq, item in outbox:
-            sink = seq.sink
+            final = isinstance(item, Exception) or item.finished
+            sink = self._sinks.pop(seq.seq_id) if final else self._sinks[seq.seq_id]
+            if final:
+                self._inbox.forget(seq)
             if isinstance(sink, _AsyncSink):
                 by_loop.setdefault(sink.loop, []).append((sink.queue, item))
             else:
@@ -516,47 +329,57 @@ class Engine:
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(_deliver, items)
 
-    def _fail_all(self, error: Exception, outbox: list) -> None:
-        for seq in self._live_sequences():
-            self._end(seq, outbox, error)
-
-    # ---- helpers ------------------------------------------------------------------------------------------
-
-    def _eos_token_ids(self) -> set[int]:
-        ids = set()
-        for source in (self.model_runner.model.generation_config, self.tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
-        return ids
-
     def _warmup_token(self) -> int:
         return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 0
 
-    def _result(self, request_id: str, events: list[GenerationEvent]) -> GenerationResult:
-        last = events[-1]
-        tokens = [t for e in events for t in e.tokens]
-        return GenerationResult(
-            request_id=request_id,
-            text="".join(e.text for e in events),
-            token_ids=[t.id for t in tokens],
-            tokens=tokens,
-            finish_reason=last.finish_reason,
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
-            timing=last.timing,
-        )
+
+def _build_core(config: EngineConfig, observer: EngineObserver) -> EngineCore:
+    """Load the model and build what the loop thread owns."""
+    runner = ModelRunner(
+        config.model,
+        config.device,
+        config.dtype,
+        config.num_kv_blocks,
+        config.kv_block_size,
+        config.attention_backend,
+        config.weight_format,
+        config.prefill_chunk_tokens,
+    )
+    scheduler = make_scheduler(
+        config.scheduling,
+        SchedulerConfig(config.batch, config.max_decode_stall_ms),
+        runner.allocator,
+        max_context_len=_max_context_len(runner, config),
+        eos_token_ids=_eos_token_ids(runner),
+        observer=observer,
+    )
+    outputs = OutputProcessor(runner.tokenizer, set(runner.tokenizer.all_special_ids))
+    return EngineCore(scheduler, runner, outputs, observer)
 
 
-def _validate_sampling(sp: SamplingParams) -> None:
-    checks = [
-        ("temperature", sp.temperature >= 0, "must be >= 0"),
-        ("top_k", sp.top_k >= 0, "must be >= 0 (0 turns it off)"),
-        ("top_p", 0 < sp.top_p <= 1, "must be in (0, 1]"),
-        ("min_p", 0 <= sp.min_p <= 1, "must be in [0, 1]"),
-        ("repetition_penalty", sp.repetition_penalty > 0, "must be > 0"),
-        ("frequency_penalty", -2 <= sp.frequency_penalty <= 2, "must be in [-2, 2]"),
-        ("presence_penalty", -2 <= sp.presence_penalty <= 2, "must be in [-2, 2]"),
-    ]
-    for name, ok, message in checks:
-        if not ok:
-            raise InvalidRequestError(f"sampling.{name}", message)
+def _max_context_len(runner: ModelRunner, config: EngineConfig) -> int:
+    limit = runner.max_context_len
+    return min(limit, config.max_model_len) if config.max_model_len > 0 else limit
+
+
+def _eos_token_ids(runner: ModelRunner) -> set[int]:
+    ids = set()
+    for source in (runner.model.generation_config, runner.tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    return ids
+
+
+def _result(request_id: str, events: list[GenerationEvent]) -> GenerationResult:
+    last = events[-1]
+    tokens = [t for e in events for t in e.tokens]
+    return GenerationResult(
+        request_id=request_id,
+        text="".join(e.text for e in events),
+        token_ids=[t.id for t in tokens],
+        tokens=tokens,
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        timing=last.timing,
+    )

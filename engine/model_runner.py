@@ -14,6 +14,8 @@ import torch
 
 from engine import attention, loader
 from engine.attention import PrefillSegment, StepContext, resolve_decode_backend
+from engine.sampler import FAILED, SamplingBatch, sample
+from engine.step import Step, StepOutput, StepRow
 
 # A prefill step's tokens go through the model in forward passes of at most this many tokens on the
 # CPU, so that each pass's activations stay in the caches (README, "CPU dtype, weights and attention").
@@ -70,10 +72,48 @@ class ModelRunner:
         if prefill_chunk_tokens < 0:
             prefill_chunk_tokens = CPU_PREFILL_CHUNK_TOKENS if self.device.type == "cpu" else 0
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._generators: dict[int, torch.Generator] = {}  # by sequence id, for sampled (not greedy) rows
 
     @property
     def allocator(self):
         return self.kv_cache.allocator
+
+    @torch.inference_mode()
+    def execute(self, step: Step) -> StepOutput:
+        """Run `step` and sample the next token of every row that asks for one (sampling lives here)."""
+        for seq_id in step.finished_seq_ids:
+            self._generators.pop(seq_id, None)
+        inputs = [StepInput(row.token_ids, row.start_pos, row.block_table, row.sample) for row in step.rows]
+        logits = self.run(inputs, step.is_prefill)
+        rows = step.sampled_rows
+        if not rows:
+            return StepOutput([], [])
+        batch = SamplingBatch(
+            params=[row.sampling for row in rows],
+            generators=[self._generator(row) for row in rows],
+            history=[row.history for row in rows],
+            outputs=[row.history[row.num_prompt_tokens :] for row in rows],
+        )
+        token_ids, logprobs = (values.tolist() for values in sample(logits, batch))
+        failed = {
+            row.seq_id: "non-finite logits or probabilities"
+            for row, token_id in zip(rows, token_ids, strict=True)
+            if token_id == FAILED
+        }
+        return StepOutput(token_ids, logprobs, failed)
+
+    def _generator(self, row: StepRow) -> torch.Generator | None:
+        """The random generator of the row's sequence, made (and seeded) at its first sampled token."""
+        if row.sampling.greedy:
+            return None
+        generator = self._generators.get(row.seq_id)
+        if generator is None:
+            generator = self._generators[row.seq_id] = torch.Generator(device=self.device)
+            if row.sampling.seed is not None:
+                generator.manual_seed(row.sampling.seed)
+            else:
+                generator.seed()
+        return generator
 
     @torch.inference_mode()
     def run(self, inputs: list[StepInput], is_prefill: bool) -> torch.Tensor:

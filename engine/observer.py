@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.scheduler import ScheduledStep
 from engine.sequence import Sequence
+from engine.step import Step
 
 
 class EngineObserver:
@@ -28,7 +28,5 @@ class EngineObserver:
     def request_finished(self, seq: Sequence, error: Exception | None) -> None:
         """The sequence ended: `seq.finish_reason` is set, or `error` says why it failed."""
 
-    def step_finished(
-        self, step: ScheduledStep, start: float, end: float, kv_used: int, kv_total: int
-    ) -> None:
+    def step_finished(self, step: Step, start: float, end: float, kv_used: int, kv_total: int) -> None:
         """One engine step ran; `start`/`end` are `time.monotonic()` instants."""

@@ -8,6 +8,9 @@ import torch
 
 from engine.request import SamplingParams
 
+FAILED = -1  # the token id of a row that could not be sampled (non-finite logits or probabilities)
+_FLOAT_MAX = torch.finfo(torch.float32).max
+
 
 @dataclass(slots=True)
 class SamplingBatch:
@@ -23,11 +26,13 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
     """Pick one token per row of `logits` [rows, vocab]; return (token ids, their model log-probabilities).
 
     Each row uses only its own parameters and its own generator, so a seeded request draws the same
-    tokens whatever else is in the batch.
+    tokens whatever else is in the batch. A row whose logits or probabilities are not finite gets the
+    token id `FAILED` and a NaN log-probability; the other rows are sampled as usual.
     """
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
     params = batch.params
+    failed = torch.isnan(logits).any(dim=-1)
     if any(_has_penalty(p) for p in params):
         logits = _apply_penalties(logits.clone(), batch)
     token_ids = logits.argmax(dim=-1)
@@ -35,9 +40,14 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
         probs = _filtered_probs(logits[rows], [params[i] for i in sampled_rows])
+        usable = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
         for j, i in enumerate(sampled_rows):
-            token_ids[i] = torch.multinomial(probs[j], 1, generator=batch.generators[i])[0]
-    chosen = logprobs.gather(1, token_ids[:, None])[:, 0]
+            if usable[j]:
+                token_ids[i] = torch.multinomial(probs[j], 1, generator=batch.generators[i])[0]
+            else:
+                failed[i] = True
+    token_ids[failed] = FAILED
+    chosen = logprobs.gather(1, token_ids.clamp(min=0)[:, None])[:, 0].masked_fill(failed, float("nan"))
     return token_ids, chosen
 
 
@@ -52,7 +62,8 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
             seen = torch.tensor(sorted(set(batch.history[i])), device=logits.device)
             values = logits[i, seen]
             penalty = p.repetition_penalty
-            logits[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
+            penalized = torch.where(values > 0, values / penalty, values * penalty)
+            logits[i, seen] = penalized.clamp(-_FLOAT_MAX, _FLOAT_MAX)  # a tiny penalty must not make inf
         if (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and batch.outputs[i]:
             # As in OpenAI's API: subtract count * frequency + presence from tokens already generated.
             ids = torch.tensor(batch.outputs[i], device=logits.device)
@@ -67,7 +78,8 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     """Temperature, then top-k, top-p and min-p, each row with its own values; returns probabilities."""
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], device=device)
-    logits = logits / temperature[:, None]
+    # Shifted so the top logit is 0 before dividing: however small the temperature, nothing overflows.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature[:, None]
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         vocab = logits.shape[-1]

@@ -1,16 +1,15 @@
-"""A request's life inside the engine: its tokens, its KV blocks and where it stands."""
+"""A request's life inside the scheduler: its tokens, its KV blocks and where it stands."""
 
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import dataclass, field
 
-import torch
-
-from engine.batching import BatchRequest
-from engine.detokenizer import IncrementalDetokenizer
 from engine.request import FinishReason, GenerationRequest
+
+_ids = itertools.count()
 
 
 class SequenceStatus(enum.Enum):
@@ -22,13 +21,15 @@ class SequenceStatus(enum.Enum):
 
 @dataclass(slots=True, eq=False)
 class Sequence:
-    """Engine-side state of one request; owned by the step-loop thread once submitted."""
+    """Scheduling state of one request; owned by the step-loop thread once submitted.
+
+    `seq_id` is unique per submission (a caller may reuse a request id once the first has ended, even
+    while the engine is still tearing that one down); every engine-side table is keyed by it.
+    """
 
     request: GenerationRequest
     max_new_tokens: int
-    detokenizer: IncrementalDetokenizer
-    sink: object
-    generator: torch.Generator | None = None
+    seq_id: int = field(default_factory=lambda: next(_ids))
     token_ids: list[int] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0
@@ -38,10 +39,6 @@ class Sequence:
     admitted_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
-    # Set by the scheduler in static mode: the sequence has finished but keeps its row in the batch.
-    padding_only: bool = False
-    batch_request: BatchRequest | None = None
-    telemetry: object | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.request.prompt_ids)
@@ -49,6 +46,7 @@ class Sequence:
 
     @property
     def id(self) -> str:
+        """The caller's request id."""
         return self.request.request_id
 
     @property
@@ -64,13 +62,13 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @property
     def num_uncomputed_tokens(self) -> int:
         """Tokens whose KV is not in the cache yet: the prompt (or the recompute) still to prefill."""
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
 
     def expired(self, now: float | None = None) -> bool:
         deadline = self.request.deadline

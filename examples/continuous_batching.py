@@ -46,11 +46,14 @@ class PrintingObserver(EngineObserver):
 
     def __init__(self, names: dict[str, str]) -> None:
         self.names = names
+        self.known: set[int] = set()  # sequence ids of the demo's own requests
         self.joined: list[str] = []
         self.left: list[str] = []
         self.step = 0
 
     def request_admitted(self, seq) -> None:
+        if seq.id in self.names:
+            self.known.add(seq.seq_id)
         self.joined.append(self.names.get(seq.id, "?"))
 
     def request_finished(self, seq, error) -> None:
@@ -58,12 +61,12 @@ class PrintingObserver(EngineObserver):
 
     def step_finished(self, step, start, end, kv_used, kv_total) -> None:
         joined, left, self.joined, self.left = self.joined, self.left, [], []
-        if any(seq.id not in self.names for seq, _ in step.chunks):
+        if any(row.seq_id not in self.known for row in step.rows):
             return  # the engine's warm-up
         self.step += 1
         if joined or left:
             kind = "prefill" if step.is_prefill else "decode "
-            line = f"  step {self.step:3d} {kind} {1000 * (end - start):4.0f} ms, batch of {len(step.chunks)}"
+            line = f"  step {self.step:3d} {kind} {1000 * (end - start):4.0f} ms, batch of {len(step.rows)}"
             line += f"  +joined {', '.join(joined)}" if joined else ""
             line += f"  -left {', '.join(left)}" if left else ""
             print(line)

@@ -14,13 +14,13 @@ from opentelemetry import context as otel_context
 
 from engine.engine import Engine
 from engine.errors import InvalidRequestError
-from engine.limits import RequestLimits, check_request
+from engine.limits import RequestLimits
 from engine.request import GenerationEvent, GenerationRequest
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
 from service import translate
 from service.config import ServerConfig
-from service.status import DuplicateRequestId, InvalidArgument, NotReady, abort
+from service.status import InvalidArgument, NotReady, abort
 from service.validation import check_generate_request, check_tokenize_request
 
 log = logging.getLogger(__name__)
@@ -33,25 +33,18 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         self._config = config
         self._engine: Engine | None = None
         self._limits: RequestLimits | None = None
-        self._in_flight: set[str] = set()
+        self._num_in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     def attach(self, engine: Engine) -> None:
         """Serve from `engine`, which is loaded and started."""
-        info = engine.model_info
-        self._limits = RequestLimits(
-            max_context_len=info.max_context_len,
-            vocab_size=info.vocab_size,
-            kv_capacity_tokens=info.num_kv_blocks * info.kv_block_size,
-            default_max_new_tokens=engine.config.default_max_new_tokens,
-            max_new_tokens_limit=engine.config.max_new_tokens_limit,
-        )
+        self._limits = engine.limits
         self._engine = engine
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._in_flight)
+        return self._num_in_flight
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no generation is in flight, at most `timeout_s`; whether that happened."""
@@ -125,28 +118,26 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
     async def _events(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[GenerationEvent]:
-        """Submit `request` and yield its engine events; however the call ends, the engine request ends."""
+        """Submit `request` and yield its engine events; however the call ends, the engine request ends.
+
+        The engine owns request ids: a duplicate in flight is refused there, and closing `events` (which
+        cancels the request if it has not finished) frees the id at once.
+        """
         engine, limits = self._ready()
         try:
-            generation = self._generation_request(engine, limits, request, context)
-            if generation.request_id in self._in_flight:
-                raise DuplicateRequestId(f"request_id {generation.request_id!r} is already in flight")
-            events = engine.submit(generation)
+            events = engine.submit(self._generation_request(engine, limits, request, context))
         except InvalidRequestError as e:
             raise InvalidArgument(translate.proto_violations(e, request.WhichOneof("input"))) from e
-        self._in_flight.add(generation.request_id)
+        self._num_in_flight += 1
         self._idle.clear()
-        finished = False
         try:
-            async for event in events:
-                finished = event.finished
-                yield event
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
         finally:
-            self._in_flight.discard(generation.request_id)
-            if not self._in_flight:
+            self._num_in_flight -= 1
+            if not self._num_in_flight:
                 self._idle.set()
-            if not finished:
-                engine.cancel(generation.request_id)
 
     def _generation_request(
         self,
@@ -165,7 +156,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         else:
             prompt_ids = list(request.input_ids.ids)
         remaining = context.time_remaining()
-        generation = GenerationRequest(
+        return GenerationRequest(
             prompt_ids=prompt_ids,
             sampling=translate.sampling_params(request.sampling),
             stopping=translate.stopping_params(request.stopping),
@@ -174,8 +165,6 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
             deadline=None if remaining is None else time.monotonic() + remaining,
             trace_context=otel_context.get_current(),  # holds the server span: the engine's spans go under it
         )
-        check_request(generation, limits)  # the prompt's rules; max_new_tokens 0 is left to the engine
-        return generation
 
     @staticmethod
     def _apply_chat_template(engine: Engine, chat: pb.ChatInput) -> list[int]:

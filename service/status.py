@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 
 from engine.errors import (
     DeadlineExceededError,
+    DuplicateRequestError,
     EngineStoppedError,
     InvalidRequestError,
     QueueFullError,
@@ -43,10 +44,6 @@ class NotReady(Exception):
     """The model is still loading."""
 
 
-class DuplicateRequestId(Exception):
-    """Another request with the same request_id is in flight."""
-
-
 _CODES: list[tuple[type[BaseException], int]] = [
     (InvalidArgument, code_pb2.INVALID_ARGUMENT),
     (InvalidRequestError, code_pb2.INVALID_ARGUMENT),
@@ -55,7 +52,7 @@ _CODES: list[tuple[type[BaseException], int]] = [
     (RequestCancelledError, code_pb2.CANCELLED),
     (EngineStoppedError, code_pb2.UNAVAILABLE),
     (NotReady, code_pb2.UNAVAILABLE),
-    (DuplicateRequestId, code_pb2.ALREADY_EXISTS),
+    (DuplicateRequestError, code_pb2.ALREADY_EXISTS),
     (RequestFailedError, code_pb2.INTERNAL),
 ]
 

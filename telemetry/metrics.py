@@ -13,8 +13,8 @@ from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
 from engine.engine import Engine
 from engine.observer import EngineObserver
-from engine.scheduler import ScheduledStep
 from engine.sequence import Sequence
+from engine.step import Step
 from telemetry.outcome import OK, outcome
 from telemetry.tracing import OPERATION
 
@@ -148,9 +148,7 @@ class ServingMetrics(EngineObserver):
             decode_s = now - seq.first_token_time
             self._time_per_output_token.record(decode_s / (seq.num_completion_tokens - 1), self._genai)
 
-    def step_finished(
-        self, step: ScheduledStep, start: float, end: float, kv_used: int, kv_total: int
-    ) -> None:
+    def step_finished(self, step: Step, start: float, end: float, kv_used: int, kv_total: int) -> None:
         self._step_duration.record(end - start, _PREFILL if step.is_prefill else _DECODE)
 
 

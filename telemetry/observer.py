@@ -9,8 +9,8 @@ from opentelemetry.trace import TracerProvider
 
 from engine.engine import Engine
 from engine.observer import EngineObserver
-from engine.scheduler import ScheduledStep
 from engine.sequence import Sequence
+from engine.step import Step
 from telemetry.metrics import ServingMetrics
 from telemetry.tracing import RequestTracer
 
@@ -52,9 +52,7 @@ class TelemetryObserver(EngineObserver):
     def request_finished(self, seq: Sequence, error: Exception | None) -> None:
         self._each("request_finished", seq, error)
 
-    def step_finished(
-        self, step: ScheduledStep, start: float, end: float, kv_used: int, kv_total: int
-    ) -> None:
+    def step_finished(self, step: Step, start: float, end: float, kv_used: int, kv_total: int) -> None:
         self._each("step_finished", step, start, end, kv_used, kv_total)
 
     def _each(self, hook: str, *args: object) -> None:

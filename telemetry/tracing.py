@@ -23,18 +23,18 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, Status, StatusCode, TracerProvider
 
 from engine.observer import EngineObserver
-from engine.scheduler import ScheduledStep
-from engine.sequence import Sequence, SequenceStatus
+from engine.sequence import Sequence
+from engine.step import Step
 from telemetry.outcome import outcome
 
 OPERATION = "text_completion"
 _NEW_TRACE = Context()  # an empty parent: the span starts a trace of its own
-_UNSAMPLED = object()  # `Sequence.telemetry` of a request the sampler dropped
+_UNSAMPLED = object()  # the entry of a request the sampler dropped
 
 
 @dataclass(slots=True, eq=False)
 class RequestSpans:
-    """One request's spans, kept in `Sequence.telemetry`."""
+    """One request's spans, kept by `RequestTracer` under the sequence id."""
 
     request: Span
     context: Context  # holds `request`: the parent of the phase spans
@@ -51,6 +51,8 @@ class RequestTracer(EngineObserver):
         self._span_name = f"{OPERATION} {model}"
         self._epoch_ns = time.time_ns() - time.monotonic_ns()
         self._lock = threading.Lock()
+        self._requests: dict[int, RequestSpans | object] = {}  # by sequence id, until the request ends
+        self._ended: dict[int, RequestSpans] = {}  # requests that ended since the last step, for its links
 
     def request_queued(self, seq: Sequence) -> None:
         self._spans(seq)
@@ -77,8 +79,10 @@ class RequestTracer(EngineObserver):
 
     def request_finished(self, seq: Sequence, error: Exception | None) -> None:
         spans = self._spans(seq)
+        del self._requests[seq.seq_id]
         if spans is None:
             return
+        self._ended[seq.seq_id] = spans
         spans.end_ns = now = self._now()
         request = spans.request
         request.set_attribute("gen_ai.usage.output_tokens", seq.num_completion_tokens)
@@ -93,28 +97,29 @@ class RequestTracer(EngineObserver):
         spans.phase.end(now)
         request.end(now)
 
-    def step_finished(
-        self, step: ScheduledStep, start: float, end: float, kv_used: int, kv_total: int
-    ) -> None:
+    def step_finished(self, step: Step, start: float, end: float, kv_used: int, kv_total: int) -> None:
         start_ns, end_ns = self._ns(start), self._ns(end)
+        ended, self._ended = self._ended, {}
         served = [
-            (seq, n, spans)
-            for seq, n in step.chunks
-            if isinstance(spans := seq.telemetry, RequestSpans)
-            and (spans.end_ns is None or spans.end_ns >= start_ns)
+            (row, spans)
+            for row in step.rows
+            if isinstance(spans := self._requests.get(row.seq_id) or ended.get(row.seq_id), RequestSpans)
         ]  # leaves out the padding rows of requests that finished in an earlier step (static batching)
         if not served:
             return
         kind = "prefill" if step.is_prefill else "decode"
         links = [
-            Link(spans.phase.get_span_context(), {"textgen.step.tokens": n} if step.is_prefill else None)
-            for _, n, spans in served
+            Link(
+                spans.phase.get_span_context(),
+                {"textgen.step.tokens": row.num_tokens} if step.is_prefill else None,
+            )
+            for row, spans in served
         ]
         attributes = {
             "textgen.step.kind": kind,
-            "textgen.step.batch_size": len(step.chunks),
+            "textgen.step.batch_size": len(step.rows),
             "textgen.step.tokens": step.num_tokens,
-            "textgen.step.preempted": len(step.preempted),
+            "textgen.step.preempted": len(step.preempted_seq_ids),
             "textgen.kv_cache.blocks_used": kv_used,
             "textgen.kv_cache.blocks_total": kv_total,
             "textgen.kv_cache.usage": kv_used / kv_total if kv_total else 0.0,
@@ -128,21 +133,21 @@ class RequestTracer(EngineObserver):
 
     def _after_prefill(self, served: list, step_context: trace.SpanContext, end_ns: int) -> None:
         """Link each prefill span back to this step; a request whose prompt is now cached starts decoding."""
-        for seq, _, spans in served:
+        for row, spans in served:
             if spans.end_ns is None:
                 spans.phase.add_link(step_context)
-                if seq.status is SequenceStatus.RUNNING:
+                if row.sample:
                     self._next_phase(spans, "decode", end_ns)
 
     def _spans(self, seq: Sequence) -> RequestSpans | None:
         """The request's spans, started on first use: the step loop may reach a request before `submit()`
         has called `request_queued`. None when the sampler dropped the request."""
-        spans = seq.telemetry
+        spans = self._requests.get(seq.seq_id)
         if spans is None:
             with self._lock:
-                if seq.telemetry is None:
-                    seq.telemetry = self._start(seq)
-                spans = seq.telemetry
+                spans = self._requests.get(seq.seq_id)
+                if spans is None:
+                    spans = self._requests[seq.seq_id] = self._start(seq)
         return None if spans is _UNSAMPLED else spans
 
     def _start(self, seq: Sequence) -> object:

@@ -12,6 +12,7 @@ from engine.batching import BatchConfig
 from engine.engine import Engine, EngineConfig
 from engine.errors import (
     DeadlineExceededError,
+    DuplicateRequestError,
     InvalidRequestError,
     QueueFullError,
     RequestCancelledError,
@@ -38,7 +39,7 @@ class CountingObserver(EngineObserver):
         self.preemptions += 1
 
     def step_finished(self, step, start, end, kv_used, kv_total) -> None:
-        self.steps.append((step.is_prefill, len(step.chunks)))
+        self.steps.append((step.is_prefill, len(step.rows)))
 
 
 def make_engine(path, **kwargs) -> Engine:
@@ -228,6 +229,62 @@ async def test_engine_fault_fails_only_the_requests_in_that_step(llama_engine, m
     assert llama_engine.num_free_kv_blocks == llama_engine.num_kv_blocks
 
 
+def test_tiny_temperatures_and_penalties_fail_neither_their_request_nor_its_batchmates(llama_engine):
+    hostile = [
+        SamplingParams(temperature=1e-45, seed=1),
+        SamplingParams(temperature=1e-38, seed=2),
+        SamplingParams(temperature=1.0, repetition_penalty=1e-45, seed=3),
+    ]
+    innocent = [SamplingParams()] * len(PROMPTS)
+    alone = llama_engine.generate(PROMPTS, stopping=greedy(6))
+    together = llama_engine.generate(
+        [[5, 6, 7]] * len(hostile) + PROMPTS, sampling=hostile + innocent, stopping=greedy(6)
+    )
+    assert all(r.completion_tokens == 6 for r in together)
+    assert [r.token_ids for r in together[len(hostile) :]] == [r.token_ids for r in alone]
+
+
+async def test_a_row_that_cannot_be_sampled_fails_only_its_own_request(llama_engine, monkeypatch):
+    runner = llama_engine.model_runner
+    real_run = runner.run
+    poisoned = [900, 901, 902, 903]
+
+    def run(inputs, is_prefill):
+        logits = real_run(inputs, is_prefill)
+        sampled = [item for item in inputs if item.needs_logits]
+        for i, item in enumerate(sampled):
+            if item.token_ids[:4] == poisoned:
+                logits[i] = float("nan")
+        return logits
+
+    monkeypatch.setattr(runner, "run", run)
+    healthy = llama_engine.submit(GenerationRequest(PROMPTS[0], stopping=greedy(20)))
+    first = await anext(healthy)
+    bad = llama_engine.submit(GenerationRequest(poisoned, stopping=greedy(20)))
+    with pytest.raises(RequestFailedError, match="sampling failed"):
+        async for _ in bad:
+            pass
+    rest = [e async for e in healthy]
+    assert sum(len(e.tokens) for e in [first, *rest]) == 20
+    await wait_for_idle(llama_engine)
+    assert llama_engine.num_free_kv_blocks == llama_engine.num_kv_blocks
+
+
+async def test_a_request_id_in_flight_is_refused_and_free_again_once_cancelled(llama_engine):
+    first = llama_engine.submit(GenerationRequest(PROMPTS[2], stopping=greedy(500), request_id="again"))
+    await anext(first)
+    with pytest.raises(DuplicateRequestError):
+        llama_engine.submit(GenerationRequest(PROMPTS[0], stopping=greedy(4), request_id="again"))
+    llama_engine.cancel("again")
+    second = llama_engine.submit(GenerationRequest(PROMPTS[0], stopping=greedy(4), request_id="again"))
+    assert sum([len(e.tokens) async for e in second]) == 4
+    with pytest.raises(RequestCancelledError):
+        async for _ in first:
+            pass
+    await wait_for_idle(llama_engine)
+    assert llama_engine.num_free_kv_blocks == llama_engine.num_kv_blocks
+
+
 def test_kv_pool_is_full_after_a_mix_of_outcomes(llama_engine):
     llama_engine.generate(
         PROMPTS, stopping=[greedy(3), greedy(7), StoppingParams(max_new_tokens=2), greedy(1)]
@@ -238,15 +295,15 @@ def test_kv_pool_is_full_after_a_mix_of_outcomes(llama_engine):
 @pytest.mark.parametrize(
     ("request_kwargs", "field"),
     [
-        ({"prompt_ids": []}, "prompt"),
-        ({"prompt_ids": [10**9]}, "input_ids"),
+        ({"prompt_ids": []}, "prompt_ids"),
+        ({"prompt_ids": [10**9]}, "prompt_ids[0]"),
         ({"sampling": SamplingParams(temperature=-1)}, "sampling.temperature"),
         ({"sampling": SamplingParams(top_p=0)}, "sampling.top_p"),
         ({"sampling": SamplingParams(top_k=-1)}, "sampling.top_k"),
         ({"sampling": SamplingParams(repetition_penalty=0)}, "sampling.repetition_penalty"),
         ({"sampling": SamplingParams(frequency_penalty=3)}, "sampling.frequency_penalty"),
         ({"stopping": StoppingParams(max_new_tokens=2000, stop_sequences=())}, "stopping.max_new_tokens"),
-        ({"stopping": StoppingParams(stop_sequences=("",))}, "stopping.stop_sequences"),
+        ({"stopping": StoppingParams(stop_sequences=("",))}, "stopping.stop_sequences[0]"),
         ({"stopping": StoppingParams(stop_sequences=tuple("abcdefghijklmnopq"))}, "stopping.stop_sequences"),
     ],
 )

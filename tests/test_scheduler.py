@@ -7,8 +7,9 @@ import pytest
 from engine.batching import BatchConfig
 from engine.kv_cache import BlockAllocator
 from engine.request import GenerationRequest
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler, SchedulerConfig, make_scheduler
 from engine.sequence import Sequence, SequenceStatus
+from engine.step import Step, StepOutput
 
 
 class Clock:
@@ -25,41 +26,52 @@ def make_sequence(
     request = GenerationRequest(list(range(1, num_tokens + 1)), priority=priority, arrival_time=arrival)
     if name:
         request.request_id = name
-    return Sequence(request=request, max_new_tokens=64, detokenizer=None, sink=None)
+    return Sequence(request=request, max_new_tokens=64)
 
 
-def make_scheduler(num_blocks=64, block_size=4, clock=None, **config) -> Scheduler:
+def new_scheduler(num_blocks=64, block_size=4, clock=None, scheduling="continuous", **config) -> Scheduler:
     batch = BatchConfig(**{k: config.pop(k) for k in list(config) if k in BatchConfig.__dataclass_fields__})
-    return Scheduler(
-        SchedulerConfig(batch=batch, **config), BlockAllocator(num_blocks, block_size), clock or Clock()
+    return make_scheduler(
+        scheduling,
+        SchedulerConfig(batch=batch, **config),
+        BlockAllocator(num_blocks, block_size),
+        max_context_len=1024,
+        clock=clock or Clock(),
     )
 
 
-def run(scheduler: Scheduler, step, sample: bool = True) -> None:
-    """Pretend the step ran: record its chunks and append a token to every sequence that sampled."""
-    for seq, n in step.chunks:
-        if scheduler.finish_chunk(seq, n) and sample:
-            seq.token_ids.append(7)
+def run(scheduler: Scheduler, step: Step) -> None:
+    """Pretend the step ran: every row that samples gets token 7."""
+    sampled = len(step.sampled_rows)
+    scheduler.update(step, StepOutput([7] * sampled, [0.0] * sampled))
+
+
+def ids(*seqs: Sequence) -> list[int]:
+    return [seq.seq_id for seq in seqs]
+
+
+def row_ids(step: Step) -> list[int]:
+    return [row.seq_id for row in step.rows]
 
 
 def test_nothing_to_do_gives_no_step():
-    assert make_scheduler().schedule() is None
+    assert new_scheduler().schedule() is None
 
 
 def test_a_ready_request_is_prefilled_before_running_sequences_decode():
-    scheduler = make_scheduler()
+    scheduler = new_scheduler()
     first = make_sequence(5)
     scheduler.add(first)
     run(scheduler, scheduler.schedule())
     second = make_sequence(3)
     scheduler.add(second)
     step = scheduler.schedule()
-    assert step.is_prefill and [s for s, _ in step.chunks] == [second]
+    assert step.is_prefill and row_ids(step) == ids(second)
 
 
 def test_decode_comes_first_once_prefill_has_stalled_decoding_for_max_decode_stall_ms():
     clock = Clock()
-    scheduler = make_scheduler(clock=clock, max_batch_tokens=4, max_decode_stall_ms=100)
+    scheduler = new_scheduler(clock=clock, max_batch_tokens=4, max_decode_stall_ms=100)
     running = make_sequence(3)
     scheduler.add(running)
     run(scheduler, scheduler.schedule())
@@ -69,12 +81,12 @@ def test_decode_comes_first_once_prefill_has_stalled_decoding_for_max_decode_sta
     assert scheduler.schedule().is_prefill
     clock.now += 0.06
     step = scheduler.schedule()
-    assert not step.is_prefill and [s for s, _ in step.chunks] == [running]
+    assert not step.is_prefill and row_ids(step) == ids(running)
     assert scheduler.schedule().is_prefill  # the stall budget starts again after a decode
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_of_max_batch_tokens():
-    scheduler = make_scheduler(max_batch_tokens=8)
+    scheduler = new_scheduler(max_batch_tokens=8)
     seq = make_sequence(20)
     scheduler.add(seq)
     sizes = []
@@ -86,24 +98,24 @@ def test_a_long_prompt_is_prefilled_in_chunks_of_max_batch_tokens():
 
 
 def test_prefill_admits_no_more_than_the_free_sequence_slots():
-    scheduler = make_scheduler(max_batch_size=2)
+    scheduler = new_scheduler(max_batch_size=2)
     for _ in range(3):
         scheduler.add(make_sequence(2))
     step = scheduler.schedule()
-    assert len(step.chunks) == 2 and scheduler.num_waiting == 1
+    assert len(step.rows) == 2 and scheduler.num_waiting == 1
 
 
 def test_admission_waits_for_free_kv_blocks():
-    scheduler = make_scheduler(num_blocks=3, block_size=4)
+    scheduler = new_scheduler(num_blocks=3, block_size=4)
     big, small = make_sequence(10), make_sequence(4)
     scheduler.add(big)
     scheduler.add(small)
     step = scheduler.schedule()
-    assert [s for s, _ in step.chunks] == [big] and scheduler.num_waiting == 1
+    assert row_ids(step) == ids(big) and scheduler.num_waiting == 1
 
 
 def test_blocks_running_out_preempts_the_lowest_priority_newest_sequence():
-    scheduler = make_scheduler(num_blocks=3, block_size=4)
+    scheduler = new_scheduler(num_blocks=3, block_size=4)
     old = make_sequence(4, priority=1, arrival=1.0, name="old")
     new = make_sequence(4, priority=0, arrival=2.0, name="new")
     vip = make_sequence(3, priority=5, arrival=3.0, name="vip")
@@ -112,14 +124,14 @@ def test_blocks_running_out_preempts_the_lowest_priority_newest_sequence():
     run(scheduler, scheduler.schedule())  # all three prefilled: 3 blocks in use, each has 1 token to append
     step = scheduler.schedule()
     assert not step.is_prefill
-    assert step.preempted == [new]
+    assert step.preempted_seq_ids == ids(new)
     assert new.status is SequenceStatus.WAITING and new.block_table == [] and new.num_computed_tokens == 0
-    assert {s.id for s, _ in step.chunks} == {"old", "vip"}
+    assert set(row_ids(step)) == set(ids(old, vip))
     assert scheduler.num_waiting == 1
 
 
 def test_finishing_returns_every_block():
-    scheduler = make_scheduler(num_blocks=8)
+    scheduler = new_scheduler(num_blocks=8)
     seqs = [make_sequence(5) for _ in range(3)]
     for seq in seqs:
         scheduler.add(seq)
@@ -130,7 +142,7 @@ def test_finishing_returns_every_block():
 
 
 def test_finishing_a_queued_sequence_removes_it_from_the_queue():
-    scheduler = make_scheduler()
+    scheduler = new_scheduler()
     seq = make_sequence(5)
     scheduler.add(seq)
     scheduler.finish(seq)
@@ -140,7 +152,7 @@ def test_finishing_a_queued_sequence_removes_it_from_the_queue():
 @pytest.mark.parametrize("mode", ["continuous", "static"])
 def test_a_new_arrival_joins_a_running_batch_only_in_continuous_mode(mode):
     clock = Clock()
-    scheduler = make_scheduler(clock=clock, scheduling=mode, max_batch_size=4, max_wait_ms=10)
+    scheduler = new_scheduler(clock=clock, scheduling=mode, max_batch_size=4, max_wait_ms=10)
     first = make_sequence(3)
     scheduler.add(first)
     clock.now += 1  # past max_wait_ms: static mode stops waiting for a full batch
@@ -152,20 +164,20 @@ def test_a_new_arrival_joins_a_running_batch_only_in_continuous_mode(mode):
 
 def test_static_mode_keeps_finished_rows_until_the_batch_is_done():
     clock = Clock()
-    scheduler = make_scheduler(clock=clock, scheduling="static", max_batch_size=2)
+    scheduler = new_scheduler(clock=clock, scheduling="static", max_batch_size=2)
     short, long = make_sequence(3), make_sequence(3)
     scheduler.add(short)
     scheduler.add(long)
     run(scheduler, scheduler.schedule())
     scheduler.finish(short)
-    assert short.padding_only and len(scheduler.schedule().chunks) == 2
+    assert short.seq_id in scheduler.padding and len(scheduler.schedule().rows) == 2
     scheduler.finish(long)
     assert not scheduler.running and scheduler.allocator.num_free == scheduler.allocator.num_blocks
 
 
 def test_static_mode_waits_for_a_full_batch_or_max_wait_ms():
     clock = Clock()
-    scheduler = make_scheduler(clock=clock, scheduling="static", max_batch_size=3, max_wait_ms=50)
+    scheduler = new_scheduler(clock=clock, scheduling="static", max_batch_size=3, max_wait_ms=50)
     scheduler.add(make_sequence(3))
     assert scheduler.schedule() is None
     clock.now += 0.051
@@ -174,4 +186,4 @@ def test_static_mode_waits_for_a_full_batch_or_max_wait_ms():
 
 def test_unknown_scheduling_mode_is_refused():
     with pytest.raises(ValueError, match="scheduling"):
-        SchedulerConfig(scheduling="fifo")
+        new_scheduler(scheduling="fifo")

@@ -1,0 +1,66 @@
+"""One engine step as plain values: what the scheduler asks the runner to run, and what comes back.
+
+`Scheduler.schedule()` returns a `Step`; `ModelRunner.execute(step)` returns a `StepOutput`;
+`Scheduler.update(step, output)` applies it. Neither side reaches into the other's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.request import SamplingParams
+
+
+@dataclass(slots=True)
+class StepRow:
+    """One sequence's part of a step: the tokens to run from `start_pos`, and whether to sample after them.
+
+    `history` is the sequence's tokens before this step (prompt and output: the penalties read it);
+    the first `num_prompt_tokens` of it are the prompt.
+    """
+
+    seq_id: int
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool
+    sampling: SamplingParams
+    history: list[int]
+    num_prompt_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(slots=True)
+class Step:
+    """All prefill rows or all decode rows. `finished_seq_ids` ended since the previous step (the runner
+    drops their per-request state, such as random generators); `preempted_seq_ids` lost their KV blocks
+    while this step was scheduled."""
+
+    is_prefill: bool
+    rows: list[StepRow]
+    finished_seq_ids: list[int] = field(default_factory=list)
+    preempted_seq_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(row.token_ids) for row in self.rows)
+
+    @property
+    def sampled_rows(self) -> list[StepRow]:
+        return [row for row in self.rows if row.sample]
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """One sampled token and its log-probability per sampling row, in the order of `Step.sampled_rows`.
+
+    `failed` maps a sequence id to why its row could not be sampled (say, non-finite probabilities): that
+    sequence fails alone, its token in `token_ids` is meaningless.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    failed: dict[int, str] = field(default_factory=dict)

@@ -1,0 +1,147 @@
+"""One engine step as values, without threads or a model: schedule -> execute -> update -> events."""
+
+from __future__ import annotations
+
+from engine.batching import BatchConfig
+from engine.core import EngineCore
+from engine.errors import RequestCancelledError, RequestFailedError
+from engine.kv_cache import BlockAllocator
+from engine.observer import EngineObserver
+from engine.output import OutputProcessor
+from engine.request import FinishReason, GenerationEvent, GenerationRequest, StoppingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.sequence import Sequence
+from engine.step import Step, StepOutput
+
+EOS = 2
+
+
+class LetterTokenizer:
+    """Token i is the letter chr(ord('a') + i % 26): enough for the detokenizer."""
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+class ScriptedRunner:
+    """Samples the tokens of `script[seq_id]` in order; `fail` names sequences whose row cannot be sampled."""
+
+    def __init__(self) -> None:
+        self.script: dict[int, list[int]] = {}
+        self.fail: set[int] = set()
+        self.steps: list[Step] = []
+
+    def execute(self, step: Step) -> StepOutput:
+        self.steps.append(step)
+        rows = step.sampled_rows
+        tokens = [self.script[row.seq_id].pop(0) for row in rows]
+        failed = {row.seq_id: "scripted failure" for row in rows if row.seq_id in self.fail}
+        return StepOutput(tokens, [-0.5] * len(rows), failed)
+
+
+def make_core(num_blocks: int = 16) -> tuple[EngineCore, ScriptedRunner]:
+    allocator = BlockAllocator(num_blocks, block_size=4)
+    config = SchedulerConfig(BatchConfig(max_batch_tokens=64))
+    scheduler = Scheduler(config, allocator, eos_token_ids={EOS})
+    runner = ScriptedRunner()
+    return EngineCore(scheduler, runner, OutputProcessor(LetterTokenizer(), {EOS}), EngineObserver()), runner
+
+
+def submit(core: EngineCore, runner: ScriptedRunner, tokens: list[int], **stopping) -> Sequence:
+    stopping.setdefault("max_new_tokens", 8)
+    seq = Sequence(
+        GenerationRequest([10, 11, 12], stopping=StoppingParams(**stopping)), stopping["max_new_tokens"]
+    )
+    runner.script[seq.seq_id] = list(tokens)
+    core.add(seq)
+    return seq
+
+
+def run_until_idle(core: EngineCore) -> list[tuple[Sequence, GenerationEvent | Exception]]:
+    outbox: list = []
+    for _ in range(100):
+        if not core.scheduler.has_work():
+            return outbox
+        core.step(outbox)
+    raise AssertionError("the core never went idle")
+
+
+def events_of(outbox, seq: Sequence) -> list:
+    return [item for s, item in outbox if s is seq]
+
+
+def test_a_step_runs_what_the_scheduler_chose_and_the_tokens_become_events():
+    core, runner = make_core()
+    seq = submit(core, runner, [3, 4, 5], max_new_tokens=3)
+    outbox = run_until_idle(core)
+    first = runner.steps[0]
+    assert first.is_prefill and [row.token_ids for row in first.rows] == [[10, 11, 12]]
+    assert [step.is_prefill for step in runner.steps] == [True, False, False]
+    events = events_of(outbox, seq)
+    assert "".join(e.text for e in events) == "def"
+    assert events[-1].finish_reason is FinishReason.LENGTH and events[-1].completion_tokens == 3
+    assert core.scheduler.allocator.num_free == 16
+
+
+def test_eos_ends_a_sequence_unless_it_is_ignored():
+    core, runner = make_core()
+    stops = submit(core, runner, [3, EOS, 5])
+    ignores = submit(core, runner, [3, EOS, 5], max_new_tokens=3, ignore_eos=True)
+    outbox = run_until_idle(core)
+    assert events_of(outbox, stops)[-1].finish_reason is FinishReason.EOS
+    assert events_of(outbox, stops)[-1].completion_tokens == 2
+    assert events_of(outbox, ignores)[-1].finish_reason is FinishReason.LENGTH
+
+
+def test_a_stop_sequence_ends_the_sequence_and_frees_its_blocks():
+    core, runner = make_core()
+    seq = submit(core, runner, [3, 4, 5, 6, 7], stop_sequences=("ef",))
+    outbox = run_until_idle(core)
+    events = events_of(outbox, seq)
+    assert events[-1].finish_reason is FinishReason.STOP_SEQUENCE
+    assert "".join(e.text for e in events) == "d"
+    assert core.scheduler.allocator.num_free == 16 and not core.scheduler.sequences
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone():
+    core, runner = make_core()
+    bad = submit(core, runner, [3, 4])
+    good = submit(core, runner, [3, 4], max_new_tokens=2)
+    runner.fail.add(bad.seq_id)
+    outbox = run_until_idle(core)
+    [error] = events_of(outbox, bad)
+    assert isinstance(error, RequestFailedError) and "scripted failure" in str(error)
+    assert events_of(outbox, good)[-1].finish_reason is FinishReason.LENGTH
+    assert core.scheduler.allocator.num_free == 16
+
+
+def test_a_runner_fault_fails_the_sequences_of_that_step_only():
+    core, runner = make_core()
+    first = submit(core, runner, [3, 4, 5], max_new_tokens=3)
+    outbox: list = []
+    core.step(outbox)  # first's prefill
+    second = submit(core, runner, [3])
+    runner.script[second.seq_id] = []  # its prefill step raises (pop from an empty list)
+    core.step(outbox)
+    assert isinstance(events_of(outbox, second)[-1], RequestFailedError)
+    outbox += run_until_idle(core)
+    assert events_of(outbox, first)[-1].finish_reason is FinishReason.LENGTH
+
+
+def test_abort_ends_a_sequence_once_and_frees_its_blocks():
+    core, runner = make_core()
+    seq = submit(core, runner, [3, 4, 5, 6])
+    outbox: list = []
+    core.step(outbox)
+    core.abort(seq.seq_id, RequestCancelledError("cancelled"), outbox)
+    core.abort(seq.seq_id, RequestCancelledError("again"), outbox)
+    assert [type(item) for item in events_of(outbox, seq)] == [GenerationEvent, RequestCancelledError]
+    assert core.scheduler.allocator.num_free == 16 and not core.scheduler.has_work()
+
+
+def test_the_runner_hears_of_finished_sequences_in_the_next_step():
+    core, runner = make_core()
+    short = submit(core, runner, [3], max_new_tokens=1)
+    submit(core, runner, [3, 4, 5], max_new_tokens=3)
+    run_until_idle(core)
+    assert runner.steps[1].finished_seq_ids == [short.seq_id]
