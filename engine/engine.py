@@ -265,7 +265,8 @@ class Engine:
         """Start the loop thread, which builds the core (loads the model) and then waits for `_go`.
 
         All torch work happens on this one thread: with libgomp, a second thread running parallel torch
-        ops gets its own OpenMP team, and two teams on a small CPU slow every op down (README, "Engine").
+        ops gets its own OpenMP team, and two teams on a small CPU slow every op down (README, "CPU dtype,
+        weights and attention").
         """
         built: list[EngineCore | BaseException] = []
         ready = threading.Event()
