@@ -1,0 +1,66 @@
+"""TLS for the server: its certificate and key, and for mTLS the client CA, read from PEM files.
+
+`reload()` re-reads the files (on SIGHUP). grpc asks for the certificates at every new connection's TLS
+handshake, on its own threads; a reload changes what connections made after it get, and connections
+already open keep theirs, with their calls in flight.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """The PEM files: the certificate chain, its private key, and (mTLS) the CA that signs clients."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+class ServerCertificates:
+    """The server's TLS credentials (`credentials`, for `add_secure_port`), re-read by `reload()`.
+
+    With a client CA, every client must present a certificate that it signed.
+    """
+
+    def __init__(self, files: TlsFiles) -> None:
+        self.files = files
+        self._lock = threading.Lock()  # grpc's handshake threads take what the event loop's reload() left
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self.credentials = grpc.dynamic_ssl_server_credentials(
+            _read(files), self._fetch, require_client_authentication=files.client_ca_file is not None
+        )
+
+    def reload(self) -> None:
+        """Re-read the files for connections made from now on.
+
+        Raises OSError or ssl.SSLError, keeping the current certificates, when a file cannot be read, is
+        not PEM, or the key does not belong to the certificate.
+        """
+        configuration = _read(self.files)
+        with self._lock:
+            self._pending = configuration
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """grpc's fetcher, called at each handshake: a new configuration once after a reload, else None."""
+        with self._lock:
+            configuration, self._pending = self._pending, None
+        return configuration
+
+
+def _read(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
+    """The files as a grpc certificate configuration, checked the way a TLS server will load them."""
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(files.cert_file, files.key_file)
+    client_ca = None
+    if files.client_ca_file is not None:
+        client_ca = Path(files.client_ca_file).read_bytes()
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=client_ca.decode("ascii"))
+    pair = (Path(files.key_file).read_bytes(), Path(files.cert_file).read_bytes())
+    return grpc.ssl_server_certificate_configuration([pair], root_certificates=client_ca)
