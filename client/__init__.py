@@ -1,6 +1,7 @@
 """Python client for textgen.v1: `TextGenClient`, `AsyncTextGenClient`, typed results, and a CLI."""
 
 from client.aio import AsyncTextGenClient
+from client.channel import tls_credentials
 from client.params import GenerateParams
 from client.results import (
     FinishReason,
@@ -28,4 +29,5 @@ __all__ = [
     "Token",
     "TokenizeResult",
     "Usage",
+    "tls_credentials",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-from client.channel import open_channel
+from client.channel import api_key_metadata, open_channel
 from client.params import GenerateParams, Messages, generate_request, tokenize_request
 from client.results import GenerationResult, ModelInfo, StreamChunk, TokenizeResult
 from client.retry import DEFAULT_RETRY, Retries, RetryPolicy
@@ -18,7 +18,7 @@ from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
 
 
 class AsyncTextGenClient:
-    """An asyncio textgen.v1 client; see `TextGenClient` for targets, deadlines and retries.
+    """An asyncio textgen.v1 client; see `TextGenClient` for targets, deadlines, retries, TLS and API keys.
 
     async with AsyncTextGenClient("localhost:50051") as client:
         async for chunk in client.stream("Once upon a time", max_new_tokens=32):
@@ -32,11 +32,13 @@ class AsyncTextGenClient:
         timeout: float | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         tracing = aio_client_interceptors()  # a client span per call, its W3C context sent in the metadata
         self._channel = open_channel(grpc.aio, target, credentials, options, interceptors=tracing)
         self._stub = pb_grpc.TextGenerationServiceStub(self._channel)
+        self._metadata = api_key_metadata(api_key)  # sent with every call
         self._timeout = timeout
         self._retry = retry
 
@@ -66,7 +68,7 @@ class AsyncTextGenClient:
         request = generate_request(prompt, messages, input_ids, GenerateParams(**params))
         retries = Retries(self._retry, self._timeout if timeout is None else timeout)
         while True:
-            call = self._stub.GenerateStream(request, timeout=retries.time_left())
+            call = self._stub.GenerateStream(request, timeout=retries.time_left(), metadata=self._metadata)
             received = False
             try:
                 async for message in call:
@@ -107,7 +109,7 @@ class AsyncTextGenClient:
         retries = Retries(self._retry, self._timeout if timeout is None else timeout)
         while True:
             try:
-                return await method(request, timeout=retries.time_left())
+                return await method(request, timeout=retries.time_left(), metadata=self._metadata)
             except grpc.RpcError as error:
                 delay = retries.delay_after(error)
             await asyncio.sleep(delay)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import grpc
 from opentelemetry import trace
 
+from client.channel import tls_credentials
 from client.results import FinishReason, Timing, Usage
 from client.sync import TextGenClient
 from telemetry.exporters import tracer_provider_from_env
@@ -35,11 +36,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="sampling seed")
     parser.add_argument("--stop", action="append", default=[], help="a stop sequence (repeatable)")
     parser.add_argument("--timeout", type=float, help="deadline in seconds")
+    security = parser.add_argument_group("security")
+    security.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    security.add_argument("--tls-ca-file", help="connect with TLS, trusting the CAs in this PEM file")
+    security.add_argument("--tls-cert-file", help="with TLS, present this PEM client certificate (mTLS)")
+    security.add_argument("--tls-key-file", help="the PEM private key of --tls-cert-file")
+    security.add_argument(
+        "--api-key",
+        help="send this API key (default: $TEXTGEN_API_KEY, which other users cannot read from the "
+        "process list, unlike this flag)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.tls_cert_file) != bool(args.tls_key_file):
+        parser.error("--tls-cert-file and --tls-key-file go together")
     if (provider := tracer_provider_from_env("textgen-client")) is not None:
         trace.set_tracer_provider(provider)  # OTEL_TRACES_EXPORTER set: trace the call; spans export at exit
     inputs = {"prompt": args.prompt}
@@ -54,7 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_sequences=args.stop,
         timeout=args.timeout,
     )
-    with TextGenClient(args.target) as client:
+    credentials = None
+    if args.tls or args.tls_ca_file or args.tls_cert_file:
+        credentials = tls_credentials(args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
+    with TextGenClient(args.target, credentials=credentials, api_key=args.api_key) as client:
         try:
             if args.stream:
                 for chunk in client.stream(**inputs, **params):

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from client.channel import open_channel
+from client.channel import api_key_metadata, open_channel
 from client.params import GenerateParams, Messages, generate_request, tokenize_request
 from client.results import GenerationResult, ModelInfo, StreamChunk, TokenizeResult
 from client.retry import DEFAULT_RETRY, Retries, RetryPolicy
@@ -23,7 +23,8 @@ class TextGenClient:
     `timeout` is the default deadline of each call in seconds (None: no deadline), covering every
     retry. Calls failing with UNAVAILABLE, or with RESOURCE_EXHAUSTED that carries the server's
     RetryInfo, are retried per `retry`; a stream only until its first message arrives. Other errors
-    raise `grpc.RpcError`.
+    raise `grpc.RpcError`. `credentials` (e.g. `tls_credentials(...)`) make the channel TLS; `api_key`
+    (default: $TEXTGEN_API_KEY) goes with every call as `authorization: Bearer <key>` metadata.
 
         with TextGenClient("localhost:50051") as client:
             print(client.generate("The capital of France is", max_new_tokens=8).text)
@@ -36,12 +37,14 @@ class TextGenClient:
         timeout: float | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         channel = open_channel(grpc, target, credentials, options)
         # A client span per call, its W3C context sent in the metadata.
         self._channel = grpc.intercept_channel(channel, ClientTracingInterceptor())
         self._stub = pb_grpc.TextGenerationServiceStub(self._channel)
+        self._metadata = api_key_metadata(api_key)  # sent with every call
         self._timeout = timeout
         self._retry = retry
 
@@ -71,7 +74,7 @@ class TextGenClient:
         request = generate_request(prompt, messages, input_ids, GenerateParams(**params))
         retries = Retries(self._retry, self._timeout if timeout is None else timeout)
         while True:
-            call = self._stub.GenerateStream(request, timeout=retries.time_left())
+            call = self._stub.GenerateStream(request, timeout=retries.time_left(), metadata=self._metadata)
             received = False
             try:
                 for message in call:
@@ -108,7 +111,7 @@ class TextGenClient:
         retries = Retries(self._retry, self._timeout if timeout is None else timeout)
         while True:
             try:
-                return method(request, timeout=retries.time_left())
+                return method(request, timeout=retries.time_left(), metadata=self._metadata)
             except grpc.RpcError as error:
                 delay = retries.delay_after(error)
             time.sleep(delay)

@@ -1,9 +1,12 @@
 #!/usr/bin/env node
 // Streams a generation from a textgen server: node generate_stream.js [--target host:port]
-// [--max-new-tokens N] [--temperature T] [--chat] "prompt"
-// Prints the text as it arrives on stdout and one summary line on stderr.
+// [--max-new-tokens N] [--temperature T] [--chat] [--tls] [--tls-ca-file ca.pem]
+// [--tls-cert-file client.pem --tls-key-file client-key.pem] [--api-key KEY] "prompt"
+// Prints the text as it arrives on stdout and one summary line on stderr. The API key defaults to
+// $TEXTGEN_API_KEY and travels as `authorization: Bearer <key>` metadata.
 "use strict";
 
+const fs = require("node:fs");
 const path = require("node:path");
 const { parseArgs } = require("node:util");
 const grpc = require("@grpc/grpc-js");
@@ -39,6 +42,27 @@ function buildRequest(options, prompt) {
   return request;
 }
 
+// TLS when asked for (--tls, or a CA or client certificate given), else plaintext.
+function channelCredentials(options) {
+  const read = (file) => (file === undefined ? null : fs.readFileSync(file));
+  if (!options.tls && !options["tls-ca-file"] && !options["tls-cert-file"]) {
+    return grpc.credentials.createInsecure();
+  }
+  return grpc.credentials.createSsl(
+    read(options["tls-ca-file"]),
+    read(options["tls-key-file"]),
+    read(options["tls-cert-file"]),
+  );
+}
+
+function callMetadata(apiKey) {
+  const metadata = new grpc.Metadata();
+  if (apiKey) {
+    metadata.set("authorization", `Bearer ${apiKey}`);
+  }
+  return metadata;
+}
+
 function main() {
   const { values, positionals } = parseArgs({
     options: {
@@ -47,6 +71,11 @@ function main() {
       temperature: { type: "string" },
       chat: { type: "boolean", default: false },
       "timeout-s": { type: "string", default: "60" },
+      tls: { type: "boolean", default: false },
+      "tls-ca-file": { type: "string" },
+      "tls-cert-file": { type: "string" },
+      "tls-key-file": { type: "string" },
+      "api-key": { type: "string", default: process.env.TEXTGEN_API_KEY },
     },
     allowPositionals: true,
   });
@@ -55,9 +84,10 @@ function main() {
     process.exit(2);
   }
   const Service = loadService();
-  const client = new Service(values.target, grpc.credentials.createInsecure());
+  const client = new Service(values.target, channelCredentials(values));
   const deadline = new Date(Date.now() + Number(values["timeout-s"]) * 1000);
-  const call = client.GenerateStream(buildRequest(values, positionals[0]), { deadline });
+  const request = buildRequest(values, positionals[0]);
+  const call = client.GenerateStream(request, callMetadata(values["api-key"]), { deadline });
 
   call.on("data", (message) => {
     process.stdout.write(message.text);
