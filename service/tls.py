@@ -41,7 +41,7 @@ class ServerCertificates:
     def reload(self) -> None:
         """Re-read the files for connections made from now on.
 
-        Raises OSError or ssl.SSLError, keeping the current certificates, when a file cannot be read, is
+        Raises OSError or ValueError, keeping the current certificates, when a file cannot be read, is
         not PEM, or the key does not belong to the certificate.
         """
         configuration = _read(self.files)
@@ -57,10 +57,17 @@ class ServerCertificates:
 
 def _read(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
     """The files as a grpc certificate configuration, checked the way a TLS server will load them."""
-    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(files.cert_file, files.key_file)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(files.cert_file, files.key_file)
+    except ssl.SSLError as error:
+        pair = f"{files.cert_file}, {files.key_file}"
+        raise ValueError(f"{pair}: not a PEM certificate chain and its private key: {error}") from None
     client_ca = None
     if files.client_ca_file is not None:
         client_ca = Path(files.client_ca_file).read_bytes()
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=client_ca.decode("ascii"))
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=client_ca.decode("ascii"))
+        except (ssl.SSLError, UnicodeDecodeError) as error:
+            raise ValueError(f"{files.client_ca_file}: no PEM CA certificate: {error}") from None
     pair = (Path(files.key_file).read_bytes(), Path(files.cert_file).read_bytes())
     return grpc.ssl_server_certificate_configuration([pair], root_certificates=client_ca)
