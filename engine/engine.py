@@ -20,7 +20,7 @@ from engine.batching import BatchConfig
 from engine.core import EngineCore, Outbox
 from engine.errors import EngineStoppedError, InvalidRequestError, RequestFailedError
 from engine.inbox import Add, Command, Inbox
-from engine.limits import RequestLimits, check_request
+from engine.limits import MAX_CHAT_MESSAGES, MAX_PROMPT_CHARS, RequestLimits, check_request
 from engine.model_runner import ModelRunner
 from engine.observer import EngineObserver
 from engine.output import OutputProcessor
@@ -52,6 +52,8 @@ class EngineConfig:
     kv_block_size: int = 16
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 4096
+    max_prompt_chars: int = MAX_PROMPT_CHARS  # of a prompt or a chat, checked before tokenizing
+    max_chat_messages: int = MAX_CHAT_MESSAGES
     max_model_len: int = 0  # 0: the model's own context length
     scheduling: str = "continuous"
     max_decode_stall_ms: float = 200.0
@@ -124,6 +126,8 @@ class Engine:
             kv_capacity_tokens=allocator.num_blocks * allocator.block_size,
             default_max_new_tokens=config.default_max_new_tokens,
             max_new_tokens_limit=config.max_new_tokens_limit,
+            max_prompt_chars=config.max_prompt_chars,
+            max_chat_messages=config.max_chat_messages,
         )
 
     # ---- what the engine serves -------------------------------------------------------------------------

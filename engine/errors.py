@@ -34,6 +34,10 @@ class InvalidRequestError(EngineError, ValueError):
         return self.violations[0][1]
 
 
+class PromptTooLongError(InvalidRequestError):
+    """The input is over a size limit: too many characters or chat messages, or too many tokens to fit."""
+
+
 class QueueFullError(EngineError):
     """The waiting queue is at its limit; retrying after `retry_after_s` may succeed."""
 

@@ -7,16 +7,21 @@ Rules report (field path, description) pairs; field paths name the engine's obje
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.request import GenerationRequest, SamplingParams, StoppingParams
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256
 MAX_REPETITION_PENALTY = 10.0
 MAX_ABS_FREQUENCY_PRESENCE_PENALTY = 2.0
+# Characters of a prompt or a chat (README: Flags): a model's whole context at a few characters per token,
+# with room to spare, while tokenizing it stays in the tens of milliseconds.
+MAX_PROMPT_CHARS = 128 * 1024
+MAX_CHAT_MESSAGES = 1024
 
 Violation = tuple[str, str]
 
@@ -41,7 +46,8 @@ class RequestLimits:
     """What a request may ask for on one engine.
 
     `kv_capacity_tokens` is the whole KV cache (blocks x block size): a request whose prompt plus
-    max_new_tokens exceeds it could never run, even alone.
+    max_new_tokens exceeds it could never run, even alone. `max_prompt_chars` bounds a text prompt and a
+    chat's roles and contents together, before they are tokenized.
     """
 
     max_context_len: int
@@ -51,6 +57,15 @@ class RequestLimits:
     max_new_tokens_limit: int
     max_stop_sequences: int = MAX_STOP_SEQUENCES
     max_stop_sequence_chars: int = MAX_STOP_SEQUENCE_CHARS
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    max_chat_messages: int = MAX_CHAT_MESSAGES
+
+
+class ChatMessage(Protocol):
+    """One turn of a chat as `input_size_violations` reads it: who speaks and what they say."""
+
+    role: str
+    content: str
 
 
 def check_request(request: GenerationRequest, limits: RequestLimits) -> int:
@@ -76,18 +91,40 @@ def parameter_violations(
     )
 
 
+def input_size_violations(
+    limits: RequestLimits,
+    *,
+    prompt: str | None = None,
+    messages: Sequence[ChatMessage] | None = None,
+    num_prompt_ids: int | None = None,
+) -> list[Violation]:
+    """The size rules of one input (give exactly one), checked before it is tokenized or templated.
+
+    A text prompt, or a chat's roles and contents together, must be at most `max_prompt_chars` characters;
+    a chat at most `max_chat_messages` messages (counted first: its characters are read only when that
+    holds); token ids must leave room in the context for one new token. Violations here are
+    `PromptTooLongError`s.
+    """
+    assert (prompt, messages, num_prompt_ids).count(None) == 2
+    if prompt is not None:
+        return _chars_violations("prompt", len(prompt), limits)
+    if messages is not None:
+        if len(messages) > limits.max_chat_messages:
+            return [("messages", f"at most {limits.max_chat_messages} messages allowed, got {len(messages)}")]
+        return _chars_violations("messages", sum(len(m.role) + len(m.content) for m in messages), limits)
+    return _prompt_tokens_violations(num_prompt_ids, limits)
+
+
 def resolve_max_new_tokens(num_prompt_tokens: int, stopping: StoppingParams, limits: RequestLimits) -> int:
     """The effective max_new_tokens for a prompt of `num_prompt_tokens`; raises if the request can never fit.
 
     The prompt plus the new tokens must fit both the context and the KV cache. The default (0) shrinks to
     fit; an explicit max_new_tokens must fit as given. Assumes `parameter_violations` found nothing.
     """
+    too_long = _prompt_tokens_violations(num_prompt_tokens, limits)
+    if too_long:
+        raise PromptTooLongError.from_violations(too_long)
     budget, bound = _token_budget(limits)
-    if num_prompt_tokens >= budget:
-        raise InvalidRequestError(
-            "prompt_ids",
-            f"is {num_prompt_tokens} tokens; {bound} must also hold at least one new token",
-        )
     room = budget - num_prompt_tokens
     if stopping.max_new_tokens == 0:
         return min(limits.default_max_new_tokens, room)
@@ -105,6 +142,19 @@ def _token_budget(limits: RequestLimits) -> tuple[int, str]:
     if limits.kv_capacity_tokens < limits.max_context_len:
         return limits.kv_capacity_tokens, f"the KV cache of {limits.kv_capacity_tokens} tokens"
     return limits.max_context_len, f"the model's context of {limits.max_context_len} tokens"
+
+
+def _prompt_tokens_violations(num_prompt_tokens: int, limits: RequestLimits) -> list[Violation]:
+    budget, bound = _token_budget(limits)
+    if num_prompt_tokens < budget:
+        return []
+    return [("prompt_ids", f"is {num_prompt_tokens} tokens; {bound} must also hold at least one new token")]
+
+
+def _chars_violations(field: str, num_chars: int, limits: RequestLimits) -> list[Violation]:
+    if num_chars <= limits.max_prompt_chars:
+        return []
+    return [(field, f"must be at most {limits.max_prompt_chars} characters, got {num_chars}")]
 
 
 def _prompt_violations(prompt_ids: list[int], limits: RequestLimits) -> list[Violation]:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.limits import (
     MAX_STOP_SEQUENCE_CHARS,
     MAX_STOP_SEQUENCES,
     RequestLimits,
     check_request,
+    input_size_violations,
     parameter_violations,
     resolve_max_new_tokens,
 )
@@ -26,6 +28,7 @@ LIMITS = RequestLimits(
     max_new_tokens_limit=80,
 )
 SMALL_CACHE = dataclasses.replace(LIMITS, kv_capacity_tokens=64)  # smaller than the context
+SMALL_INPUTS = dataclasses.replace(LIMITS, max_prompt_chars=20, max_chat_messages=3)
 
 
 def fields(sampling: SamplingParams | None = None, stopping: StoppingParams | None = None) -> list[str]:
@@ -122,7 +125,7 @@ def test_explicit_max_new_tokens_past_the_context_is_refused():
 
 
 def test_a_prompt_that_fills_the_context_is_refused_on_the_prompt():
-    with pytest.raises(InvalidRequestError) as info:
+    with pytest.raises(PromptTooLongError) as info:
         resolve_max_new_tokens(100, StoppingParams(), LIMITS)
 
     assert info.value.field == "prompt_ids"
@@ -139,6 +142,60 @@ def test_the_kv_cache_bounds_a_request_when_smaller_than_the_context():
 
 def test_default_max_new_tokens_shrinks_to_fit_the_kv_cache():
     assert resolve_max_new_tokens(50, StoppingParams(), SMALL_CACHE) == 14
+
+
+# ---- input sizes, before tokenizing ----------------------------------------------------------------------
+
+
+def message(role: str = "user", content: str = "") -> SimpleNamespace:
+    return SimpleNamespace(role=role, content=content)
+
+
+def test_a_prompt_over_max_prompt_chars_is_refused_and_one_at_it_accepted():
+    [(field, description)] = input_size_violations(SMALL_INPUTS, prompt="x" * 21)
+
+    assert field == "prompt"
+    assert description == "must be at most 20 characters, got 21"
+    assert input_size_violations(SMALL_INPUTS, prompt="x" * 20) == []
+
+
+def test_a_chat_counts_its_roles_and_contents_together():
+    ten = message(role="user", content="xxxxxx")
+
+    over = input_size_violations(SMALL_INPUTS, messages=[ten, ten, message("u")])
+
+    assert input_size_violations(SMALL_INPUTS, messages=[ten, ten]) == []
+    assert over == [("messages", "must be at most 20 characters, got 21")]
+
+
+def test_a_chat_over_max_chat_messages_is_refused_without_reading_them():
+    unreadable = [object()] * 4  # neither role nor content: reading one would raise
+
+    [(field, description)] = input_size_violations(SMALL_INPUTS, messages=unreadable)
+
+    assert field == "messages"
+    assert description == "at most 3 messages allowed, got 4"
+
+
+def test_token_ids_that_fill_the_context_are_refused_before_they_are_read():
+    [(field, description)] = input_size_violations(LIMITS, num_prompt_ids=100)
+
+    assert field == "prompt_ids"
+    assert "at least one new token" in description
+    assert input_size_violations(LIMITS, num_prompt_ids=99) == []
+
+
+def test_a_prompt_too_long_for_the_context_is_a_prompt_too_long_error():
+    error = refused(GenerationRequest([1] * 100))
+
+    assert isinstance(error, PromptTooLongError)
+    assert error.field == "prompt_ids"
+
+
+def test_max_new_tokens_too_long_for_the_prompt_is_not_a_prompt_too_long_error():
+    error = refused(GenerationRequest([1] * 50, stopping=StoppingParams(max_new_tokens=51)))
+
+    assert not isinstance(error, PromptTooLongError)
 
 
 # ---- stop sequences -------------------------------------------------------------------------------------
