@@ -60,8 +60,8 @@ def _read(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(files.cert_file, files.key_file)
     except ssl.SSLError as error:
-        pair = f"{files.cert_file}, {files.key_file}"
-        raise ValueError(f"{pair}: not a PEM certificate chain and its private key: {error}") from None
+        names = f"{files.cert_file}, {files.key_file}"
+        raise ValueError(f"{names}: not a PEM certificate chain and its private key: {error}") from None
     client_ca = None
     if files.client_ca_file is not None:
         client_ca = Path(files.client_ca_file).read_bytes()
