@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from engine.attention import ATTENTION_BACKENDS
 from engine.batching import BatchConfig
 from engine.engine import EngineConfig
+from engine.limits import MAX_CHAT_MESSAGES, MAX_PROMPT_CHARS
 from engine.packed_linear import WEIGHT_FORMATS
 
 # The smallest value each numeric flag accepts (BatchConfig checks its own fields).
@@ -24,7 +25,21 @@ _MINIMUMS = {
     "max_decode_stall_ms": 0,
     "default_max_new_tokens": 1,
     "max_new_tokens_limit": 1,
+    "max_prompt_chars": 1,
+    "max_chat_messages": 1,
+    "max_request_bytes": 1024,
+    "max_metadata_bytes": 1024,
+    "max_connection_age_s": 0,
+    "max_connection_age_grace_s": 0,
 }
+
+# Client keepalive pings accepted, even with no call in flight: one per 10 s at most, so a client can keep an
+# idle connection open through load balancers that drop connections idle for a minute or more.
+MIN_CLIENT_PING_INTERVAL_S = 10
+# The server's own pings on a quiet connection (every 60 s, unanswered after 20 s: closed) keep a long call's
+# connection alive through load balancers and end the calls of clients that vanished.
+SERVER_PING_INTERVAL_S = 60
+SERVER_PING_TIMEOUT_S = 20
 
 
 @dataclass(slots=True)
@@ -37,6 +52,10 @@ class ServerConfig:
     grace_period_s: float = 30.0
     log_level: str = "INFO"
     metrics_port: int = 9464  # Prometheus /metrics; 0: none (README: Observability)
+    max_request_bytes: int = 4 * 1024 * 1024  # the largest request message gRPC receives
+    max_metadata_bytes: int = 8 * 1024  # a call's headers
+    max_connection_age_s: float = 300.0  # then GOAWAY: clients reconnect, spread over replicas; 0: never
+    max_connection_age_grace_s: float = 900.0  # calls in flight on an aged connection get this long to end
 
     @property
     def address(self) -> str:
@@ -109,10 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
           "(80%% of free GPU memory on cuda, 1 GiB on cpu)", type=int)  # fmt: skip
     _flag(kv, "kv-block-size", 16, "tokens per KV-cache block", type=int)
 
+    connections = parser.add_argument_group("connections (README: Connections and keepalive)")
+    _flag(connections, "max-request-bytes", 4 * 1024 * 1024, "the largest request message received; "
+          "gRPC refuses larger ones with RESOURCE_EXHAUSTED", type=int)  # fmt: skip
+    _flag(connections, "max-metadata-bytes", 8 * 1024, "the most bytes of metadata (headers) a call may "
+          "send; gRPC refuses more with RESOURCE_EXHAUSTED", type=int)  # fmt: skip
+    _flag(connections, "max-connection-age-s", 300.0, "after this long (+-10%%) a connection is asked to "
+          "close (GOAWAY), so clients reconnect and spread over replicas; 0: never", type=float)  # fmt: skip
+    _flag(connections, "max-connection-age-grace-s", 900.0, "how long calls in flight on an aged "
+          "connection get to finish before they are cancelled: longer than the longest request",
+          type=float)  # fmt: skip
+
     limits = parser.add_argument_group("request limits")
     _flag(limits, "default-max-new-tokens", 256, "max_new_tokens for requests that leave it 0 "
           "(shortened to fit the context)", type=int)  # fmt: skip
     _flag(limits, "max-new-tokens-limit", 4096, "the largest max_new_tokens a request may ask for", type=int)
+    _flag(limits, "max-prompt-chars", MAX_PROMPT_CHARS, "the most characters in a prompt, or in a chat's "
+          "roles and contents together; checked before tokenizing", type=int)  # fmt: skip
+    _flag(limits, "max-chat-messages", MAX_CHAT_MESSAGES, "the most messages in a chat", type=int)
     return parser
 
 
@@ -147,6 +180,8 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         kv_block_size=args.kv_block_size,
         default_max_new_tokens=args.default_max_new_tokens,
         max_new_tokens_limit=args.max_new_tokens_limit,
+        max_prompt_chars=args.max_prompt_chars,
+        max_chat_messages=args.max_chat_messages,
         max_model_len=args.max_model_len,
         scheduling=args.scheduling,
         max_decode_stall_ms=args.max_decode_stall_ms,
@@ -160,4 +195,30 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         grace_period_s=args.grace_period_s,
         log_level=args.log_level,
         metrics_port=args.metrics_port,
+        max_request_bytes=args.max_request_bytes,
+        max_metadata_bytes=args.max_metadata_bytes,
+        max_connection_age_s=args.max_connection_age_s,
+        max_connection_age_grace_s=args.max_connection_age_grace_s,
     )
+
+
+def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The grpc.aio server's options: message and metadata limits, keepalive, connection age."""
+    options = [
+        ("grpc.max_receive_message_length", config.max_request_bytes),
+        # The soft limit refuses a share of calls between it and the hard one; equal, it refuses all above.
+        ("grpc.max_metadata_size", config.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", config.max_metadata_bytes),
+        ("grpc.keepalive_time_ms", SERVER_PING_INTERVAL_S * 1000),
+        ("grpc.keepalive_timeout_ms", SERVER_PING_TIMEOUT_S * 1000),
+        ("grpc.http2.max_pings_without_data", 0),  # ping on through a call silent for minutes
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_S * 1000),
+        ("grpc.http2.max_ping_strikes", 2),  # pings more often than that, three times: GOAWAY too_many_pings
+    ]
+    if config.max_connection_age_s:
+        options += [
+            ("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace_s * 1000)),
+        ]
+    return options

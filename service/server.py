@@ -14,8 +14,8 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.engine import Engine
 from protos.textgen.v1 import textgen_pb2 as pb
-from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
-from service.config import ServerConfig, parse_config
+from service.config import ServerConfig, grpc_server_options, parse_config
+from service.handlers import add_servicer_to_server
 from service.servicer import TextGenerationServicer
 from telemetry.server import Telemetry
 
@@ -42,13 +42,14 @@ class Server:
         self.port = 0
         # No SO_REUSEPORT: a second server on a busy port must fail, not silently share its traffic.
         self._server = grpc.aio.server(
-            interceptors=self.telemetry.server_interceptors(), options=[("grpc.so_reuseport", 0)]
+            interceptors=self.telemetry.server_interceptors(),
+            options=[("grpc.so_reuseport", 0), *grpc_server_options(config)],
         )
 
     async def start(self) -> int:
         """Listen on the configured address; returns the bound port."""
         await self._set_health(NOT_SERVING)
-        pb_grpc.add_TextGenerationServiceServicer_to_server(self.servicer, self._server)
+        add_servicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server

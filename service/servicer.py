@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import grpc
 from opentelemetry import context as otel_context
@@ -19,11 +22,17 @@ from engine.request import GenerationEvent, GenerationRequest
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
 from service import translate
-from service.config import ServerConfig
+from service.config import MIN_CLIENT_PING_INTERVAL_S, ServerConfig
 from service.status import InvalidArgument, NotReady, abort
 from service.validation import check_generate_request, check_tokenize_request
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Threads that tokenize and render chat templates: long prompts would stall the event loop (a 3.4 MB prompt
+# took 2 s). Tokenizers only; all torch work stays on the engine's loop thread (README: CPU dtype, ...).
+NUM_TOKENIZER_THREADS = 2
 
 
 class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
@@ -33,6 +42,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         self._config = config
         self._engine: Engine | None = None
         self._limits: RequestLimits | None = None
+        self._tokenizer_threads = ThreadPoolExecutor(NUM_TOKENIZER_THREADS, thread_name_prefix="tokenizer")
         self._num_in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -94,21 +104,35 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
             max_new_tokens_limit=limits.max_new_tokens_limit,
             max_stop_sequences=limits.max_stop_sequences,
             max_stop_sequence_length=limits.max_stop_sequence_chars,
+            max_prompt_chars=limits.max_prompt_chars,
+            max_chat_messages=limits.max_chat_messages,
+            max_request_bytes=self._config.max_request_bytes,
+            max_metadata_bytes=self._config.max_metadata_bytes,
+            min_keepalive_time=translate.duration(MIN_CLIENT_PING_INTERVAL_S),
         )
 
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
         try:
-            engine, _ = self._ready()
-            check_tokenize_request(request)
-            if request.WhichOneof("input") == "text":
-                ids = engine.tokenize(request.text)
-            else:
-                ids = self._apply_chat_template(engine, request.chat)
-            return pb.TokenizeResponse(ids=ids, pieces=[engine.decode([i]) for i in ids])
+            engine, limits = self._ready()
+            check_tokenize_request(request, limits)
+            return await self._off_loop(self._tokenize, engine, request)
         except Exception as e:
             await abort(context, e)
+
+    @classmethod
+    def _tokenize(cls, engine: Engine, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        if request.WhichOneof("input") == "text":
+            ids = engine.tokenize(request.text)
+        else:
+            ids = cls._apply_chat_template(engine, request.chat)
+        return pb.TokenizeResponse(ids=ids, pieces=[engine.decode([i]) for i in ids])
+
+    async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
+        """`function(*args)` on a tokenizer thread, so that the event loop serves other calls meanwhile."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_threads, functools.partial(function, *args))
 
     def _ready(self) -> tuple[Engine, RequestLimits]:
         if self._engine is None or self._limits is None:
@@ -124,10 +148,11 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         cancels the request if it has not finished) frees the id at once.
         """
         engine, limits = self._ready()
+        generation_request = await self._generation_request(engine, limits, request, context)
         try:
-            events = engine.submit(self._generation_request(engine, limits, request, context))
+            events = engine.submit(generation_request)
         except InvalidRequestError as e:
-            raise InvalidArgument(translate.proto_violations(e, request.WhichOneof("input"))) from e
+            raise translate.invalid_argument(e, request.WhichOneof("input")) from e
         self._num_in_flight += 1
         self._idle.clear()
         try:
@@ -139,7 +164,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
             if not self._num_in_flight:
                 self._idle.set()
 
-    def _generation_request(
+    async def _generation_request(
         self,
         engine: Engine,
         limits: RequestLimits,
@@ -150,9 +175,9 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         check_generate_request(request, limits)
         kind = request.WhichOneof("input")
         if kind == "prompt":
-            prompt_ids = engine.tokenize(request.prompt)
+            prompt_ids = await self._off_loop(engine.tokenize, request.prompt)
         elif kind == "chat":
-            prompt_ids = self._apply_chat_template(engine, request.chat)
+            prompt_ids = await self._off_loop(self._apply_chat_template, engine, request.chat)
         else:
             prompt_ids = list(request.input_ids.ids)
         remaining = context.time_remaining()

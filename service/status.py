@@ -1,4 +1,4 @@
-"""Errors to gRPC status: one code per error, with google.rpc details a client can act on."""
+"""Errors to gRPC status: one code and one ErrorInfo reason per error, with details a client can act on."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from engine.errors import (
     DuplicateRequestError,
     EngineStoppedError,
     InvalidRequestError,
+    PromptTooLongError,
     QueueFullError,
     RequestCancelledError,
     RequestFailedError,
@@ -30,6 +31,10 @@ MAX_FIELD_BYTES = 100
 MAX_DESCRIPTION_BYTES = 200
 MAX_MESSAGE_BYTES = 512
 
+ERROR_DOMAIN = "textgen.v1"  # google.rpc.ErrorInfo.domain of every status the server sends
+# gRPC's own retry policy waits this long before its next attempt (the status's RetryInfo, in milliseconds).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
 
 class InvalidArgument(Exception):
     """The request can never succeed as sent; `violations` are (proto field path, description) pairs."""
@@ -40,21 +45,34 @@ class InvalidArgument(Exception):
         self.violations = list(violations)
 
 
+class PromptTooLong(InvalidArgument):
+    """The input is over a size limit (characters, chat messages, tokens); shorter, it may succeed."""
+
+
+class MalformedRequest(Exception):
+    """The request's bytes are not a valid message of the method's request type."""
+
+
 class NotReady(Exception):
     """The model is still loading."""
 
 
-_CODES: list[tuple[type[BaseException], int]] = [
-    (InvalidArgument, code_pb2.INVALID_ARGUMENT),
-    (InvalidRequestError, code_pb2.INVALID_ARGUMENT),
-    (QueueFullError, code_pb2.RESOURCE_EXHAUSTED),
-    (DeadlineExceededError, code_pb2.DEADLINE_EXCEEDED),
-    (RequestCancelledError, code_pb2.CANCELLED),
-    (EngineStoppedError, code_pb2.UNAVAILABLE),
-    (NotReady, code_pb2.UNAVAILABLE),
-    (DuplicateRequestError, code_pb2.ALREADY_EXISTS),
-    (RequestFailedError, code_pb2.INTERNAL),
+# Each error's status code and google.rpc.ErrorInfo reason (README: Status codes); the first match wins.
+_STATUSES: list[tuple[type[BaseException], int, str]] = [
+    (PromptTooLong, code_pb2.INVALID_ARGUMENT, "PROMPT_TOO_LONG"),
+    (PromptTooLongError, code_pb2.INVALID_ARGUMENT, "PROMPT_TOO_LONG"),
+    (InvalidArgument, code_pb2.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    (InvalidRequestError, code_pb2.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    (MalformedRequest, code_pb2.INVALID_ARGUMENT, "MALFORMED_REQUEST"),
+    (QueueFullError, code_pb2.RESOURCE_EXHAUSTED, "QUEUE_FULL"),
+    (DeadlineExceededError, code_pb2.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
+    (RequestCancelledError, code_pb2.CANCELLED, "CANCELLED"),
+    (EngineStoppedError, code_pb2.UNAVAILABLE, "DRAINING"),
+    (NotReady, code_pb2.UNAVAILABLE, "MODEL_LOADING"),
+    (DuplicateRequestError, code_pb2.ALREADY_EXISTS, "ALREADY_EXISTS"),
+    (RequestFailedError, code_pb2.INTERNAL, "ENGINE_FAULT"),
 ]
+_UNEXPECTED = (code_pb2.INTERNAL, "INTERNAL")
 
 
 def _pack(message) -> any_pb2.Any:
@@ -64,15 +82,18 @@ def _pack(message) -> any_pb2.Any:
 
 
 def to_status(error: BaseException) -> status_pb2.Status:
-    """The google.rpc.Status for `error`: its code, a message, and BadRequest or RetryInfo details."""
-    code = next((c for cls, c in _CODES if isinstance(error, cls)), code_pb2.INTERNAL)
-    if code == code_pb2.INTERNAL and not isinstance(error, RequestFailedError):
+    """The google.rpc.Status for `error`: its code, a message, an ErrorInfo, and BadRequest or RetryInfo."""
+    code, reason = next(((c, r) for cls, c, r in _STATUSES if isinstance(error, cls)), _UNEXPECTED)
+    error_info = _pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
+    if (code, reason) == _UNEXPECTED:
         log.exception("unexpected error", exc_info=error)
-        return status_pb2.Status(code=code, message="internal error")
+        return status_pb2.Status(code=code, message="internal error", details=[error_info])
     if isinstance(error, InvalidArgument | InvalidRequestError):
-        return _bad_request(code, _bounded(error.violations))
+        status = _bad_request(code, _bounded(error.violations))
+        status.details.insert(0, error_info)
+        return status
     message = _clip(str(error) or type(error).__name__, MAX_MESSAGE_BYTES)
-    status = status_pb2.Status(code=code, message=message)
+    status = status_pb2.Status(code=code, message=message, details=[error_info])
     if isinstance(error, QueueFullError):
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_s * 1e9))
@@ -114,7 +135,22 @@ def _clip(text: str, max_bytes: int) -> str:
     return data[: max_bytes - 3].decode(errors="ignore") + "..."
 
 
+def retry_pushback_ms(status: status_pb2.Status) -> int | None:
+    """The delay of `status`'s RetryInfo in milliseconds; None without one."""
+    retry_info = error_details_pb2.RetryInfo()
+    for detail in status.details:
+        if detail.Unpack(retry_info):
+            return retry_info.retry_delay.ToMilliseconds()
+    return None
+
+
 async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
-    """End the call with the status for `error`."""
-    await context.abort_with_status(rpc_status.to_status(to_status(error)))
+    """End the call with the status for `error`; with a RetryInfo, also gRPC's retry pushback trailer."""
+    status = to_status(error)
+    grpc_status = rpc_status.to_status(status)
+    pushback_ms = retry_pushback_ms(status)
+    if pushback_ms is not None:
+        trailers = (*grpc_status.trailing_metadata, (RETRY_PUSHBACK_KEY, str(pushback_ms)))
+        grpc_status = grpc_status._replace(trailing_metadata=trailers)
+    await context.abort_with_status(grpc_status)
     raise AssertionError("abort_with_status returned")  # it always raises

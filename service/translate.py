@@ -6,9 +6,10 @@ from collections.abc import Sequence
 
 from google.protobuf import duration_pb2
 
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.request import FinishReason, GenerationEvent, SamplingParams, StoppingParams, Timing, TokenInfo
 from protos.textgen.v1 import textgen_pb2 as pb
+from service.status import InvalidArgument, PromptTooLong
 
 FINISH_REASONS = {
     None: pb.FINISH_REASON_UNSPECIFIED,
@@ -48,19 +49,28 @@ def proto_field(engine_field: str, input_kind: str) -> str:
     """The proto field path for an engine field path (`engine/limits.py`); `input_kind` is the input oneof.
 
     `sampling.*`, `stopping.*` and `request_id` are spelled alike on both sides; the prompt is the input
-    the client sent, and `prompt_ids[i]` is `input_ids.ids[i]` when the client sent token ids.
+    the client sent (`prompt`, `text`, `chat` or `input_ids`), `prompt_ids[i]` is `input_ids.ids[i]` when
+    the client sent token ids, and a chat's `messages` are `chat.messages`.
     """
     name, bracket, index = engine_field.partition("[")
-    if name not in ("prompt_ids", "chat"):
+    if name == "messages":
+        return f"chat.{engine_field}"
+    if name not in ("prompt_ids", "prompt", "chat"):
         return engine_field
     if bracket and input_kind == "input_ids":
         return f"input_ids.ids[{index}"
     return input_kind
 
 
-def proto_violations(error: InvalidRequestError, input_kind: str) -> list[tuple[str, str]]:
-    """`error`'s violations with their fields named for the proto."""
-    return [(proto_field(field, input_kind), description) for field, description in error.violations]
+def proto_violations(violations: Sequence[tuple[str, str]], input_kind: str) -> list[tuple[str, str]]:
+    """Engine `violations` with their fields named for the proto."""
+    return [(proto_field(field, input_kind), description) for field, description in violations]
+
+
+def invalid_argument(error: InvalidRequestError, input_kind: str) -> InvalidArgument:
+    """The service's error for an engine's refusal: `PromptTooLong` for an input over a size limit."""
+    kind = PromptTooLong if isinstance(error, PromptTooLongError) else InvalidArgument
+    return kind(proto_violations(error.violations, input_kind))
 
 
 def duration(seconds: float) -> duration_pb2.Duration:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from engine.limits import RequestLimits, parameter_violations
+from engine.limits import RequestLimits, input_size_violations, parameter_violations
 from protos.textgen.v1 import textgen_pb2 as pb
 from service import translate
-from service.status import InvalidArgument
+from service.status import InvalidArgument, PromptTooLong
 
 MAX_REQUEST_ID_LENGTH = 128
 
@@ -14,8 +14,10 @@ def check_generate_request(request: pb.GenerateRequest, limits: RequestLimits) -
     """Raise `InvalidArgument` naming every field of `request` that is wrong before tokenization.
 
     That is its shape (an input, a short request_id, roles in a chat) and the engine's rules on its
-    parameters, checked here so that a bad request is refused before its prompt is tokenized.
+    parameters, checked here so that a bad request is refused before its prompt is tokenized. An input over
+    a size limit is refused first, for that alone (`PromptTooLong`), before anything else in it is read.
     """
+    check_input_size(request, limits)
     violations = []
     if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
         violations.append(("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters"))
@@ -27,15 +29,31 @@ def check_generate_request(request: pb.GenerateRequest, limits: RequestLimits) -
         raise InvalidArgument(violations)
 
 
-def check_tokenize_request(request: pb.TokenizeRequest) -> None:
-    """Raise `InvalidArgument` when `request` has no input or an empty chat."""
+def check_tokenize_request(request: pb.TokenizeRequest, limits: RequestLimits) -> None:
+    """Raise `InvalidArgument` when `request` has no input or an empty chat, `PromptTooLong` when too long."""
     kind = request.WhichOneof("input")
     if kind is None:
         raise InvalidArgument([("input", "one of text or chat is required")])
+    check_input_size(request, limits)
     if kind == "chat":
         violations = _chat_violations(request.chat)
         if violations:
             raise InvalidArgument(violations)
+
+
+def check_input_size(request: pb.GenerateRequest | pb.TokenizeRequest, limits: RequestLimits) -> None:
+    """Raise `PromptTooLong` when the request's input is over the engine's size limits (nothing tokenized)."""
+    kind = request.WhichOneof("input")
+    if kind in ("prompt", "text"):
+        violations = input_size_violations(limits, prompt=getattr(request, kind))
+    elif kind == "chat":
+        violations = input_size_violations(limits, messages=request.chat.messages)
+    elif kind == "input_ids":
+        violations = input_size_violations(limits, num_prompt_ids=len(request.input_ids.ids))
+    else:
+        return
+    if violations:
+        raise PromptTooLong(translate.proto_violations(violations, kind))
 
 
 def _input_violations(request: pb.GenerateRequest) -> list[tuple[str, str]]:

@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
+import re
+import time
+from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from engine.batching import BatchConfig
-from engine.errors import RequestFailedError
+from engine.errors import (
+    DeadlineExceededError,
+    DuplicateRequestError,
+    EngineStoppedError,
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+    RequestCancelledError,
+    RequestFailedError,
+)
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc
-from service.status import InvalidArgument, to_status
+from service.status import InvalidArgument, MalformedRequest, NotReady, PromptTooLong, to_status
 
 PROMPT = "Once upon a time"
 
@@ -47,6 +61,12 @@ def status_details(error: grpc.RpcError, detail_type):
 def violated_fields(error: grpc.RpcError) -> list[str]:
     (bad_request,) = status_details(error, error_details_pb2.BadRequest)
     return [v.field for v in bad_request.field_violations]
+
+
+def error_reason(error: grpc.RpcError) -> str:
+    (error_info,) = status_details(error, error_details_pb2.ErrorInfo)
+    assert error_info.domain == "textgen.v1"
+    return error_info.reason
 
 
 INVALID_REQUESTS = {
@@ -94,6 +114,8 @@ def test_invalid_request_is_invalid_argument_naming_the_field(stub, rpc, bad_req
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in violated_fields(error.value)
     assert field in error.value.details()
+    too_long = bad_request is INVALID_REQUESTS["prompt fills the context"][0]
+    assert error_reason(error.value) == ("PROMPT_TOO_LONG" if too_long else "INVALID_ARGUMENT")
 
 
 def test_every_invalid_field_is_reported_at_once(stub):
@@ -147,6 +169,37 @@ def test_a_status_stays_under_8_kib_however_many_and_long_its_violations():
     assert len(status.message.encode()) <= 512
 
 
+C = code_pb2
+STATUSES = {
+    "invalid argument": (InvalidArgument([("prompt", "empty")]), C.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    "invalid request": (InvalidRequestError("sampling.top_p", "> 1"), C.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    "prompt too long": (PromptTooLong([("prompt", "too long")]), C.INVALID_ARGUMENT, "PROMPT_TOO_LONG"),
+    "too many tokens": (PromptTooLongError("prompt_ids", "long"), C.INVALID_ARGUMENT, "PROMPT_TOO_LONG"),
+    "malformed": (MalformedRequest("Wire format was corrupt"), C.INVALID_ARGUMENT, "MALFORMED_REQUEST"),
+    "queue full": (QueueFullError("full"), C.RESOURCE_EXHAUSTED, "QUEUE_FULL"),
+    "deadline": (DeadlineExceededError("late"), C.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
+    "cancelled": (RequestCancelledError("cancelled"), C.CANCELLED, "CANCELLED"),
+    "draining": (EngineStoppedError("draining"), C.UNAVAILABLE, "DRAINING"),
+    "loading": (NotReady("loading"), C.UNAVAILABLE, "MODEL_LOADING"),
+    "duplicate id": (DuplicateRequestError("dup"), C.ALREADY_EXISTS, "ALREADY_EXISTS"),
+    "engine fault": (RequestFailedError("boom"), C.INTERNAL, "ENGINE_FAULT"),
+    "unexpected": (RuntimeError("bug"), C.INTERNAL, "INTERNAL"),
+}
+
+
+@pytest.mark.parametrize("error, code, reason", STATUSES.values(), ids=STATUSES.keys())
+def test_every_error_has_one_code_and_an_error_info_with_its_reason(error, code, reason):
+    status = to_status(error)
+
+    infos = []
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            infos.append(info)
+    assert status.code == code
+    assert [(info.reason, info.domain) for info in infos] == [(reason, "textgen.v1")]
+
+
 def test_a_long_error_message_is_cut_short():
     status = to_status(RequestFailedError("x" * 100_000))
 
@@ -177,9 +230,39 @@ async def test_full_queue_is_resource_exhausted_with_retry_info(start_server):
     assert len(errors) < 6
     for error in errors:
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_reason(error) == "QUEUE_FULL"
         (retry_info,) = status_details(error, error_details_pb2.RetryInfo)
         assert retry_info.retry_delay.ToNanoseconds() > 0
+        pushback = dict(error.trailing_metadata())["grpc-retry-pushback-ms"]
+        assert int(pushback) == retry_info.retry_delay.ToMilliseconds()
     assert all(r.usage.completion_tokens == 64 for r in results if not isinstance(r, grpc.RpcError))
+
+
+def readme_service_config() -> str:
+    """The gRPC service config (JSON) the README gives for clients with gRPC's built-in retries."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (config,) = re.findall(r"```json\n(.*?)```", readme, re.DOTALL)
+    return json.dumps(json.loads(config))
+
+
+def test_the_readmes_retry_policy_waits_out_a_full_queue_as_pushed_back(server, monkeypatch):
+    submit, attempts = server.engine.submit, []
+
+    def full_twice(request):
+        attempts.append(time.monotonic())
+        if len(attempts) <= 2:
+            raise QueueFullError("the queue is full", retry_after_s=0.3)
+        return submit(request)
+
+    monkeypatch.setattr(server.engine, "submit", full_twice)
+    options = [("grpc.service_config", readme_service_config()), ("grpc.enable_retries", 1)]
+    with grpc.insecure_channel(server.target, options=options) as channel:
+        stub = textgen_pb2_grpc.TextGenerationServiceStub(channel)
+        response = stub.Generate(request(stopping=pb.StoppingCriteria(max_new_tokens=2)), timeout=30)
+
+    assert response.usage.completion_tokens == 2
+    assert len(attempts) == 3
+    assert all(later - earlier >= 0.3 for earlier, later in itertools.pairwise(attempts))
 
 
 def test_deadline_exceeded_ends_the_request_and_frees_its_kv_blocks(stub, server, wait_until_idle):
@@ -220,6 +303,7 @@ def test_a_request_id_in_flight_cannot_be_reused(stub):
     first.cancel()
 
     assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert error_reason(error.value) == "ALREADY_EXISTS"
 
 
 def test_unavailable_and_not_serving_until_the_model_is_loaded(unloaded_server):
@@ -230,3 +314,4 @@ def test_unavailable_and_not_serving_until_the_model_is_loaded(unloaded_server):
 
     assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_reason(error.value) == "MODEL_LOADING"
