@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Threads that tokenize and render chat templates: long prompts would stall the event loop (a 3.4 MB prompt
-# took 2 s). Tokenizers only; all torch work stays on the engine's loop thread (README: CPU dtype, ...).
+# Threads that tokenize and render chat templates, so that a long prompt never stalls the event loop (README:
+# Flags). Tokenizers only: all torch work stays on the engine's loop thread (README: CPU dtype, ...).
 NUM_TOKENIZER_THREADS = 2
 
 
