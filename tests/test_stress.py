@@ -1,0 +1,278 @@
+"""Reliability under load: `bench/stress.py`'s scenarios at small sizes, and property-based fuzzing of the
+gRPC API over the real server (every request field, and raw malformed bytes on every method).
+
+`make stress` runs the scenarios at full size, and this module's fuzzing with TEXTGEN_FUZZ_EXAMPLES
+examples per property (random ones; here a fixed, derandomized set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bench.stress_faults import engine_faults
+from bench.stress_load import cancellation_storm, deadlines, memory_pressure, overload
+from bench.stress_process import sigterm_during_load, soak
+from protos.textgen.v1 import textgen_pb2 as pb
+from protos.textgen.v1 import textgen_pb2_grpc
+
+# ---- the scenarios, small ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_model_dir) -> str:
+    return str(tiny_model_dir("llama"))
+
+
+async def test_overload_ends_every_call_ok_or_resource_exhausted_and_leaves_the_engine_idle(tiny_llama):
+    result = await overload(tiny_llama, num_streams=40, max_new_tokens=16)
+    assert result.failures() == []
+
+
+async def test_a_cancellation_storm_frees_every_kv_block_and_changes_no_greedy_output(tiny_llama):
+    result = await cancellation_storm(tiny_llama, num_streams=60, concurrency=30)
+    assert result.failures() == []
+
+
+async def test_deadlines_under_load_end_ok_or_deadline_exceeded_and_free_the_kv_blocks(tiny_llama):
+    result = await deadlines(tiny_llama, num_calls=40)
+    assert result.failures() == []
+
+
+async def test_requests_beyond_the_kv_pool_are_preempted_and_all_complete(tiny_llama):
+    result = await memory_pressure(
+        tiny_llama, num_requests=4, prompt_len=60, max_new_tokens=24, num_kv_blocks=12
+    )
+    assert result.failures() == []
+
+
+async def test_an_engine_fault_fails_only_the_requests_it_touches(tiny_llama):
+    result = await engine_faults(tiny_llama, max_new_tokens=16)
+    assert result.failures() == []
+
+
+async def test_sigterm_during_load_completes_every_stream_in_flight_and_exits_zero(tiny_llama, tmp_path):
+    result = await sigterm_during_load(tiny_llama, tmp_path, num_streams=8, max_new_tokens=50)
+    assert result.failures() == []
+
+
+async def test_a_short_soak_ends_every_call_with_an_expected_status(tiny_llama, tmp_path):
+    result = await soak(tiny_llama, tmp_path, minutes=0.1, concurrency=4, sample_every_s=1.0)
+    # Drift needs minutes to mean anything; `make stress --soak-minutes 20` measures it.
+    drift = ("RSS flat (drift within 5%)", "open file descriptors flat", "threads flat")
+    assert result.failures(*drift) == []
+
+
+# ---- fuzzing ----------------------------------------------------------------------------------------------
+
+FUZZ_EXAMPLES = int(os.environ.get("TEXTGEN_FUZZ_EXAMPLES", "25"))
+fuzzing = settings(
+    max_examples=FUZZ_EXAMPLES,
+    derandomize="TEXTGEN_FUZZ_EXAMPLES" not in os.environ,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+DEFAULT_MAX_NEW_TOKENS = 8
+MAX_NEW_TOKENS_LIMIT = 64
+VOCAB = 49152  # the SmolLM2 tokenizer's, which the tiny model uses
+UINT32 = 2**32 - 1
+INT32 = 2**31
+
+# Protobuf strings are UTF-8: a lone surrogate cannot even be sent (malformed bytes test that).
+texts = st.text(st.characters(exclude_categories=["Cs"]), max_size=300)
+floats = st.floats(-3, 3, width=32) | st.floats(width=32)  # in and around the ranges, and nan, inf, huge
+token_ids = st.integers(0, VOCAB - 1) | st.integers(0, UINT32)
+roles = st.sampled_from(["system", "user", "assistant", "tool", ""]) | texts
+
+chats = st.lists(st.fixed_dictionaries({}, optional={"role": roles, "content": texts}), max_size=5).map(
+    lambda messages: pb.ChatInput(messages=[pb.ChatMessage(**m) for m in messages])
+)
+prompt_token_ids = (
+    st.lists(token_ids, max_size=64)
+    | st.builds(lambda n, token: [token] * n, st.integers(1, 2100), token_ids)  # up to past the context
+).map(lambda ids: pb.TokenIds(ids=ids))
+sampling_parameters = st.fixed_dictionaries(
+    {},
+    optional={
+        "temperature": floats,
+        "top_k": st.integers(-2, 100) | st.integers(-INT32, INT32 - 1),
+        "top_p": floats,
+        "min_p": floats,
+        "repetition_penalty": floats,
+        "frequency_penalty": floats,
+        "presence_penalty": floats,
+        "seed": st.integers(0, 2**64 - 1),
+    },
+).map(lambda fields: pb.SamplingParameters(**fields))
+stopping_criteria = st.fixed_dictionaries(
+    {},
+    optional={
+        "max_new_tokens": st.integers(0, MAX_NEW_TOKENS_LIMIT + 16) | st.integers(0, UINT32),
+        "stop_sequences": st.lists(texts, max_size=20),
+        "ignore_eos": st.booleans(),
+    },
+).map(lambda fields: pb.StoppingCriteria(**fields))
+generate_requests = st.fixed_dictionaries(
+    {},
+    optional={
+        "request_id": texts,
+        "prompt": texts,  # a oneof with chat and input_ids: the last one set wins
+        "chat": chats,
+        "input_ids": prompt_token_ids,
+        "sampling": sampling_parameters,
+        "stopping": stopping_criteria,
+        "priority": st.integers(-INT32, INT32 - 1),
+    },
+).map(lambda fields: pb.GenerateRequest(**fields))
+tokenize_requests = st.fixed_dictionaries({}, optional={"text": texts, "chat": chats}).map(
+    lambda fields: pb.TokenizeRequest(**fields)
+)
+
+# Raw request bytes: anything, and valid messages cut short or with one byte changed.
+VALID_BYTES = pb.GenerateRequest(
+    prompt="Hello", stopping=pb.StoppingCriteria(max_new_tokens=4, stop_sequences=["é"])
+).SerializeToString()
+raw_bytes = (
+    st.binary(max_size=256)
+    | st.integers(0, len(VALID_BYTES) - 1).map(lambda n: VALID_BYTES[:n])
+    | st.tuples(st.integers(0, len(VALID_BYTES) - 1), st.integers(0, 255)).map(
+        lambda change: VALID_BYTES[: change[0]] + bytes([change[1]]) + VALID_BYTES[change[0] + 1 :]
+    )
+)
+METHODS = {
+    "Generate": "unary",
+    "GenerateStream": "stream",
+    "GetModelInfo": "unary",
+    "Tokenize": "unary",
+}
+
+
+@pytest.fixture(scope="module")
+def tally():
+    """Calls by status code per fuzzing test; written to $TEXTGEN_FUZZ_TALLY (JSON) when it is set."""
+    counts: dict[str, Counter] = {}
+    yield counts
+    if path := os.environ.get("TEXTGEN_FUZZ_TALLY"):
+        Path(path).write_text(json.dumps({test: dict(c) for test, c in counts.items()}, indent=1))
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(start_server):
+    return start_server(
+        default_max_new_tokens=DEFAULT_MAX_NEW_TOKENS, max_new_tokens_limit=MAX_NEW_TOKENS_LIMIT
+    )
+
+
+@pytest.fixture(scope="module")
+def channel(fuzzed_server):
+    with grpc.insecure_channel(fuzzed_server.target) as channel:
+        yield channel
+
+
+@pytest.fixture
+def fuzzed_stub(channel):
+    return textgen_pb2_grpc.TextGenerationServiceStub(channel)
+
+
+def code_of(call, streaming: bool = False) -> tuple[str, grpc.RpcError | None]:
+    """Run `call()` (a stream to its end): the status code's name, and the error if any."""
+    try:
+        response = call()
+        if streaming:
+            list(response)
+        return "OK", None
+    except grpc.RpcError as error:
+        return error.code().name, error
+
+
+def assert_invalid_argument_names_a_field(error: grpc.RpcError | None) -> None:
+    if error is None or error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+        return
+    status = rpc_status.from_call(error)
+    assert status is not None, "INVALID_ARGUMENT without a google.rpc.Status"
+    bad_requests = []
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            bad_requests.append(bad_request)
+    assert bad_requests and bad_requests[0].field_violations, f"no field violation: {error.details()}"
+
+
+def assert_healthy(server, channel, wait_until_idle) -> None:
+    """SERVING, a greedy request answered, and the engine idle with every KV block free."""
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    response = textgen_pb2_grpc.TextGenerationServiceStub(channel).Generate(
+        pb.GenerateRequest(prompt="Hello", stopping=pb.StoppingCriteria(max_new_tokens=4)), timeout=60
+    )
+    assert response.usage.completion_tokens >= 1
+    wait_until_idle(server.engine)
+
+
+@pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
+def test_fuzzed_generate_requests_end_ok_or_invalid_argument_naming_a_field(
+    rpc, fuzzed_stub, channel, fuzzed_server, tally, wait_until_idle
+):
+    codes = tally.setdefault(f"{rpc} fields", Counter())
+
+    @fuzzing
+    @given(request=generate_requests)
+    def call(request):
+        code, error = code_of(lambda: getattr(fuzzed_stub, rpc)(request, timeout=60), rpc == "GenerateStream")
+        codes[code] += 1
+        assert code in {"OK", "INVALID_ARGUMENT"}, f"{code}: {error and error.details()}"
+        assert_invalid_argument_names_a_field(error)
+
+    call()
+    assert_healthy(fuzzed_server, channel, wait_until_idle)
+
+
+def test_fuzzed_tokenize_requests_end_ok_or_invalid_argument_naming_a_field(
+    fuzzed_stub, channel, fuzzed_server, tally, wait_until_idle
+):
+    codes = tally.setdefault("Tokenize fields", Counter())
+
+    @fuzzing
+    @given(request=tokenize_requests)
+    def call(request):
+        code, error = code_of(lambda: fuzzed_stub.Tokenize(request, timeout=60))
+        codes[code] += 1
+        assert code in {"OK", "INVALID_ARGUMENT"}, f"{code}: {error and error.details()}"
+        assert_invalid_argument_names_a_field(error)
+
+    call()
+    assert_healthy(fuzzed_server, channel, wait_until_idle)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_malformed_request_bytes_end_ok_or_invalid_argument(
+    method, channel, fuzzed_server, tally, wait_until_idle
+):
+    codes = tally.setdefault(f"{method} raw bytes", Counter())
+    path = f"/textgen.v1.TextGenerationService/{method}"
+    streaming = METHODS[method] == "stream"
+    send = channel.unary_stream(path) if streaming else channel.unary_unary(path)
+    seen = []
+
+    @fuzzing
+    @given(data=raw_bytes)
+    def call(data):
+        code, error = code_of(lambda: send(data, timeout=60), streaming)
+        codes[code] += 1
+        if code not in {"OK", "INVALID_ARGUMENT"}:
+            seen.append(f"{data!r}: {code} {error and error.details()}")
+
+    call()  # every example runs; then one assertion lists what went wrong
+    assert_healthy(fuzzed_server, channel, wait_until_idle)
+    assert seen == [], f"{len(seen)} of {sum(codes.values())} calls: {seen[:3]}"
