@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTO_STAMP := protos/.generated
 
-.PHONY: install proto serve test lint example bench bench-engine bench-sweep clean
+.PHONY: install proto serve test lint example bench bench-engine bench-sweep stress clean
 
 install: $(STAMP)
 
@@ -70,6 +70,11 @@ bench: install proto
 # The full sweep over request rates; writes JSON and a PNG plot to bench/results/.
 bench-sweep: install proto
 	$(PY) -m bench.sweep $(BENCH_ARGS)
+
+# Reliability under load: one row per scenario (about 10 minutes on 2 CPU cores); the 20-minute soak
+# runs with STRESS_ARGS="--soak-minutes 20". Flags: STRESS_ARGS="--help".
+stress: install proto
+	$(PY) -m bench.stress $(STRESS_ARGS)
 
 clean:
 	rm -rf $(VENV) $(PROTO_STAMP) $(PROTO_OUT) $(NODE_EXAMPLE)/node_modules
