@@ -12,6 +12,8 @@ from engine.batching import BatchConfig
 from engine.engine import EngineConfig
 from engine.limits import MAX_CHAT_MESSAGES, MAX_PROMPT_CHARS
 from engine.packed_linear import WEIGHT_FORMATS
+from service.auth import parse_key_list
+from service.tls import TlsFiles
 
 # The smallest value each numeric flag accepts (BatchConfig checks its own fields).
 _MINIMUMS = {
@@ -56,6 +58,9 @@ class ServerConfig:
     max_metadata_bytes: int = 8 * 1024  # a call's headers
     max_connection_age_s: float = 300.0  # then GOAWAY: clients reconnect, spread over replicas; 0: never
     max_connection_age_grace_s: float = 900.0  # calls in flight on an aged connection get this long to end
+    tls: TlsFiles | None = None  # PEM files; None: plaintext (README: Security)
+    api_key_file: str | None = None  # one key per line, re-read on SIGHUP
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # from TEXTGEN_API_KEYS; never logged
 
     @property
     def address(self) -> str:
@@ -107,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(server, "log-level", "INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     _flag(server, "metrics-port", 9464, "port of the Prometheus /metrics endpoint; 0 turns it off "
           "(traces and OTLP metrics: the standard OTEL_* variables)", type=int)  # fmt: skip
+
+    security = parser.add_argument_group("security (API keys also from TEXTGEN_API_KEYS, comma-separated)")
+    _flag(security, "tls-cert-file", None, "PEM certificate chain: with --tls-key-file, serve TLS on the "
+          "same port (re-read on SIGHUP)")  # fmt: skip
+    _flag(security, "tls-key-file", None, "PEM private key of --tls-cert-file")
+    _flag(security, "tls-client-ca-file", None, "PEM CA certificates: clients must present a certificate "
+          "signed by one of them (mTLS; re-read on SIGHUP)")  # fmt: skip
+    _flag(security, "api-key-file", None, "API keys, one per line: every call but health checks must send "
+          "'authorization: Bearer <key>' metadata (re-read on SIGHUP)")  # fmt: skip
 
     batch = parser.add_argument_group("batching and scheduling")
     _flag(batch, "max-batch-size", 32, "the most sequences in one batch (running at once)", type=int)
@@ -161,6 +175,10 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
             parser.error(f"--{name.replace('_', '-')} must be at least {minimum}")
     if args.default_max_new_tokens > args.max_new_tokens_limit:
         parser.error("--default-max-new-tokens must not exceed --max-new-tokens-limit")
+    if bool(args.tls_cert_file) != bool(args.tls_key_file):
+        parser.error("--tls-cert-file and --tls-key-file go together")
+    if args.tls_client_ca_file and not args.tls_cert_file:
+        parser.error("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
     try:
         batch = BatchConfig(
             max_batch_size=args.max_batch_size,
@@ -199,6 +217,11 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         max_metadata_bytes=args.max_metadata_bytes,
         max_connection_age_s=args.max_connection_age_s,
         max_connection_age_grace_s=args.max_connection_age_grace_s,
+        tls=TlsFiles(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file or None)
+        if args.tls_cert_file
+        else None,
+        api_key_file=args.api_key_file or None,
+        api_keys=tuple(parse_key_list(os.environ.get("TEXTGEN_API_KEYS", ""))),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -14,9 +15,11 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.engine import Engine
 from protos.textgen.v1 import textgen_pb2 as pb
+from service.auth import ApiKeyInterceptor, ApiKeys
 from service.config import ServerConfig, grpc_server_options, parse_config
 from service.handlers import add_servicer_to_server
 from service.servicer import TextGenerationServicer
+from service.tls import ServerCertificates
 from telemetry.server import Telemetry
 
 log = logging.getLogger("service")
@@ -27,7 +30,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Server:
-    """One gRPC server around one engine, which it owns: health, reflection, load, drain.
+    """One gRPC server around one engine, which it owns: health, reflection, load, drain, reload.
 
     Health is NOT_SERVING from `start()` until `load()` has loaded and warmed the model, SERVING
     after, and NOT_SERVING again from the moment `drain()` begins.
@@ -40,9 +43,15 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.engine: Engine | None = None
         self.port = 0
+        keyed = bool(config.api_keys or config.api_key_file)
+        self.api_keys = ApiKeys(config.api_keys, config.api_key_file) if keyed else None
+        self.certificates = ServerCertificates(config.tls) if config.tls is not None else None
+        interceptors = self.telemetry.server_interceptors()
+        if self.api_keys is not None:
+            interceptors.append(ApiKeyInterceptor(self.api_keys))  # after tracing: refused calls get spans
         # No SO_REUSEPORT: a second server on a busy port must fail, not silently share its traffic.
         self._server = grpc.aio.server(
-            interceptors=self.telemetry.server_interceptors(),
+            interceptors=interceptors,
             options=[("grpc.so_reuseport", 0), *grpc_server_options(config)],
         )
 
@@ -54,9 +63,14 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        self.port = self._server.add_insecure_port(self.config.address)
+        if self.certificates is None:
+            self.port = self._server.add_insecure_port(self.config.address)
+        else:
+            self.port = self._server.add_secure_port(self.config.address, self.certificates.credentials)
         await self._server.start()
         log.info("listening on %s:%d", self.config.host, self.port)
+        for warning in exposure_warnings(self.config):
+            log.warning("serving on %s:%d %s", self.config.host, self.port, warning)
         return self.port
 
     async def load(self, engine: Engine | None = None) -> None:
@@ -96,9 +110,44 @@ class Server:
             await asyncio.to_thread(self.engine.shutdown)
         log.info("stopped")
 
+    def reload(self) -> None:
+        """Re-read the API key file and the TLS files (SIGHUP); one that fails to load changes nothing."""
+        for what, part in (("API keys", self.api_keys), ("TLS certificates", self.certificates)):
+            if part is None:
+                continue
+            try:
+                part.reload()
+            except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+                log.error("reloading %s failed, keeping the current ones: %s", what, error)
+            else:
+                log.info("reloaded %s", what)
+
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
+
+
+def exposure_warnings(config: ServerConfig) -> list[str]:
+    """What is unsafe in serving `config` beyond this machine; nothing on a loopback address."""
+    host = config.host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        loopback = False
+    if loopback:
+        return []
+    warnings = []
+    if config.tls is None:
+        warnings.append(
+            "without TLS: prompts, outputs and API keys cross the network in clear text "
+            "(--tls-cert-file, --tls-key-file)"
+        )
+    if not (config.api_keys or config.api_key_file or (config.tls and config.tls.client_ca_file)):
+        warnings.append(
+            "without API keys or client certificates: anyone who reaches the port can use the model "
+            "(--api-key-file, TEXTGEN_API_KEYS, --tls-client-ca-file)"
+        )
+    return warnings
 
 
 async def serve(config: ServerConfig) -> None:
@@ -110,6 +159,7 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     try:
         await server.load()
         await stop.wait()  # a signal during loading acts once the engine is up, so it shuts down cleanly
