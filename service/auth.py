@@ -15,6 +15,8 @@ from pathlib import Path
 
 import grpc
 
+from service.status import Unauthenticated, abort
+
 # Probes carry no secrets (Kubernetes' gRPC probes cannot send metadata), and health tells nothing.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -112,10 +114,10 @@ def _refusing(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHan
     """
 
     async def refuse_unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
+        await abort(context, Unauthenticated(details))
 
     async def refuse_stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
+        await abort(context, Unauthenticated(details))
         yield  # never reached: an async generator, as tracing interceptors expect of a response stream
 
     kind = ("stream" if handler.request_streaming else "unary") + "_"

@@ -57,6 +57,10 @@ class NotReady(Exception):
     """The model is still loading."""
 
 
+class Unauthenticated(Exception):
+    """The call carries no API key, or one the server does not accept (service/auth.py)."""
+
+
 # Each error's status code and google.rpc.ErrorInfo reason (README: Status codes); the first match wins.
 _STATUSES: list[tuple[type[BaseException], int, str]] = [
     (PromptTooLong, code_pb2.INVALID_ARGUMENT, "PROMPT_TOO_LONG"),
@@ -70,6 +74,7 @@ _STATUSES: list[tuple[type[BaseException], int, str]] = [
     (EngineStoppedError, code_pb2.UNAVAILABLE, "DRAINING"),
     (NotReady, code_pb2.UNAVAILABLE, "MODEL_LOADING"),
     (DuplicateRequestError, code_pb2.ALREADY_EXISTS, "ALREADY_EXISTS"),
+    (Unauthenticated, code_pb2.UNAUTHENTICATED, "UNAUTHENTICATED"),
     (RequestFailedError, code_pb2.INTERNAL, "ENGINE_FAULT"),
 ]
 _UNEXPECTED = (code_pb2.INTERNAL, "INTERNAL")

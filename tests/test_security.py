@@ -20,8 +20,10 @@ import grpc
 import pytest
 import trustme
 from conftest import ServerThread, TelemetryServerThread
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -247,6 +249,22 @@ def test_a_call_with_a_wrong_key_is_unauthenticated(keyed_server, method, author
 @pytest.mark.parametrize("key", [ENV_KEY, FILE_KEY])
 def test_a_call_with_a_right_key_is_answered(keyed_server, method, key):
     assert call(keyed_server.target, method, bearer(key)) == grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"), [((), "needs an API key"), (bearer(WRONG_KEY), "not valid")]
+)
+def test_a_refusal_says_why_with_an_error_info(keyed_server, metadata, message):
+    with channel(keyed_server.target) as open_channel:
+        stub = textgen_pb2_grpc.TextGenerationServiceStub(open_channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Tokenize(REQUESTS["Tokenize"], metadata=metadata, timeout=10)
+
+    (detail,) = rpc_status.from_call(refused.value).details
+    error_info = error_details_pb2.ErrorInfo()
+    assert detail.Unpack(error_info)
+    assert (error_info.domain, error_info.reason) == ("textgen.v1", "UNAUTHENTICATED")
+    assert message in refused.value.details()
 
 
 def test_the_bearer_scheme_is_case_insensitive(keyed_server):
