@@ -17,6 +17,8 @@ import grpc
 
 from service.status import Unauthenticated, abort
 
+# Shorter keys are refused when loaded: they could be guessed (`openssl rand -hex 32` makes 64 characters).
+MIN_KEY_CHARS = 16
 # Probes carry no secrets (Kubernetes' gRPC probes cannot send metadata), and health tells nothing.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -39,22 +41,27 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def _digests(keys: Sequence[str], source: str) -> list[bytes]:
+    """The digests of `keys`; ValueError, naming `source` but no key, if one is shorter than the minimum."""
+    short = sum(len(key) < MIN_KEY_CHARS for key in keys)
+    if short:
+        raise ValueError(f"{source}: {short} API keys shorter than {MIN_KEY_CHARS} characters")
+    return [_digest(key) for key in keys]
+
+
 class ApiKeys:
     """The keys the server accepts: `keys` given once, plus those of `file`, which `reload()` re-reads."""
 
     def __init__(self, keys: Sequence[str] = (), file: str | None = None) -> None:
         self.file = file
-        self._fixed = [_digest(key) for key in keys if key]
+        self._fixed = _digests([key for key in keys if key], "TEXTGEN_API_KEYS")
         self._digests = self._load()
-
-    def __len__(self) -> int:
-        return len(self._digests)
 
     def reload(self) -> None:
         """Re-read the key file; keys it no longer holds are refused from the next call on.
 
-        Raises OSError or ValueError, keeping the current keys, when the file cannot be read or holds
-        no key (a server that asked for keys never falls back to serving without them).
+        Raises OSError or ValueError, keeping the current keys, when the file cannot be read, holds no
+        key (a server that asked for keys never falls back to serving without them) or a short one.
         """
         self._digests = self._load()
 
@@ -72,7 +79,7 @@ class ApiKeys:
             file_keys = read_key_file(self.file)
             if not file_keys:
                 raise ValueError(f"{self.file} holds no API key")
-            digests += [_digest(key) for key in file_keys]
+            digests += _digests(file_keys, self.file)
         if not digests:
             raise ValueError("no API key given")
         return digests

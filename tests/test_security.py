@@ -551,6 +551,13 @@ def test_a_key_file_without_keys_is_refused(tmp_path):
         ApiKeys(file=path)
 
 
+def test_a_short_key_is_refused_without_being_shown(tmp_path):
+    with pytest.raises(ValueError, match="1 API keys shorter than 16 characters") as refused:
+        ApiKeys(file=key_file(tmp_path, FILE_KEY, "short-key"))
+
+    assert "short-key" not in str(refused.value)
+
+
 def test_key_file_lines_and_bearer_tokens(tmp_path):
     assert read_key_file(key_file(tmp_path, FILE_KEY, NEW_KEY)) == [FILE_KEY, NEW_KEY]
     assert bearer_token([("traceparent", "00-1-2-01"), ("authorization", f"Bearer {FILE_KEY}")]) == FILE_KEY
