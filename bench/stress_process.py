@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -34,15 +35,23 @@ def server_args(model: str, *flags: str) -> list[str]:
 
 
 async def sigterm_during_load(
-    model: str, log_dir: Path, num_streams: int = 32, max_new_tokens: int = 200, grace_period_s: float = 60.0
+    model: str,
+    log_dir: Path,
+    num_streams: int = 48,
+    max_batch_size: int = 16,
+    max_new_tokens: int = 64,
+    grace_period_s: float = 60.0,
 ) -> ScenarioResult:
-    """`num_streams` streams decoding, then SIGTERM; new calls keep arriving until the process exits."""
+    """`num_streams` streams, `max_batch_size` decoding and the rest queued, then SIGTERM; new calls keep
+    arriving until the process exits. The server's log says how many it still had in flight then."""
     result = ScenarioResult(
-        f"SIGTERM during load: {num_streams} streams decoding, --grace-period-s {grace_period_s:g}"
+        f"SIGTERM during load: {num_streams} streams ({max_batch_size} decoding, the rest queued), "
+        f"--grace-period-s {grace_period_s:g}"
     )
     rng = random.Random(0)
-    flags = ["--grace-period-s", str(grace_period_s), "--max-batch-size", str(num_streams)]
-    with ServerProcess(server_args(model, *flags), log_dir / "sigterm-server.log") as server:
+    flags = ["--grace-period-s", str(grace_period_s), "--max-batch-size", str(max_batch_size)]
+    log_path = log_dir / "sigterm-server.log"
+    with ServerProcess(server_args(model, *flags), log_path) as server:
         async with grpc.aio.insecure_channel(server.target) as channel:
             stub = pb_grpc.TextGenerationServiceStub(channel)
             started = asyncio.Semaphore(0)
@@ -57,8 +66,9 @@ async def sigterm_during_load(
                 )
                 for _ in range(num_streams)
             ]
-            for _ in range(num_streams):
+            for _ in range(min(num_streams, max_batch_size)):
                 await started.acquire()
+            await asyncio.sleep(0.1)  # the queued ones were sent with the others: the server has them
             signalled = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
             exited = asyncio.ensure_future(asyncio.to_thread(server.process.wait, grace_period_s + 30))
@@ -70,11 +80,13 @@ async def sigterm_during_load(
             exit_code = await exited
             drain_s = time.monotonic() - signalled
             outcomes = await asyncio.gather(*in_flight)
+    draining = re.search(r"draining: (\d+) requests in flight", log_path.read_text())
+    accepted = int(draining.group(1)) if draining else -1
     complete = [o for o in outcomes if o.ok and len(o.token_ids) == max_new_tokens]
     result.check(
         "every stream in flight completes (zero lost)",
         len(complete) == num_streams,
-        by_count(o.code for o in outcomes),
+        f"{by_count(o.code for o in outcomes)}; the server had {accepted} in flight at SIGTERM",
     )
     late_codes = [o.code for o in late]
     result.check(
@@ -87,7 +99,7 @@ async def sigterm_during_load(
         f"exit code {exit_code} after {drain_s:.1f} s",
     )
     result.figures = {
-        "streams completed": f"{len(complete)}/{num_streams}",
+        "streams completed": f"{len(complete)}/{num_streams} ({accepted} in flight at SIGTERM)",
         "new calls": by_count(late_codes),
         "exit": f"{exit_code} after {drain_s:.1f} s",
     }

@@ -62,7 +62,9 @@ async def test_an_engine_fault_fails_only_the_requests_it_touches(tiny_llama):
 
 
 async def test_sigterm_during_load_completes_every_stream_in_flight_and_exits_zero(tiny_llama, tmp_path):
-    result = await sigterm_during_load(tiny_llama, tmp_path, num_streams=8, max_new_tokens=50)
+    result = await sigterm_during_load(
+        tiny_llama, tmp_path, num_streams=8, max_batch_size=4, max_new_tokens=50
+    )
     assert result.failures() == []
 
 
