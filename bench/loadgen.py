@@ -1,7 +1,9 @@
 """The online load generator: replays a seeded workload against a running textgen server over gRPC.
 
 Each request streams (`GenerateStream`) its prompt as token ids with `ignore_eos`, so it generates
-exactly its workload length; the client records when every token arrived.
+exactly its workload length; the client records when every token arrived. Another server can be driven
+through the same code (and measured by the same metrics) with a `StreamingClient` of its own
+(bench/llamacpp_client.py for llama.cpp's server).
 
     python -m bench.loadgen --target 127.0.0.1:50051 --num-requests 64 --request-rate 4 --slo-ttft 1
 """
@@ -12,9 +14,10 @@ import argparse
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol, Self
 
 import grpc
 from tqdm import tqdm
@@ -57,26 +60,83 @@ def generate_request(ids: Sequence[int], output_len: int) -> pb.GenerateRequest:
     )
 
 
+@dataclass(slots=True, frozen=True)
+class Chunk:
+    """What one streamed message of a request carried: its new output tokens, and the prompt's length
+    as the server counted it, where the server says."""
+
+    num_tokens: int
+    prompt_tokens: int | None = None
+
+
+class StreamError(Exception):
+    """A request that failed or was refused; its message is the trace's error."""
+
+
+class StreamingClient(Protocol):
+    """A server the load generator drives: one greedy request with EOS ignored, streamed as chunks.
+
+    Used as an async context manager around a run (a connection held for the run, or none);
+    `stream` raises `StreamError` when the request fails.
+    """
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
+
+    def stream(self, ids: Sequence[int], output_len: int, timeout_s: float) -> AsyncIterator[Chunk]: ...
+
+
+class GrpcClient:
+    """textgen's `GenerateStream` over one gRPC channel."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.TextGenerationServiceStub | None = None
+
+    async def __aenter__(self) -> Self:
+        self._channel = grpc.aio.insecure_channel(self.target)
+        self._stub = pb_grpc.TextGenerationServiceStub(self._channel)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._channel is not None
+        await self._channel.close()
+
+    async def stream(self, ids: Sequence[int], output_len: int, timeout_s: float) -> AsyncIterator[Chunk]:
+        assert self._stub is not None, "use the client as an async context manager"
+        try:
+            async for message in self._stub.GenerateStream(
+                generate_request(ids, output_len), timeout=timeout_s
+            ):
+                yield Chunk(len(message.tokens))
+        except grpc.aio.AioRpcError as error:
+            raise StreamError(f"{error.code().name}: {error.details()}") from error
+
+
 async def send_one(
-    stub: pb_grpc.TextGenerationServiceStub, spec: RequestSpec, ids: Sequence[int], timeout_s: float
+    client: StreamingClient, spec: RequestSpec, ids: Sequence[int], timeout_s: float
 ) -> RequestTrace:
     """Stream one request and record when each of its tokens arrived."""
     trace = RequestTrace(
         spec.index, time.perf_counter(), 0.0, prompt_tokens=len(ids), expected_output_tokens=spec.output_len
     )
     try:
-        async for message in stub.GenerateStream(generate_request(ids, spec.output_len), timeout=timeout_s):
-            trace.token_times_s.extend([time.perf_counter()] * len(message.tokens))
+        async for chunk in client.stream(ids, spec.output_len, timeout_s):
+            trace.token_times_s.extend([time.perf_counter()] * chunk.num_tokens)
+            if chunk.prompt_tokens is not None:
+                trace.prompt_tokens = chunk.prompt_tokens
         if trace.output_tokens != spec.output_len:
             trace.error = f"expected {spec.output_len} tokens, got {trace.output_tokens}"
-    except grpc.aio.AioRpcError as error:
-        trace.error = f"{error.code().name}: {error.details()}"
+    except StreamError as error:
+        trace.error = str(error)
     trace.end_s = time.perf_counter()
     return trace
 
 
 async def run_load(
-    target: str,
+    target: str | StreamingClient,
     specs: Sequence[RequestSpec],
     prompts: Sequence[Sequence[int]],
     concurrency: int = 0,
@@ -84,18 +144,21 @@ async def run_load(
     progress: bool = True,
     desc: str = "requests",
 ) -> LoadResult:
-    """Send each request at its arrival time (at most `concurrency` in flight, 0 = no limit); wait for all."""
+    """Send each request at its arrival time (at most `concurrency` in flight, 0 = no limit); wait for all.
+
+    `target` is a textgen server's gRPC address, or a client for another server.
+    """
     assert len(specs) == len(prompts)
+    client = GrpcClient(target) if isinstance(target, str) else target
     limit = asyncio.Semaphore(concurrency if concurrency > 0 else len(specs))
     bar = tqdm(total=len(specs), desc=desc, unit="req", disable=not progress, dynamic_ncols=True)
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.TextGenerationServiceStub(channel)
+    async with client:
         start = time.perf_counter()
 
         async def replay(spec: RequestSpec, ids: Sequence[int]) -> RequestTrace:
             await asyncio.sleep(max(0.0, start + spec.arrival_s - time.perf_counter()))
             async with limit:
-                trace = await send_one(stub, spec, ids, timeout_s)
+                trace = await send_one(client, spec, ids, timeout_s)
             bar.update(1)
             return trace
 
@@ -105,7 +168,9 @@ async def run_load(
     return LoadResult(list(traces), duration)
 
 
-async def warm_up(target: str, prompt: Sequence[int], num_requests: int = 2, output_len: int = 4) -> None:
+async def warm_up(
+    target: str | StreamingClient, prompt: Sequence[int], num_requests: int = 2, output_len: int = 4
+) -> None:
     """A few short requests, so the first measured request pays no one-time cost."""
     specs = [RequestSpec(i, 0.0, len(prompt), output_len, "") for i in range(num_requests)]
     result = await run_load(target, specs, [prompt] * num_requests, progress=False)
