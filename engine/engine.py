@@ -60,6 +60,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # decode attention: auto, torch (gathers blocks), cpu or triton (kernels)
     weight_format: str = "auto"  # "fp16-packed": CPU linear layers on FBGEMM's float16 GEMM; "native"
     prefill_chunk_tokens: int = -1  # most tokens per forward pass of a prefill step; -1: 512 on CPU, 0: all
+    model_impl: str = "auto"  # lean code for the Llama family where supported, else transformers' modeling
 
 
 @dataclass(slots=True)
@@ -349,6 +350,7 @@ def _build_core(config: EngineConfig, observer: EngineObserver) -> EngineCore:
         config.attention_backend,
         config.weight_format,
         config.prefill_chunk_tokens,
+        config.model_impl,
     )
     scheduler = make_scheduler(
         config.scheduling,

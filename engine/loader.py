@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from engine.attention import ATTENTION_NAME
 from engine.kv_cache import KVCache
-from engine.packed_linear import pack_linear_layers, resolve_weight_format
+from engine.packed_linear import resolve_weight_format
 from engine.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,13 @@ class LoadedModel:
     name: str
     device: torch.device
     dtype: torch.dtype
-    weight_format: str  # as resolved: "native" or "fp16-packed"
+    weight_format: str  # as resolved: "native", "fp16-packed" or "q4_1"
     max_context_len: int
     vocab_size: int
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    gguf_path: Path | None = None  # the GGUF the checkpoint was converted from, if any
 
 
 def load(
@@ -103,15 +104,13 @@ def load(
     `device` and `dtype` as `resolve_device` and `resolve_dtype` give them; `weight_format` is resolved
     (and checked) before anything is read.
     """
-    weight_format = resolve_weight_format(weight_format, device, dtype)
+    weight_format = resolve_weight_format(weight_format, device, dtype, from_q4_gguf=model is None)
     path = default_model_dir() if model is None else Path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME)
     hf_model.to(device).eval()
     config = hf_model.config.get_text_config()
-    vocab_size = int(hf_model.get_output_embeddings().weight.shape[0])  # read before packing replaces it
-    if weight_format == "fp16-packed":
-        pack_linear_layers(hf_model)
+    vocab_size = int(hf_model.get_output_embeddings().weight.shape[0])
     num_heads = config.num_attention_heads
     return LoadedModel(
         model=hf_model,
@@ -125,6 +124,7 @@ def load(
         num_layers=config.num_hidden_layers,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+        gguf_path=default_gguf_path() if model is None else None,
     )
 
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import attention, loader
+from engine import loader
 from engine.attention import PrefillSegment, StepContext, resolve_decode_backend
+from engine.models import build_forward
 from engine.sampler import FAILED, SamplingBatch, sample
 from engine.step import Step, StepOutput, StepRow
 
@@ -56,6 +57,7 @@ class ModelRunner:
         attention_backend: str = "auto",
         weight_format: str = "auto",
         prefill_chunk_tokens: int = -1,
+        model_impl: str = "auto",
     ) -> None:
         resolved_device = loader.resolve_device(device)
         resolved_dtype = loader.resolve_dtype(dtype, resolved_device)
@@ -67,6 +69,9 @@ class ModelRunner:
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
         self.device, self.dtype, self.weight_format = loaded.device, loaded.dtype, loaded.weight_format
         self.max_context_len, self.vocab_size = loaded.max_context_len, loaded.vocab_size
+        self.model_impl, self._model_forward = build_forward(
+            loaded.model, model_impl, loaded.weight_format, loaded.gguf_path
+        )
         self.kv_cache = loader.allocate_kv_cache(loaded, num_kv_blocks, block_size)
         self.block_size = block_size
         if prefill_chunk_tokens < 0:
@@ -138,17 +143,12 @@ class ModelRunner:
         if not is_prefill:
             ctx.block_tables, ctx.context_lens = self._decode_tables(inputs)
             ctx.decode_attention = self._decode_attention
-        attention.set_context(ctx)
-        try:
-            out = self.model(
-                input_ids=torch.tensor([packed.token_ids], device=device),
-                position_ids=torch.tensor([packed.positions], device=device),
-                use_cache=False,
-                logits_to_keep=torch.tensor(packed.logit_rows, dtype=torch.long, device=device),
-            )
-        finally:
-            attention.set_context(None)
-        return out.logits[0]
+        return self._model_forward(
+            torch.tensor(packed.token_ids, device=device),
+            torch.tensor(packed.positions, device=device),
+            ctx,
+            torch.tensor(packed.logit_rows, dtype=torch.long, device=device),
+        )
 
     def _pack(self, inputs: list[StepInput], is_prefill: bool) -> _PackedStep:
         """Token ids, positions and cache slots of every input, one after the other."""

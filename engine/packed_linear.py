@@ -10,10 +10,16 @@ than MKL's float32 one, and greedy outputs of the test prompts stay token for to
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-WEIGHT_FORMATS = ("auto", "native", "fp16-packed")
+from engine import kernels
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+WEIGHT_FORMATS = ("auto", "native", "fp16-packed", "q4_1")
 
 
 def fbgemm_available() -> bool:
@@ -21,20 +27,47 @@ def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def resolve_weight_format(weight_format: str, device: torch.device, dtype: torch.dtype) -> str:
-    """'auto' packs float32 CPU models' linear layers when FBGEMM is there; everything else is native."""
+def avx2_available() -> bool:
+    """What the q4_1 kernels (engine/csrc/quantized.c) are written for."""
+    flags = kernels.cpu_signature().split()
+    return all(flag in flags for flag in ("avx2", "fma", "f16c"))
+
+
+def resolve_weight_format(
+    weight_format: str, device: torch.device, dtype: torch.dtype, from_q4_gguf: bool = False
+) -> str:
+    """'auto', for float32 models on the CPU: q4_1 for a model converted from a Q4_1 GGUF (its own blocks:
+    the same weights, a quarter of float16's bytes) where the kernels can run, else fp16-packed where
+    FBGEMM is there; native everywhere else."""
     if weight_format not in WEIGHT_FORMATS:
         choices = ", ".join(WEIGHT_FORMATS)
         raise ValueError(f"unknown weight format {weight_format!r}; choose one of {choices}")
+    cpu_float32 = device.type == "cpu" and dtype == torch.float32
     if weight_format == "auto":
-        usable = device.type == "cpu" and dtype == torch.float32 and fbgemm_available()
-        return "fp16-packed" if usable else "native"
+        if cpu_float32 and from_q4_gguf and avx2_available():
+            return "q4_1"
+        return "fp16-packed" if cpu_float32 and fbgemm_available() else "native"
+    if weight_format == "q4_1" and not (cpu_float32 and avx2_available()):
+        raise ValueError("q4_1 weights are for float32 models on an x86 CPU with AVX2, FMA and F16C")
     if weight_format == "fp16-packed":
         if device.type != "cpu" or dtype != torch.float32:
             raise ValueError("fp16-packed weights are for float32 models on the CPU")
         if not fbgemm_available():
             raise ValueError("fp16-packed weights need FBGEMM (an x86 CPU build of torch)")
     return weight_format
+
+
+def fp16_packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+    """`F.linear(x, weight, bias)` on FBGEMM's float16-packed GEMM, the weight packed once here."""
+    out_features, in_features = weight.shape
+    bias = None if bias is None else bias.detach().float().contiguous()
+    packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float().contiguous(), bias)
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, in_features), packed)
+        return out.view(*x.shape[:-1], out_features)
+
+    return linear
 
 
 class PackedFp16Linear(nn.Module):
@@ -44,14 +77,10 @@ class PackedFp16Linear(nn.Module):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
-        weight = linear.weight.detach().float().contiguous()
-        self._packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
+        self._linear = fp16_packed_linear(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        out = torch.ops.quantized.linear_dynamic_fp16(rows, self._packed)
-        return out.view(*x.shape[:-1], self.out_features)
+        return self._linear(x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=fp16-packed"

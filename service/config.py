@@ -11,6 +11,7 @@ from engine.attention import ATTENTION_BACKENDS
 from engine.batching import BatchConfig
 from engine.engine import EngineConfig
 from engine.limits import MAX_CHAT_MESSAGES, MAX_PROMPT_CHARS
+from engine.models import MODEL_IMPLS
 from engine.packed_linear import WEIGHT_FORMATS
 from service.auth import parse_key_list
 from service.tls import TlsFiles
@@ -97,10 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
           "the kernel builds, else torch), torch (gathers KV blocks, any device), cpu (a C kernel that "
           "reads the cache in place, compiled at first use) or triton (a paged-attention kernel for cuda)",
           choices=ATTENTION_BACKENDS)  # fmt: skip
-    _flag(model, "weight-format", "auto", "how linear-layer weights are held: auto (fp16-packed for "
-          "float32 on an x86 cpu, else native), native (the dtype's own matmuls) or fp16-packed (float16 "
-          "weights on FBGEMM's GEMM, float32 arithmetic; cpu only)",
+    _flag(model, "weight-format", "auto", "how linear-layer weights are held: auto (on a float32 cpu: "
+          "q4_1 for the default model, whose GGUF blocks are its exact weights, else fp16-packed; native "
+          "elsewhere), native (the dtype's own matmuls), fp16-packed (float16 weights on FBGEMM's GEMM) or "
+          "q4_1 (GGUF Q4_1 blocks, a Q8_0 output head, C kernels; Llama-family models on an AVX2 cpu); "
+          "arithmetic stays float32",
           choices=WEIGHT_FORMATS)  # fmt: skip
+    _flag(model, "model-impl", "auto", "model code: auto (lean code for the Llama family: Llama, Mistral, "
+          "Qwen2; transformers' modeling otherwise), lean or transformers",
+          choices=MODEL_IMPLS)  # fmt: skip
     _flag(model, "max-model-len", 0, "the most tokens (prompt plus output) one request may hold; "
           "0 uses the model's context length", type=int)  # fmt: skip
 
@@ -205,6 +211,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         max_decode_stall_ms=args.max_decode_stall_ms,
         attention_backend=args.attention_backend,
         weight_format=args.weight_format,
+        model_impl=args.model_impl,
     )
     return ServerConfig(
         engine=engine,

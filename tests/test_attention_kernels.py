@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine import kernels
 from engine.attention import cpu_backend, resolve_decode_backend
 from engine.attention.torch_backend import paged_decode_attention as torch_decode_attention
 
@@ -61,16 +62,16 @@ def test_cpu_kernel_output_does_not_depend_on_the_batch():
 
 def test_cpu_kernel_build_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("TEXTGEN_CACHE_DIR", str(tmp_path))
-    first = cpu_backend.build()
+    first = kernels.build("paged_attention")
     assert first.parent == tmp_path / "kernels" and first.exists()
     mtime = first.stat().st_mtime_ns
-    assert cpu_backend.build() == first and first.stat().st_mtime_ns == mtime
+    assert kernels.build("paged_attention") == first and first.stat().st_mtime_ns == mtime
 
 
 def test_without_a_compiler_auto_falls_back_to_torch(monkeypatch):
     monkeypatch.setattr(cpu_backend, "_library", None)
     monkeypatch.setattr(cpu_backend, "_error", None)
-    monkeypatch.setattr(cpu_backend, "_compiler", lambda: None)
+    monkeypatch.setattr(kernels, "compiler", lambda: None)
     monkeypatch.setenv("TEXTGEN_CACHE_DIR", "/nonexistent-textgen-cache")
     cpu = torch.device("cpu")
     assert resolve_decode_backend("auto", cpu, torch.float32) == ("torch", torch_decode_attention)

@@ -28,6 +28,7 @@ __all__ = [
     "DecodeAttention",
     "PrefillSegment",
     "StepContext",
+    "attend",
     "paged_attention",
     "resolve_decode_backend",
     "set_context",
@@ -114,22 +115,35 @@ def paged_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """query [1, heads, tokens, dim], key/value [1, kv_heads, tokens, dim] -> [1, tokens, heads, dim]."""
-    ctx = _context
-    assert ctx is not None, "paged attention called outside an engine step"
-    k_cache, v_cache = ctx.kv_cache.layer(module.layer_idx)
-    k_new, v_new = key[0], value[0]  # [kv_heads, tokens, dim]
-    k_cache[:, ctx.slot_mapping] = k_new.to(k_cache.dtype)
-    v_cache[:, ctx.slot_mapping] = v_new.to(v_cache.dtype)
-    if ctx.is_prefill:
-        out = prefill_attention(query[0], k_new, v_new, k_cache, v_cache, ctx.segments, scaling)
-    else:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = ctx.decode_attention(
-            query[0].transpose(0, 1), k_cache, v_cache, ctx.block_tables, ctx.context_lens,
-            ctx.kv_cache.block_size, scale,
-        )  # fmt: skip
+    """transformers' attention interface: query [1, heads, tokens, dim], key/value [1, kv_heads, tokens,
+    dim] -> [1, tokens, heads, dim], in the step context the runner set."""
+    assert _context is not None, "paged attention called outside an engine step"
+    out = attend(_context, module.layer_idx, query[0], key[0], value[0], scaling)
     return out.unsqueeze(0), None
+
+
+def attend(
+    ctx: StepContext,
+    layer_idx: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """Write one layer's new keys and values into the cache and attend over each sequence's context.
+
+    query [heads, tokens, dim], key/value [kv_heads, tokens, dim] -> [tokens, heads, dim].
+    """
+    k_cache, v_cache = ctx.kv_cache.layer(layer_idx)
+    k_cache[:, ctx.slot_mapping] = key.to(k_cache.dtype)
+    v_cache[:, ctx.slot_mapping] = value.to(v_cache.dtype)
+    if ctx.is_prefill:
+        return prefill_attention(query, key, value, k_cache, v_cache, ctx.segments, scaling)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return ctx.decode_attention(
+        query.transpose(0, 1), k_cache, v_cache, ctx.block_tables, ctx.context_lens,
+        ctx.kv_cache.block_size, scale,
+    )  # fmt: skip
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)

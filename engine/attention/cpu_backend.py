@@ -2,74 +2,26 @@
 
 The torch decode path gathers every sequence's KV blocks into new tensors and then runs small batched
 matmuls over them; on the CPU both are bound by memory and per-call overheads. The C kernel reads the
-blocks in place, once. It is compiled with the system's C compiler (`cc`, or `$CC`) into
-`~/.cache/textgen/kernels` the first time it is needed and loaded with ctypes; when no compiler is there
-the engine says so and falls back to the torch path.
+blocks in place, once. `engine.kernels` compiles it the first time it is needed; when no compiler is
+there the engine says so and falls back to the torch path.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
 import subprocess
-import sysconfig
 import threading
-from pathlib import Path
 
 import torch
 
-from engine.paths import cache_dir
+from engine import kernels
 
 log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).parents[1] / "csrc" / "paged_attention.c"
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _error: str | None = None
-
-
-def _compiler() -> str | None:
-    for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc"):
-        if candidate and shutil.which(candidate.split()[0]):
-            return candidate.split()[0]
-    return None
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: a library built for one CPU must not be loaded on another."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    return next((line for line in lines if line.startswith(("flags", "Features"))), platform.machine())
-
-
-def build() -> Path:
-    """Compile the kernel (once per source and flags; the result is cached) and return the library."""
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    source = SOURCE.read_bytes()
-    key = source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()
-    digest = hashlib.sha256(key).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"paged_attention-{digest}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    command = [compiler, *_FLAGS, str(SOURCE), "-o", str(staging), "-lm"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        staging.unlink(missing_ok=True)
-        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()}")
-    staging.replace(target)  # atomic: a concurrent builder sees the whole library or none
-    return target
 
 
 def load() -> ctypes.CDLL | None:
@@ -78,7 +30,7 @@ def load() -> ctypes.CDLL | None:
     with _lock:
         if _library is None and _error is None:
             try:
-                library = ctypes.CDLL(str(build()))
+                library = ctypes.CDLL(str(kernels.build("paged_attention")))
                 fn = library.paged_decode_attention
                 fn.restype = ctypes.c_int
                 fn.argtypes = (
