@@ -20,18 +20,29 @@ from service.server import Server
 
 
 class ServerObserver(EngineObserver):
-    """Counts preemptions, and the phase (queued, prefill, decode) each request was in when it failed."""
+    """Counts preemptions, and the phase (queued, prefill, decode) each request was in when it failed;
+    tells a client when its request is admitted."""
 
     def __init__(self) -> None:
         self.num_preemptions = 0
         self.failed_in_phase: Counter[tuple[str, str]] = Counter()  # (error class, phase) -> requests
         self._queued: set[int] = set()  # sequence ids waiting for (re)admission
+        self._admission_events: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
+
+    def admission(self, request_id: str) -> asyncio.Event:
+        """An event of the running loop, set when request `request_id` is first admitted to the batch."""
+        event = asyncio.Event()
+        self._admission_events[request_id] = (asyncio.get_running_loop(), event)
+        return event
 
     def request_queued(self, seq: Sequence) -> None:
         self._queued.add(seq.seq_id)
 
     def request_admitted(self, seq: Sequence) -> None:
         self._queued.discard(seq.seq_id)
+        if (watch := self._admission_events.pop(seq.id, None)) is not None:
+            loop, event = watch
+            loop.call_soon_threadsafe(event.set)
 
     def request_preempted(self, seq: Sequence) -> None:
         self.num_preemptions += 1
@@ -40,6 +51,7 @@ class ServerObserver(EngineObserver):
     def request_finished(self, seq: Sequence, error: Exception | None) -> None:
         queued = seq.seq_id in self._queued
         self._queued.discard(seq.seq_id)
+        self._admission_events.pop(seq.id, None)
         if error is None:
             return
         if queued:

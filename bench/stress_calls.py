@@ -52,16 +52,20 @@ async def stream(
     timeout_s: float | None,
     cancel_after_messages: int | None = None,
     cancel_after_s: float | None = None,
+    cancel_on: asyncio.Event | None = None,
     on_first_message: Callable[[], object] | None = None,
 ) -> Outcome:
-    """Run a GenerateStream call to its end, cancelling it after so many messages or seconds if asked;
-    `on_first_message` is called when the first message arrives."""
+    """Run a GenerateStream call to its end, cancelling it after so many messages or seconds, or once
+    `cancel_on` is set, if asked; `on_first_message` is called when the first message arrives."""
     start = time.monotonic()
     outcome = Outcome("", 0.0)
     call = stub.GenerateStream(message, timeout=timeout_s)
     timer = None
     if cancel_after_s is not None:
         timer = asyncio.get_running_loop().call_later(cancel_after_s, call.cancel)
+    if cancel_on is not None:
+        timer = asyncio.ensure_future(cancel_on.wait())
+        timer.add_done_callback(lambda _: call.cancel())
     try:
         received = 0
         async for response in call:

@@ -85,11 +85,28 @@ async def cancellation_storm(
         async with grpc.aio.insecure_channel(server.target) as channel:
             stub = pb_grpc.TextGenerationServiceStub(channel)
 
-            async def one(message: pb.GenerateRequest, cancel: dict[str, float]) -> Outcome:
+            async def one(
+                i: int, plan: str, message: pb.GenerateRequest, cancel: dict[str, float]
+            ) -> Outcome:
                 async with limit:
-                    return await stream(stub, message, 600, **cancel)
+                    if plan != "prefill":
+                        return await stream(stub, message, 600, **cancel)
+                    message.request_id = f"prefill-{i}"
+                    admitted, cancel_on = server.observer.admission(message.request_id), asyncio.Event()
 
-            outcomes = await asyncio.gather(*(one(*_storm_call(rng)) for _ in range(num_streams)))
+                    async def cancel_after_admission() -> None:
+                        await admitted.wait()
+                        await asyncio.sleep(cancel["after_admission_s"])
+                        cancel_on.set()
+
+                    watch = asyncio.ensure_future(cancel_after_admission())
+                    try:
+                        return await stream(stub, message, 600, cancel_on=cancel_on)
+                    finally:
+                        watch.cancel()
+
+            calls = [_storm_call(rng) for _ in range(num_streams)]
+            outcomes = await asyncio.gather(*(one(i, *call) for i, call in enumerate(calls)))
         codes = [o.code for o in outcomes]
         result.check(
             "every call CANCELLED (or OK, done first)", set(codes) <= {"CANCELLED", "OK"}, by_count(codes)
@@ -114,15 +131,22 @@ async def cancellation_storm(
     return result
 
 
-def _storm_call(rng: random.Random) -> tuple[pb.GenerateRequest, dict[str, float]]:
-    """One stream of the storm and when to cancel it: soon (queued), a little later (a long prompt is
-    prefilling in chunks), or after some streamed messages (decoding)."""
+def _storm_call(rng: random.Random) -> tuple[str, pb.GenerateRequest, dict[str, float]]:
+    """One stream of the storm, its plan, and when to cancel it: soon after sending (it is queued
+    behind the others), shortly after the server admits it (a long prompt is still being prefilled in
+    chunks), or after some streamed messages (decoding)."""
     plan = rng.choice(["queued", "prefill", "decode"])
     if plan == "queued":
-        return request(prompt_ids(rng, rng.randint(8, 64)), 64), {"cancel_after_s": rng.uniform(0, 0.02)}
+        return (
+            plan,
+            request(prompt_ids(rng, rng.randint(8, 64)), 64),
+            {"cancel_after_s": rng.uniform(0, 0.02)},
+        )
     if plan == "prefill":
-        return request(prompt_ids(rng, rng.randint(600, 1500)), 64), {"cancel_after_s": rng.uniform(0, 0.3)}
-    return request(prompt_ids(rng, rng.randint(8, 64)), 256), {"cancel_after_messages": rng.randint(1, 30)}
+        message = request(prompt_ids(rng, rng.randint(600, 1500)), 64)
+        return plan, message, {"after_admission_s": rng.uniform(0, 0.02)}
+    message = request(prompt_ids(rng, rng.randint(8, 64)), 256)
+    return plan, message, {"cancel_after_messages": rng.randint(1, 30)}
 
 
 def _deadline_band(deadline_s: float) -> str:

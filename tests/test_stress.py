@@ -69,7 +69,7 @@ async def test_sigterm_during_load_completes_every_stream_in_flight_and_exits_ze
 
 
 async def test_a_short_soak_ends_every_call_with_an_expected_status(tiny_llama, tmp_path):
-    result = await soak(tiny_llama, tmp_path, minutes=0.1, concurrency=4, sample_every_s=1.0)
+    result = await soak(tiny_llama, tmp_path, minutes=0.05, concurrency=4, sample_every_s=1.0)
     # Drift needs minutes to mean anything; `make stress --soak-minutes 20` measures it.
     drift = ("RSS flat (drift within 5%)", "open file descriptors flat", "threads flat")
     assert result.failures(*drift) == []
