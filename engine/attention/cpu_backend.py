@@ -9,42 +9,28 @@ there the engine says so and falls back to the torch path.
 from __future__ import annotations
 
 import ctypes
-import logging
-import subprocess
-import threading
 
 import torch
 
 from engine import kernels
 
-log = logging.getLogger(__name__)
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_error: str | None = None
+def _declare(library: ctypes.CDLL) -> None:
+    fn = library.paged_decode_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float] + [ctypes.c_int64] * 2
+
+
+_library = kernels.Library("paged_attention", _declare)
 
 
 def load() -> ctypes.CDLL | None:
     """The kernel library, built on first call; None (with the reason in `load_error()`) if it cannot be."""
-    global _library, _error
-    with _lock:
-        if _library is None and _error is None:
-            try:
-                library = ctypes.CDLL(str(kernels.build("paged_attention")))
-                fn = library.paged_decode_attention
-                fn.restype = ctypes.c_int
-                fn.argtypes = (
-                    [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float] + [ctypes.c_int64] * 2
-                )
-                _library = library
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                _error = str(exc)
-                log.warning("the CPU attention kernel is unavailable, using the torch path: %s", exc)
-        return _library
+    return _library.get()
 
 
 def load_error() -> str | None:
-    return _error
+    return _library.error
 
 
 def paged_decode_attention(

@@ -239,6 +239,7 @@ int decode_layer(float *x, int64_t rows, const Layer *layer, const Shape *s, con
     if (quantized_matmul(out, rows, &layer->o, x, s->hidden, 1)) return -1;
     rms_norm(x, layer->post_norm, s->eps, rows, s->hidden, t->h);
     if (quantized_matmul(t->h, rows, &layer->gate_up, t->gu, 2 * s->intermediate, 0)) return -1;
+#pragma omp parallel for schedule(static) if (rows > 1)
     for (int64_t b = 0; b < rows; b++) {
         float *g = t->gu + b * 2 * s->intermediate, *u = g + s->intermediate;
         for (int64_t i = 0; i < s->intermediate; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
