@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTO_STAMP := protos/.generated
 
-.PHONY: install proto serve test lint example bench bench-engine bench-sweep stress clean
+.PHONY: install proto serve test lint example bench bench-engine bench-sweep bench-llamacpp stress clean
 
 install: $(STAMP)
 
@@ -70,6 +70,12 @@ bench: install proto
 # The full sweep over request rates; writes JSON and a PNG plot to bench/results/.
 bench-sweep: install proto
 	$(PY) -m bench.sweep $(BENCH_ARGS)
+
+# textgen against llama.cpp's server on the same GGUF and workloads, one server after the other. The
+# first run builds llama-server from the llama-cpp-python sdist into ~/.cache/textgen/peers (about 12
+# minutes on 2 cores); `--quick` checks the setup. Flags: BENCH_ARGS="--help".
+bench-llamacpp: install proto
+	$(PY) -m bench.peer_llamacpp $(BENCH_ARGS)
 
 # Reliability under load: one row per scenario (about 10 minutes on 2 CPU cores); the 20-minute soak
 # runs with STRESS_ARGS="--soak-minutes 20". Flags: STRESS_ARGS="--help".
