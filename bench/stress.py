@@ -50,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--soak-minutes", type=float, default=0.0, help="soak length; 0 skips the soak")
     parser.add_argument("--fuzz-examples", type=int, default=300, help="hypothesis examples per property")
-    parser.add_argument("--timeout-s", type=float, default=900.0, help="the most one scenario may take")
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=900.0,
+        help="the most one scenario may take (the soak: its length more)",
+    )
     parser.add_argument("--output-dir", type=Path, default=REPO / "bench" / "results")
     return parser
 
@@ -146,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         runs = scenarios(args.model or tiny, args, log_dir)
         for name in chosen:
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            results.append(asyncio.run(run_one(name, runs[name], args.timeout_s)))
+            timeout_s = args.timeout_s + (args.soak_minutes * 60 if name == "soak" else 0)
+            results.append(asyncio.run(run_one(name, runs[name], timeout_s)))
             print(" | ".join(results[-1].row()), file=sys.stderr, flush=True)
     env = environment(load_before)
     print(table(results))

@@ -30,6 +30,7 @@ class Outcome:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
     retry_delay_s: float | None = None  # the RetryInfo delay the server attached, if any
+    reason: str = ""  # the ErrorInfo reason the server attached, if any
     details: str = ""
 
     @property
@@ -110,9 +111,11 @@ def _fill_error(outcome: Outcome, error: grpc.aio.AioRpcError) -> None:
     outcome.details = error.details() or ""
     status = rpc_status.from_call(error)
     for detail in status.details if status is not None else []:
-        retry_info = error_details_pb2.RetryInfo()
+        retry_info, error_info = error_details_pb2.RetryInfo(), error_details_pb2.ErrorInfo()
         if detail.Unpack(retry_info):
             outcome.retry_delay_s = retry_info.retry_delay.ToNanoseconds() / 1e9
+        elif detail.Unpack(error_info):
+            outcome.reason = error_info.reason
 
 
 async def serving(target: str) -> tuple[str, str, list[int]]:

@@ -65,15 +65,15 @@ async def _started(tasks: dict[str, asyncio.Task], first: dict[str, asyncio.Even
         await asyncio.sleep(0.01)
 
 
-def _exactly(
-    outcomes: dict[str, Outcome], failed: set[str], code: str, max_new_tokens: int
-) -> tuple[bool, str]:
-    """Whether the calls in `failed` ended with `code` and every other one completed; the evidence."""
-    wrong = {i: o.code for i, o in outcomes.items() if (o.code == code) != (i in failed)}
+def _exactly(outcomes: dict[str, Outcome], failed: set[str], max_new_tokens: int) -> tuple[bool, str]:
+    """Whether the calls in `failed` ended INTERNAL / ENGINE_FAULT and every other one completed; the
+    evidence."""
+    code, reason = "INTERNAL", "ENGINE_FAULT"
+    wrong = {i: f"{o.code} {o.reason}" for i, o in outcomes.items() if (o.code == code) != (i in failed)}
+    wrong |= {i: f"{o.code} {o.reason}" for i, o in outcomes.items() if o.code == code and o.reason != reason}
     short = {i: len(o.token_ids) for i, o in outcomes.items() if o.ok and len(o.token_ids) != max_new_tokens}
-    return not wrong and not short and bool(
-        failed
-    ), f"step rows {sorted(failed)}; wrong {wrong}; short {short}"
+    evidence = f"step rows {sorted(failed)}; wrong {wrong}; short {short}"
+    return bool(failed) and not wrong and not short, evidence
 
 
 async def engine_faults(model: str, max_new_tokens: int = 48) -> ScenarioResult:
@@ -107,11 +107,9 @@ async def engine_faults(model: str, max_new_tokens: int = 48) -> ScenarioResult:
             batch = [f"decode-{i}" for i in range(8)]
             for request_id in batch:
                 start(request_id, prompt_ids(rng, 16))
-            passed, evidence = _exactly(
-                await outcomes(batch), faulty.failed_request_ids, "INTERNAL", max_new_tokens
-            )
+            passed, evidence = _exactly(await outcomes(batch), faulty.failed_request_ids, max_new_tokens)
             result.check(
-                "a raising decode step fails exactly its rows with INTERNAL, the rest complete",
+                "a raising decode step: its rows INTERNAL (ENGINE_FAULT), the rest complete",
                 passed,
                 evidence,
             )
@@ -124,9 +122,9 @@ async def engine_faults(model: str, max_new_tokens: int = 48) -> ScenarioResult:
             faulty.fail_when = lambda step: step.is_prefill
             start("newcomer", prompt_ids(rng, 16))
             done = await outcomes([*bystanders, "newcomer"])
-            passed, evidence = _exactly(done, faulty.failed_request_ids, "INTERNAL", max_new_tokens)
+            passed, evidence = _exactly(done, faulty.failed_request_ids, max_new_tokens)
             result.check(
-                "a raising prefill step fails exactly its rows with INTERNAL, the rest complete",
+                "a raising prefill step: its rows INTERNAL (ENGINE_FAULT), the rest complete",
                 passed,
                 evidence,
             )
@@ -142,8 +140,8 @@ async def engine_faults(model: str, max_new_tokens: int = 48) -> ScenarioResult:
                 done = await outcomes([*batch, "poisoned"])
             finally:
                 del runner.run
-            passed, evidence = _exactly(done, {"poisoned"}, "INTERNAL", max_new_tokens)
-            result.check("a row that cannot be sampled fails alone with INTERNAL", passed, evidence)
+            passed, evidence = _exactly(done, {"poisoned"}, max_new_tokens)
+            result.check("a row that cannot be sampled: it alone INTERNAL (ENGINE_FAULT)", passed, evidence)
 
         state, settle_s = await server.settle()
         result.check(IDLE, state.idle, state)

@@ -55,9 +55,11 @@ async def overload(
             "the queue overflowed: some calls served, some refused", served and refused, by_count(codes)
         )
         result.check(
-            "every RESOURCE_EXHAUSTED with RetryInfo",
-            all(o.retry_delay_s for o in refused),
-            f"{sum(not o.retry_delay_s for o in refused)} without",
+            "every RESOURCE_EXHAUSTED is QUEUE_FULL with RetryInfo",
+            all(o.retry_delay_s and o.reason == "QUEUE_FULL" for o in refused),
+            by_count(
+                f"{o.reason or 'no reason'}, {'with' if o.retry_delay_s else 'no'} RetryInfo" for o in refused
+            ),
         )
         short = [len(o.token_ids) for o in served if len(o.token_ids) != max_new_tokens]
         result.check("every OK stream got all its tokens", not short, f"token counts {short[:10]}")
