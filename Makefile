@@ -72,8 +72,8 @@ bench-sweep: install proto
 	$(PY) -m bench.sweep $(BENCH_ARGS)
 
 # textgen against llama.cpp's server on the same GGUF and workloads, one server after the other. The
-# first run builds llama-server from the llama-cpp-python sdist into ~/.cache/textgen/peers (about 12
-# minutes on 2 cores); `--quick` checks the setup. Flags: BENCH_ARGS="--help".
+# first run builds llama-server from the llama-cpp-python sdist into ~/.cache/textgen/peers (10 minutes
+# or more on 2 cores); `--quick` checks the setup. Flags: BENCH_ARGS="--help".
 bench-llamacpp: install proto
 	$(PY) -m bench.peer_llamacpp $(BENCH_ARGS)
 

@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 def notes(gguf: Path, records: dict[str, dict], env: dict) -> list[str]:
     """What a reader of the table needs to know: the model, the request settings, the ratios, the load."""
     lines = [
-        f"model: {gguf.name} (llama.cpp runs it as is; textgen loads it dequantized, float32)",
+        f"model: {gguf.name} (llama.cpp runs its blocks as they are; textgen its default flags)",
         "the same prompt token ids to both, greedy, EOS ignored; llama.cpp with cache_prompt off",
         "textgen / llama.cpp: above 1x textgen is faster in output tok/s, slower in TTFT and TPOT",
         "load average at each server's start: "
