@@ -77,7 +77,7 @@ bench-sweep: install proto
 bench-llamacpp: install proto
 	$(PY) -m bench.peer_llamacpp $(BENCH_ARGS)
 
-# Reliability under load: one row per scenario (about 10 minutes on 2 CPU cores); the 20-minute soak
+# Reliability under load: one row per scenario (a few minutes on 2 idle CPU cores); the 20-minute soak
 # runs with STRESS_ARGS="--soak-minutes 20". Flags: STRESS_ARGS="--help".
 stress: install proto
 	$(PY) -m bench.stress $(STRESS_ARGS)

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenarios", default=",".join(SCENARIOS), help="comma-separated, from: " + ", ".join(SCENARIOS)
     )
     parser.add_argument("--soak-minutes", type=float, default=0.0, help="soak length; 0 skips the soak")
-    parser.add_argument("--fuzz-examples", type=int, default=1000, help="hypothesis examples per property")
+    parser.add_argument("--fuzz-examples", type=int, default=300, help="hypothesis examples per property")
     parser.add_argument(
         "--timeout-s",
         type=float,

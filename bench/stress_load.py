@@ -114,7 +114,9 @@ async def cancellation_storm(
             "every call CANCELLED (or OK, done first)", set(codes) <= {"CANCELLED", "OK"}, by_count(codes)
         )
         phases = {
-            phase: n for (error, phase), n in server.observer.failed_in_phase.items() if "Cancel" in error
+            phase: n
+            for (error, phase), n in server.observer.failed_in_phase.items()
+            if error == "RequestCancelledError"
         }
         result.check(
             "cancels landed while queued, mid-prefill and mid-decode",
