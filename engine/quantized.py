@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,21 @@ class QuantizedLinear:
         if status != 0:
             raise MemoryError("the quantized matmul could not allocate its buffers")
         return out.view(*x.shape[:-1], self.n)
+
+
+@dataclass(eq=False)
+class DualLinear:
+    """A linear layer with its weights twice: for prefill (many rows: FBGEMM's float16 GEMM is faster
+    there) and as blocks for decode steps (a quarter of the bytes, in the batch-invariant C kernels).
+
+    Called, it is the prefill copy; `decode` is the `QuantizedLinear`.
+    """
+
+    prefill: Callable[[torch.Tensor], torch.Tensor]
+    decode: QuantizedLinear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prefill(x)
 
 
 def quantize(weight: torch.Tensor, fmt: int) -> torch.Tensor:

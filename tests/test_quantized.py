@@ -81,9 +81,12 @@ def test_the_default_models_gguf_blocks_are_exactly_its_weights(smollm2_dir):
             (ours.down, [mlp.down_proj]),
         ]:
             weight = torch.cat([p.weight for p in parts])
-            assert torch.equal(dequantize(layer.blocks, Q4_1, *weight.shape), weight)
-    head = model.lm_head
+            assert torch.equal(dequantize(layer.decode.blocks, Q4_1, *weight.shape), weight)
+    head = model.lm_head.decode
     assert torch.equal(dequantize(head.blocks, Q8_0, head.n, head.k), reference.lm_head.weight)
+
+
+LINEARS = ("qkv", "o", "gate_up", "down")
 
 
 def run_steps(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
@@ -110,7 +113,10 @@ def test_the_c_decode_layer_computes_what_the_torch_layers_do(tiny_model_dir, ar
     c_layer = ModelRunner(path, "cpu", "float32", num_kv_blocks=64, weight_format="q4_1")
     torch_layers = ModelRunner(path, "cpu", "float32", num_kv_blocks=64, weight_format="q4_1")
     assert c_layer._model_forward._decode is not None
-    torch_layers._model_forward._decode = None  # the same quantized linears, called from the torch code
+    torch_layers._model_forward._decode = None  # decode steps through the torch code
+    for model in (c_layer._model_forward, torch_layers._model_forward):  # every step on the same blocks
+        for linear in [model.lm_head, *(getattr(layer, n) for layer in model.layers for n in LINEARS)]:
+            linear.prefill = linear.decode
     prompts = [[5, 17, 300, 42, 7], list(range(100, 140)), [900, 901, 902]]
     for ours, reference in zip(
         run_steps(c_layer, prompts, 6), run_steps(torch_layers, prompts, 6), strict=True

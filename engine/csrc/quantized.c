@@ -63,12 +63,16 @@ static inline void block_q(const uint8_t *block, int64_t format, __m256 q[4]) {
 }
 
 /* One block of one output element: acc += d * sum(q * x); the sum in four lanes of eight, in order. */
-static inline __m256 block_dot(const __m256 q[4], const float *x, float d, __m256 acc) {
-    __m256 s = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
-    s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x + 8), s);
-    s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x + 16), s);
-    s = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x + 24), s);
+static inline __m256 block_dot(const __m256 q[4], const __m256 x[4], float d, __m256 acc) {
+    __m256 s = _mm256_mul_ps(q[0], x[0]);
+    s = _mm256_fmadd_ps(q[1], x[1], s);
+    s = _mm256_fmadd_ps(q[2], x[2], s);
+    s = _mm256_fmadd_ps(q[3], x[3], s);
     return _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+}
+
+static inline void load_block(const float *x, __m256 v[4]) {
+    for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_ps(x + 8 * j);
 }
 
 /* The end of one output element: the lanes summed, the minimums' share, the bias, the residual. */
@@ -101,8 +105,10 @@ static void rows_direct(const float *x, const float *sums, int64_t rows, const M
             float mins = 0.0f;
             for (int64_t i = 0; i < blocks; i++) {
                 const uint8_t *block = row + i * bytes;
+                __m256 xv[4];
                 block_q(block, w->format, q);
-                acc = block_dot(q, x + b * w->k + i * BLOCK, half(block), acc);
+                load_block(x + b * w->k + i * BLOCK, xv);
+                acc = block_dot(q, xv, half(block), acc);
                 if (w->format == Q4_1) mins += half(block + 2) * sums[b * blocks + i];
             }
             float *out = y + b * ldy + n;
@@ -128,17 +134,24 @@ static void rows_tiled(const float *x, const float *sums, int64_t rows, const Ma
         }
     }
     for (int64_t b = 0; b < rows; b++) {
+        /* The TILE outputs of row b side by side: each block's activations are loaded once for all of
+         * them; each output's own sequence of operations is the one rows_direct runs. */
         const float *xb = x + b * k;
-        for (int64_t r = 0; r < count; r++) {
-            __m256 acc = _mm256_setzero_ps(), q[4];
-            float mins = 0.0f;
-            for (int64_t i = 0; i < blocks; i++) {
-                for (int j = 0; j < 4; j++) q[j] = _mm256_loadu_ps(qbuf + r * k + i * BLOCK + 8 * j);
-                acc = block_dot(q, xb + i * BLOCK, d[r][i], acc);
-                if (w->format == Q4_1) mins += m[r][i] * sums[b * blocks + i];
+        __m256 acc[TILE];
+        float mins[TILE];
+        for (int64_t r = 0; r < TILE; r++) acc[r] = _mm256_setzero_ps(), mins[r] = 0.0f;
+        for (int64_t i = 0; i < blocks; i++) {
+            __m256 xv[4], q[4];
+            load_block(xb + i * BLOCK, xv);
+            for (int64_t r = 0; r < count; r++) {
+                load_block(qbuf + r * k + i * BLOCK, q);
+                acc[r] = block_dot(q, xv, d[r][i], acc[r]);
+                if (w->format == Q4_1) mins[r] += m[r][i] * sums[b * blocks + i];
             }
+        }
+        for (int64_t r = 0; r < count; r++) {
             float *out = y + b * ldy + n0 + r;
-            *out = finish(acc, mins, w, n0 + r, accumulate ? out : NULL);
+            *out = finish(acc[r], mins[r], w, n0 + r, accumulate ? out : NULL);
         }
     }
 }

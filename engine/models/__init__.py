@@ -14,8 +14,8 @@ import torch
 from engine import attention
 from engine.attention import StepContext
 from engine.models import llama
-from engine.packed_linear import fp16_packed_linear, pack_linear_layers
-from engine.quantized import QuantizedLinearFactory
+from engine.packed_linear import fbgemm_available, fp16_packed_linear, pack_linear_layers
+from engine.quantized import DualLinear, QuantizedLinearFactory
 
 MODEL_IMPLS = ("auto", "lean", "transformers")
 
@@ -52,6 +52,17 @@ class TransformersForward:
         return out.logits[0]
 
 
+def _dual_linear_factory(quantized: QuantizedLinearFactory) -> llama.LinearFactory:
+    """q4_1: blocks for decode steps, and for prefill FBGEMM's float16 GEMM where there is one."""
+    prefill = _fp16_packed if fbgemm_available() else None
+
+    def make(parts: list[torch.Tensor], bias: torch.Tensor | None, head: bool = False) -> DualLinear:
+        decode = quantized(parts, bias, head)
+        return DualLinear(prefill(parts, bias) if prefill else decode, decode)
+
+    return make
+
+
 def build_forward(
     hf_model, impl: str, weight_format: str, gguf_path: Path | None = None
 ) -> tuple[str, ModelForward]:
@@ -75,7 +86,7 @@ def build_forward(
             pack_linear_layers(hf_model)
         return "transformers", TransformersForward(hf_model)
     if weight_format == "q4_1":
-        make_linear = QuantizedLinearFactory(hf_model, gguf_path)
+        make_linear = _dual_linear_factory(QuantizedLinearFactory(hf_model, gguf_path))
     else:
         make_linear = {"fp16-packed": _fp16_packed, "native": llama.plain_linear}[weight_format]
     model = llama.LlamaModel(hf_model, make_linear)

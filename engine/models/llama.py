@@ -78,7 +78,7 @@ class LlamaModel:
         """token_ids, positions [tokens] -> logits [len(logit_rows), vocab]."""
         if self._decode is not None and not ctx.is_prefill:
             return self._decode(token_ids, positions, ctx, logit_rows)
-        cos, sin = self._rope(positions)
+        cos, sin = self.rope(positions)
         hidden = F.embedding(token_ids, self.embed)
         for index, layer in enumerate(self.layers):
             normed = _rms_norm(hidden, layer.input_norm, self.eps)
@@ -112,7 +112,7 @@ class LlamaModel:
         gate, up = layer.gate_up(x).chunk(2, dim=-1)
         return layer.down(F.silu(gate) * up)
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [tokens, 1, head_dim] (contiguous) at `positions`, from a table grown as needed."""
         needed = int(positions.max()) + 1
         if needed > self._cos.shape[0]:

@@ -18,7 +18,7 @@ from engine.attention import StepContext
 
 
 class QuantizedDecode:
-    """Runs decode steps of `model` (whose linear layers are all `QuantizedLinear`) through the C layer."""
+    """Runs decode steps of `model` (whose linear layers are all `DualLinear`) through the C layer."""
 
     def __init__(self, model) -> None:
         self.model = model
@@ -29,7 +29,7 @@ class QuantizedDecode:
             heads=model.num_heads,
             kv_heads=model.num_kv_heads,
             head_dim=model.head_dim,
-            intermediate=first.down.k,
+            intermediate=first.down.decode.k,
             eps=model.eps,
             scale=model.scaling,
         )
@@ -37,18 +37,18 @@ class QuantizedDecode:
             quantized.Layer(
                 layer.input_norm.data_ptr(),
                 layer.post_norm.data_ptr(),
-                layer.qkv.matrix,
-                layer.o.matrix,
-                layer.gate_up.matrix,
-                layer.down.matrix,
-            )  # fmt: skip
+                layer.qkv.decode.matrix,
+                layer.o.decode.matrix,
+                layer.gate_up.decode.matrix,
+                layer.down.decode.matrix,
+            )
             for layer in model.layers
         ]
 
     @staticmethod
     def supports(model) -> bool:
         linears = [model.lm_head, *(getattr(layer, name) for layer in model.layers for name in _LINEARS)]
-        return all(isinstance(linear, quantized.QuantizedLinear) for linear in linears) and (
+        return all(isinstance(linear, quantized.DualLinear) for linear in linears) and (
             model.embed.device.type == "cpu" and model.embed.dtype == torch.float32
         )
 
@@ -58,7 +58,7 @@ class QuantizedDecode:
         model, shape = self.model, self.shape
         rows = token_ids.shape[0]
         x = F.embedding(token_ids, model.embed)
-        cos, sin = model._rope(positions)
+        cos, sin = model.rope(positions)
         cache = ctx.kv_cache.data  # [2, layers, kv_heads, slots, head_dim], contiguous
         layer_bytes = cache[0, 0].numel() * cache.element_size()
         keys, values = cache[0].data_ptr(), cache[1].data_ptr()
@@ -84,7 +84,7 @@ class QuantizedDecode:
             step.k_cache, step.v_cache = keys + index * layer_bytes, values + index * layer_bytes
             if self.library.decode_layer(x.data_ptr(), rows, ctypes.byref(layer), *refs) != 0:
                 raise MemoryError("the quantized decode layer could not allocate its buffers")
-        return model.lm_head(model.final_norm(x.index_select(0, logit_rows)))
+        return model.lm_head.decode(model.final_norm(x.index_select(0, logit_rows)))
 
 
 _LINEARS = ("qkv", "o", "gate_up", "down")
