@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from engine.kernels import cpu_signature
 from engine.paths import cache_dir
 
 PACKAGE = "llama-cpp-python"
@@ -53,15 +54,6 @@ TARGET = "llama-server"
 def peers_dir() -> Path:
     """Where peer systems are built: `<textgen cache>/peers`."""
     return cache_dir() / "peers"
-
-
-def cpu_signature() -> str:
-    """The CPU's feature flags, which a `-march=native` build depends on."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    return next((line for line in lines if line.startswith(("flags", "Features"))), platform.machine())
 
 
 def build_key(version: str, cmake_args: Sequence[str], cpu: str) -> str:

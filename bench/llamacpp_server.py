@@ -6,14 +6,13 @@ context in all; the model is a local GGUF file, so nothing is downloaded.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Self
 
 from bench.llamacpp_client import LlamaCppClient, is_ready
-from bench.server import free_port
+from bench.server import free_port, terminate
 
 SERVER_FLAGS = ("-np", "32", "-t", "2", "-c", "65536")
 
@@ -73,11 +72,4 @@ class LlamaServerProcess:
 
     def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM, then SIGKILL if the server has not exited within `grace_s`."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, grace_s)

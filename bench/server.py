@@ -70,11 +70,16 @@ class ServerProcess:
 
     def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM, then SIGKILL if the server has not exited within `grace_s`."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, grace_s)
+
+
+def terminate(process: subprocess.Popen | None, grace_s: float = 30.0) -> None:
+    """SIGTERM `process`, then SIGKILL if it has not exited within `grace_s`; nothing if it has ended."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
