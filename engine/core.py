@@ -79,6 +79,7 @@ class EngineCore:
             output = self.runner.execute(step)
         except Exception as exc:  # an engine fault fails only the requests of this step
             log.exception("engine step failed")
+            self.scheduler.step_failed(step)
             for row in step.rows:
                 self.abort(row.seq_id, RequestFailedError(f"engine fault: {exc}"), outbox)
             return

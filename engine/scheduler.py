@@ -139,6 +139,10 @@ class Scheduler:
                 self._append(seq, *token, result)
         return result
 
+    def step_failed(self, step: Step) -> None:
+        """`step` did not run: its news of finished sequences goes to the runner with the next step."""
+        self._finished_ids.extend(step.finished_seq_ids)
+
     def finish(self, seq: Sequence) -> None:
         """End a sequence wherever it is: free its blocks and forget it. Idempotent."""
         if self.sequences.pop(seq.seq_id, None) is not None:

@@ -145,3 +145,17 @@ def test_the_runner_hears_of_finished_sequences_in_the_next_step():
     submit(core, runner, [3, 4, 5], max_new_tokens=3)
     run_until_idle(core)
     assert runner.steps[1].finished_seq_ids == [short.seq_id]
+
+
+def test_a_failed_step_hands_its_finished_sequences_on_to_the_next_step():
+    core, runner = make_core()
+    short = submit(core, runner, [3], max_new_tokens=1)
+    submit(core, runner, [3, 4, 5], max_new_tokens=3)
+    outbox: list = []
+    core.step(outbox)  # both prefilled; short is done
+    doomed = submit(core, runner, [3])
+    runner.script[doomed.seq_id] = []  # its prefill step raises
+    core.step(outbox)
+    assert runner.steps[1].finished_seq_ids == [short.seq_id]
+    run_until_idle(core)
+    assert short.seq_id in runner.steps[2].finished_seq_ids  # the runner can still drop its state
