@@ -184,9 +184,13 @@ async def test_higher_priority_requests_are_served_first_under_load(start_server
             await stub.Generate(greedy(max_new_tokens=4, priority=priority, request_id=name), timeout=120)
             done.append(name)
 
-        tasks = [asyncio.create_task(one(f"low-{i}", 0)) for i in range(3)]
-        tasks += [asyncio.create_task(one(f"high-{i}", 10)) for i in range(3)]
-        await _until(lambda: server.engine.num_waiting == 6)
+        # One at a time into the queue: requests sent together are tokenized on two threads, and which
+        # reaches the engine first is a race; first come, first served is about arrival at the engine.
+        tasks = []
+        for name, priority in [(f"low-{i}", 0) for i in range(3)] + [(f"high-{i}", 10) for i in range(3)]:
+            tasks.append(asyncio.create_task(one(name, priority)))
+            queued = len(tasks)
+            await _until(lambda queued=queued: server.engine.num_waiting == queued)
         blocker.cancel()  # frees the only batch slot: the queue drains in priority order
         await asyncio.gather(*tasks)
 
