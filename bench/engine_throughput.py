@@ -20,6 +20,7 @@ from bench.report import environment, load_note, markdown_table
 from bench.workload import WorkloadConfig, make_workload, prompt_ids
 from engine.batching import BatchConfig
 from engine.engine import Engine, EngineConfig
+from engine.packed_linear import WEIGHT_FORMATS
 from engine.request import StoppingParams
 
 
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument(
+        "--weight-format", default="auto", choices=WEIGHT_FORMATS, help="the engine's --weight-format"
+    )
     parser.add_argument("--max-batch-size", type=int, default=32, help="engine's max batch size")
     parser.add_argument(
         "--hf-batch-size", type=int, default=0, help="generate's batch size (0 = all requests)"
@@ -82,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             device=args.device,
             dtype=args.dtype,
             batch=BatchConfig(max_batch_size=args.max_batch_size),
+            weight_format=args.weight_format,
         )
     )
     engine.start()
