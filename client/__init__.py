@@ -11,6 +11,7 @@ from client.results import (
     Timing,
     Token,
     TokenizeResult,
+    TopLogprob,
     Usage,
 )
 from client.retry import RetryPolicy
@@ -28,6 +29,7 @@ __all__ = [
     "Timing",
     "Token",
     "TokenizeResult",
+    "TopLogprob",
     "Usage",
     "tls_credentials",
 ]

@@ -10,7 +10,7 @@ import grpc
 from opentelemetry import trace
 
 from client.channel import tls_credentials
-from client.results import FinishReason, Timing, Usage
+from client.results import FinishReason, Timing, Token, Usage
 from client.sync import TextGenClient
 from telemetry.exporters import tracer_provider_from_env
 
@@ -36,6 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="sampling seed")
     parser.add_argument("--stop", action="append", default=[], help="a stop sequence (repeatable)")
     parser.add_argument("--timeout", type=float, help="deadline in seconds")
+    parser.add_argument(
+        "--top-logprobs",
+        type=int,
+        default=0,
+        help="after the text, list each token with its N likeliest alternatives",
+    )
+    parser.add_argument(
+        "--prompt-logprobs",
+        action="store_true",
+        help="after the text, list each prompt token's log-probability",
+    )
     security = parser.add_argument_group("security")
     security.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
     security.add_argument("--tls-ca-file", help="connect with TLS, trusting the CAs in this PEM file")
@@ -67,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         stop_sequences=args.stop,
         timeout=args.timeout,
+        top_logprobs=args.top_logprobs,
+        prompt_logprobs=args.prompt_logprobs,
     )
     credentials = None
     if args.tls or args.tls_ca_file or args.tls_cert_file:
@@ -74,18 +87,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     with TextGenClient(args.target, credentials=credentials, api_key=args.api_key) as client:
         try:
             if args.stream:
+                tokens, prompt_tokens = [], []
                 for chunk in client.stream(**inputs, **params):
                     print(chunk.text, end="", flush=True)
+                    tokens += chunk.tokens
+                    prompt_tokens += chunk.prompt_tokens
                     last = chunk
             else:
                 last = client.generate(**inputs, **params)
+                tokens, prompt_tokens = last.tokens, last.prompt_tokens
                 print(last.text, end="")
         except grpc.RpcError as e:
             print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
     print()
+    if args.prompt_logprobs:
+        print("\n".join(["prompt logprobs:", *logprob_lines(prompt_tokens)]))
+    if args.top_logprobs:
+        print("\n".join(["logprobs:", *logprob_lines(tokens)]))
     print(summary(last.finish_reason, last.usage, last.timing), file=sys.stderr)
     return 0
+
+
+def logprob_lines(tokens: Sequence[Token]) -> list[str]:
+    """One line per token: its text and log-probability, then its alternatives' (if any were asked for)."""
+    lines = []
+    for token in tokens:
+        alternatives = "  ".join(f"{a.text!r} {a.logprob:.3f}" for a in token.top_logprobs)
+        lines.append(
+            f"  {token.text!r} {token.logprob:.3f}" + (f"  | {alternatives}" if alternatives else "")
+        )
+    return lines
 
 
 def summary(finish_reason: FinishReason | None, usage: Usage | None, timing: Timing | None) -> str:

@@ -31,6 +31,8 @@ class GenerateParams:
     ignore_eos: bool = False
     priority: int = 0
     request_id: str = ""
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
 
     def sampling(self) -> pb.SamplingParameters:
         sampling = pb.SamplingParameters(
@@ -70,6 +72,8 @@ def generate_request(
         sampling=params.sampling(),
         stopping=params.stopping(),
         priority=params.priority,
+        top_logprobs=params.top_logprobs,
+        prompt_logprobs=params.prompt_logprobs,
     )
     if prompt is not None:
         request.prompt = prompt

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from protos.textgen.v1 import textgen_pb2 as pb
 
@@ -28,17 +28,29 @@ _FINISH_REASONS = {
 
 
 @dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One of the most likely tokens at a position: id, text decoded on its own, log-probability."""
+
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
 class Token:
-    """One generated token: id, the text it added, its log-probability, whether it is special."""
+    """One generated (or scored prompt) token: id, the text it added, its log-probability, whether it is
+    special, and with `top_logprobs` requested the most likely tokens at its position, most likely first."""
 
     id: int
     text: str
     logprob: float
     special: bool
+    top_logprobs: tuple[TopLogprob, ...] = ()
 
     @classmethod
     def from_proto(cls, t: pb.Token) -> Token:
-        return cls(id=t.id, text=t.text, logprob=t.logprob, special=t.special)
+        top = tuple(TopLogprob(id=a.id, text=a.text, logprob=a.logprob) for a in t.top_logprobs)
+        return cls(id=t.id, text=t.text, logprob=t.logprob, special=t.special, top_logprobs=top)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +84,7 @@ class Timing:
 
 @dataclass(frozen=True, slots=True)
 class GenerationResult:
-    """The whole output of one request."""
+    """The whole output of one request; `prompt_tokens` holds the scored prompt with `prompt_logprobs`."""
 
     request_id: str
     text: str
@@ -80,6 +92,7 @@ class GenerationResult:
     finish_reason: FinishReason | None
     usage: Usage
     timing: Timing
+    prompt_tokens: list[Token] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, r: pb.GenerateResponse) -> GenerationResult:
@@ -90,12 +103,14 @@ class GenerationResult:
             finish_reason=FinishReason.from_proto(r.finish_reason),
             usage=Usage.from_proto(r.usage),
             timing=Timing.from_proto(r.timing),
+            prompt_tokens=[Token.from_proto(t) for t in r.prompt_tokens],
         )
 
 
 @dataclass(frozen=True, slots=True)
 class StreamChunk:
-    """New output since the previous chunk; the last chunk also has finish_reason, usage and timing."""
+    """New output since the previous chunk; the last chunk also has finish_reason, usage and timing, the
+    first the scored prompt (`prompt_tokens`) when `prompt_logprobs` was asked for."""
 
     request_id: str
     text: str
@@ -103,6 +118,7 @@ class StreamChunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     timing: Timing | None = None
+    prompt_tokens: list[Token] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -117,6 +133,7 @@ class StreamChunk:
             finish_reason=FinishReason.from_proto(r.finish_reason),
             usage=Usage.from_proto(r.usage) if r.HasField("usage") else None,
             timing=Timing.from_proto(r.timing) if r.HasField("timing") else None,
+            prompt_tokens=[Token.from_proto(t) for t in r.prompt_tokens],
         )
 
 

@@ -86,8 +86,9 @@ class EngineCore:
         result = self.scheduler.update(step, output)
         for seq, reason in result.failed:
             self.finish(seq, outbox, RequestFailedError(f"sampling failed: {reason}"))
+        self.outputs.add_prompt_logprobs(output.prompt_logprobs)
         for seq, token_id, logprob in result.sampled:
-            event = self.outputs.process(seq, token_id, logprob)
+            event = self.outputs.process(seq, token_id, logprob, output.top_logprobs.get(seq.seq_id))
             outbox.append((seq, event))
             if event.finished:
                 self.finish(seq, outbox)

@@ -89,6 +89,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     timing: Timing
+    prompt_logprobs: list[TokenInfo] = field(default_factory=list)  # with SamplingParams.prompt_logprobs
 
 
 @dataclass(slots=True)
@@ -389,4 +390,5 @@ def _result(request_id: str, events: list[GenerationEvent]) -> GenerationResult:
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
         timing=last.timing,
+        prompt_logprobs=[t for e in events for t in e.prompt_logprobs],
     )

@@ -22,6 +22,7 @@ MAX_ABS_FREQUENCY_PRESENCE_PENALTY = 2.0
 # with room to spare, while tokenizing it stays in the tens of milliseconds.
 MAX_PROMPT_CHARS = 128 * 1024
 MAX_CHAT_MESSAGES = 1024
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API: alternatives per token
 
 Violation = tuple[str, str]
 
@@ -38,6 +39,7 @@ _SAMPLING_RULES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("repetition_penalty", lambda v: 0 < v <= MAX_REPETITION_PENALTY, f"in (0, {MAX_REPETITION_PENALTY:g}]"),
     ("frequency_penalty", *_PENALTY_RULE),
     ("presence_penalty", *_PENALTY_RULE),
+    ("top_logprobs", lambda v: 0 <= v <= MAX_TOP_LOGPROBS, f"in [0, {MAX_TOP_LOGPROBS}] (0 is none)"),
 )
 
 

@@ -15,8 +15,8 @@ import torch
 from engine import loader
 from engine.attention import PrefillSegment, StepContext, resolve_decode_backend
 from engine.models import build_forward
-from engine.sampler import FAILED, SamplingBatch, sample
-from engine.step import Step, StepOutput, StepRow
+from engine.sampler import FAILED, SamplingBatch, prompt_logprobs, sample, top_logprobs
+from engine.step import PositionLogprobs, Step, StepOutput, StepRow
 
 # A prefill step's tokens go through the model in forward passes of at most this many tokens on the
 # CPU, so that each pass's activations stay in the caches (README, "CPU dtype, weights and attention").
@@ -25,12 +25,14 @@ CPU_PREFILL_CHUNK_TOKENS = 512
 
 @dataclass(slots=True)
 class StepInput:
-    """One sequence's part of a step: tokens to run, the position of the first, its block table."""
+    """One sequence's part of a step: tokens to run, the position of the first, its block table, and whose
+    logits come back: the last token's (`needs_logits`), or every token's (`all_logits`: prompt scoring)."""
 
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
     needs_logits: bool = True
+    all_logits: bool = False
 
 
 @dataclass(slots=True)
@@ -88,11 +90,17 @@ class ModelRunner:
         """Run `step` and sample the next token of every row that asks for one (sampling lives here)."""
         for seq_id in step.finished_seq_ids:
             self._generators.pop(seq_id, None)
-        inputs = [StepInput(row.token_ids, row.start_pos, row.block_table, row.sample) for row in step.rows]
+        inputs = [
+            StepInput(row.token_ids, row.start_pos, row.block_table, row.sample, row.scores_prompt)
+            for row in step.rows
+        ]
         logits = self.run(inputs, step.is_prefill)
+        scored: dict[int, list[PositionLogprobs]] = {}
+        if any(item.all_logits for item in inputs):
+            logits, scored = _score_prompts(step, logits)
         rows = step.sampled_rows
         if not rows:
-            return StepOutput([], [])
+            return StepOutput([], [], prompt_logprobs=scored)
         batch = SamplingBatch(
             params=[row.sampling for row in rows],
             generators=[self._generator(row) for row in rows],
@@ -105,7 +113,12 @@ class ModelRunner:
             for row, token_id in zip(rows, token_ids, strict=True)
             if token_id == FAILED
         }
-        return StepOutput(token_ids, logprobs, failed)
+        top: dict[int, list[tuple[int, float]]] = {}
+        if wanted := [i for i, row in enumerate(rows) if row.sampling.top_logprobs]:
+            ks = [rows[i].sampling.top_logprobs for i in wanted]
+            index = torch.tensor(wanted, device=logits.device)
+            top = dict(zip((rows[i].seq_id for i in wanted), top_logprobs(logits[index], ks), strict=True))
+        return StepOutput(token_ids, logprobs, failed, top, scored)
 
     def _generator(self, row: StepRow) -> torch.Generator | None:
         """The random generator of the row's sequence, made (and seeded) at its first sampled token."""
@@ -166,7 +179,9 @@ class ModelRunner:
                 context = [table[p // bs] * bs + p % bs for p in range(num_context)] if item.start_pos else []
                 context_slots = torch.tensor(context, device=self.device)
                 packed.segments.append(PrefillSegment(start, start + n, num_context, context_slots))
-            if item.needs_logits:
+            if item.all_logits:
+                packed.logit_rows.extend(range(start, start + n))
+            elif item.needs_logits:
                 packed.logit_rows.append(start + n - 1)
         return packed
 
@@ -201,9 +216,9 @@ def split_prefill(inputs: list[StepInput], budget: int) -> list[list[StepInput]]
             for offset in range(0, n, budget):
                 piece = item.token_ids[offset : offset + budget]
                 last = offset + budget >= n
-                parts.append(
-                    [StepInput(piece, item.start_pos + offset, item.block_table, item.needs_logits and last)]
-                )
+                needs_logits = item.needs_logits and last
+                start = item.start_pos + offset
+                parts.append([StepInput(piece, start, item.block_table, needs_logits, item.all_logits)])
             continue
         if used + n > budget:
             parts.append(current)
@@ -213,3 +228,37 @@ def split_prefill(inputs: list[StepInput], budget: int) -> list[list[StepInput]]
     if current:
         parts.append(current)
     return parts
+
+
+def _score_prompts(
+    step: Step, logits: torch.Tensor
+) -> tuple[torch.Tensor, dict[int, list[PositionLogprobs]]]:
+    """Split the logits of a step with prompt-scoring rows (a row of logits per token of theirs) into the
+    sampling rows' logits and each scoring row's prompt positions.
+
+    Position p's logits score prompt token p + 1; a chunk's last position scores the first token of the
+    next chunk (known: the whole prompt is in `history`), and the prompt's last position only samples.
+    """
+    sample_rows: list[int] = []
+    scored: dict[int, list[PositionLogprobs]] = {}
+    offset = 0
+    for row in step.rows:
+        if not row.scores_prompt:
+            if row.sample:
+                sample_rows.append(offset)
+                offset += 1
+            continue
+        n, start = row.num_tokens, row.start_pos
+        num_scored = min(n, row.num_prompt_tokens - 1 - start)
+        if num_scored > 0:
+            targets = row.history[start + 1 : start + 1 + num_scored]
+            values = prompt_logprobs(logits[offset : offset + num_scored], targets, row.sampling.top_logprobs)
+            scored[row.seq_id] = [
+                PositionLogprobs(token_id, logprob, top)
+                for token_id, (logprob, top) in zip(targets, values, strict=True)
+            ]
+        if row.sample:
+            sample_rows.append(offset + n - 1)
+        offset += n
+    assert offset == logits.shape[0]
+    return logits[torch.tensor(sample_rows, dtype=torch.long, device=logits.device)], scored

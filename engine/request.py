@@ -28,6 +28,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None
+    # What to report besides the tokens (as vLLM, with the sampling parameters): the `top_logprobs` most
+    # likely alternatives of every token, and the log-probability of every prompt token after the first.
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -62,13 +66,24 @@ class GenerationRequest:
 
 
 @dataclass(slots=True)
+class TopLogprob:
+    """One of the most likely tokens at a position: its id, its text decoded alone, its log-probability."""
+
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass(slots=True)
 class TokenInfo:
-    """One generated token: its id, its text, its log-probability under the model, whether special."""
+    """One generated (or scored prompt) token: its id, its text, its log-probability under the model,
+    whether special, and the most likely alternatives at its position when the request asked for them."""
 
     id: int
     text: str
     logprob: float
     special: bool = False
+    top_logprobs: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(slots=True)
@@ -85,7 +100,9 @@ class GenerationEvent:
     """New output of one request since its previous event.
 
     `text` is new text only; concatenating every event's `text` gives the full output.
-    The last event of a request has `finish_reason` set, plus usage and timing.
+    The last event of a request has `finish_reason` set, plus usage and timing. With
+    `SamplingParams.prompt_logprobs` the first event carries `prompt_logprobs`: the prompt's tokens from the
+    second on, each scored given the ones before it.
     """
 
     request_id: str
@@ -95,6 +112,7 @@ class GenerationEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     timing: Timing | None = None
+    prompt_logprobs: tuple[TokenInfo, ...] = ()
 
     @property
     def finished(self) -> bool:

@@ -51,6 +51,30 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
     return token_ids, chosen
 
 
+def top_logprobs(logits: torch.Tensor, ks: list[int]) -> list[list[tuple[int, float]]]:
+    """The `ks[i]` (>= 1) most likely tokens of row i of `logits` as (id, log-probability), most likely first.
+
+    The log-probabilities are those `sample` reports for the chosen token: the log-softmax of the raw logits.
+    """
+    values, ids = torch.log_softmax(logits.float(), dim=-1).topk(max(ks), dim=-1)
+    rows = zip(ids.tolist(), values.tolist(), ks, strict=True)
+    return [list(zip(i[:k], v[:k], strict=True)) for i, v, k in rows]
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, targets: list[int], k: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row i of `logits`, the log-probability of `targets[i]` and the `k` most likely tokens (as
+    `top_logprobs` gives them)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
+    if k == 0:
+        return [(value, []) for value in chosen]
+    values, ids = logprobs.topk(k, dim=-1)
+    tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return list(zip(chosen, tops, strict=True))
+
+
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 

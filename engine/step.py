@@ -32,6 +32,13 @@ class StepRow:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether this row's prompt tokens are scored (`prompt_logprobs`): the logits of every position are
+        needed. Only before the first output token, so a sequence recomputed after preemption is not scored
+        twice."""
+        return self.sampling.prompt_logprobs and len(self.history) == self.num_prompt_tokens
+
 
 @dataclass(slots=True)
 class Step:
@@ -54,13 +61,27 @@ class Step:
 
 
 @dataclass(slots=True)
+class PositionLogprobs:
+    """A scored prompt position: the token there, its log-probability, and the (id, log-probability) of the
+    most likely tokens, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(slots=True)
 class StepOutput:
     """One sampled token and its log-probability per sampling row, in the order of `Step.sampled_rows`.
 
     `failed` maps a sequence id to why its row could not be sampled (say, non-finite probabilities): that
-    sequence fails alone, its token in `token_ids` is meaningless.
+    sequence fails alone, its token in `token_ids` is meaningless. Only for the rows that asked:
+    `top_logprobs` maps a sequence id to the (id, log-probability) of its most likely next tokens, and
+    `prompt_logprobs` to the prompt positions this step scored.
     """
 
     token_ids: list[int]
     logprobs: list[float]
     failed: dict[int, str] = field(default_factory=dict)
+    top_logprobs: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[PositionLogprobs]] = field(default_factory=dict)

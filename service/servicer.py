@@ -183,7 +183,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         remaining = context.time_remaining()
         return GenerationRequest(
             prompt_ids=prompt_ids,
-            sampling=translate.sampling_params(request.sampling),
+            sampling=translate.request_sampling(request),
             stopping=translate.stopping_params(request.stopping),
             priority=request.priority,
             request_id=request.request_id or uuid.uuid4().hex,

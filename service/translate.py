@@ -32,6 +32,15 @@ def sampling_params(sampling: pb.SamplingParameters) -> SamplingParams:
     return params
 
 
+def request_sampling(request: pb.GenerateRequest) -> SamplingParams:
+    """The engine's sampling parameters of `request`: its `sampling`, plus what to report (log-probabilities),
+    which the proto keeps at the request's top level."""
+    params = sampling_params(request.sampling)
+    params.top_logprobs = request.top_logprobs
+    params.prompt_logprobs = request.prompt_logprobs
+    return params
+
+
 def stopping_params(stopping: pb.StoppingCriteria) -> StoppingParams:
     """Engine stopping parameters; max_new_tokens 0 stays 0, the engine's default."""
     return StoppingParams(
@@ -45,14 +54,21 @@ def chat_messages(chat: pb.ChatInput) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in chat.messages]
 
 
+# SamplingParams fields that are GenerateRequest fields in the proto.
+_REQUEST_LEVEL = ("sampling.top_logprobs", "sampling.prompt_logprobs")
+
+
 def proto_field(engine_field: str, input_kind: str) -> str:
     """The proto field path for an engine field path (`engine/limits.py`); `input_kind` is the input oneof.
 
-    `sampling.*`, `stopping.*` and `request_id` are spelled alike on both sides; the prompt is the input
+    `sampling.*`, `stopping.*` and `request_id` are spelled alike on both sides, but for the request-level
+    fields that the engine keeps with the sampling parameters (`_REQUEST_LEVEL`); the prompt is the input
     the client sent (`prompt`, `text`, `chat` or `input_ids`), `prompt_ids[i]` is `input_ids.ids[i]` when
     the client sent token ids, and a chat's `messages` are `chat.messages`.
     """
     name, bracket, index = engine_field.partition("[")
+    if name.startswith(_REQUEST_LEVEL):
+        return engine_field.removeprefix("sampling.")
     if name == "messages":
         return f"chat.{engine_field}"
     if name not in ("prompt_ids", "prompt", "chat"):
@@ -88,13 +104,25 @@ def timing(t: Timing) -> pb.Timing:
 
 
 def tokens(infos: Sequence[TokenInfo]) -> list[pb.Token]:
-    return [pb.Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in infos]
+    return [
+        pb.Token(
+            id=t.id,
+            text=t.text,
+            logprob=t.logprob,
+            special=t.special,
+            top_logprobs=[pb.TopLogprob(id=a.id, text=a.text, logprob=a.logprob) for a in t.top_logprobs],
+        )
+        for t in infos
+    ]
 
 
 def stream_response(event: GenerationEvent) -> pb.GenerateStreamResponse:
     """One stream message per engine event; the last also carries finish reason, usage and timing."""
     response = pb.GenerateStreamResponse(
-        request_id=event.request_id, text=event.text, tokens=tokens(event.tokens)
+        request_id=event.request_id,
+        text=event.text,
+        tokens=tokens(event.tokens),
+        prompt_tokens=tokens(event.prompt_logprobs),
     )
     if event.finished:
         response.finish_reason = FINISH_REASONS[event.finish_reason]
@@ -117,4 +145,5 @@ def response(events: Sequence[GenerationEvent]) -> pb.GenerateResponse:
         finish_reason=FINISH_REASONS[last.finish_reason],
         usage=pb.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
         timing=timing(last.timing) if last.timing is not None else None,
+        prompt_tokens=[token for e in events for token in tokens(e.prompt_logprobs)],
     )

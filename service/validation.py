@@ -22,9 +22,10 @@ def check_generate_request(request: pb.GenerateRequest, limits: RequestLimits) -
     if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
         violations.append(("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters"))
     violations += _input_violations(request)
-    sampling = translate.sampling_params(request.sampling)
+    sampling = translate.request_sampling(request)
     stopping = translate.stopping_params(request.stopping)
-    violations += parameter_violations(sampling, stopping, limits)  # sampling.*, stopping.*: as in the proto
+    kind = request.WhichOneof("input")
+    violations += translate.proto_violations(parameter_violations(sampling, stopping, limits), kind)
     if violations:
         raise InvalidArgument(violations)
 

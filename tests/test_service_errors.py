@@ -101,6 +101,7 @@ INVALID_REQUESTS = {
     ),
     "prompt fills the context": (pb.GenerateRequest(input_ids=pb.TokenIds(ids=[7] * 2048)), "input_ids"),
     "request_id too long": (request(request_id="r" * 129), "request_id"),
+    "top_logprobs > 20": (request(top_logprobs=21), "top_logprobs"),
 }
 
 
