@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="after the text, list each token with its N likeliest alternatives",
     )
+    output = parser.add_argument_group("structured output (one of)")
+    output.add_argument(
+        "--json-schema", help="a JSON schema the output must validate against, or @FILE holding one"
+    )
+    output.add_argument("--regex", help="a regular expression the whole output must match")
+    output.add_argument("--choice", action="append", help="a string the output may be (repeatable)")
     parser.add_argument(
         "--prompt-logprobs",
         action="store_true",
@@ -67,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--tls-cert-file and --tls-key-file go together")
     if (provider := tracer_provider_from_env("textgen-client")) is not None:
         trace.set_tracer_provider(provider)  # OTEL_TRACES_EXPORTER set: trace the call; spans export at exit
+    if sum(value is not None for value in (args.json_schema, args.regex, args.choice)) > 1:
+        parser.error("--json-schema, --regex and --choice exclude each other")
+    try:
+        json_schema = _read_at_file(args.json_schema)
+    except OSError as e:
+        parser.error(f"--json-schema: {e}")
     inputs = {"prompt": args.prompt}
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
@@ -80,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout=args.timeout,
         top_logprobs=args.top_logprobs,
         prompt_logprobs=args.prompt_logprobs,
+        json_schema=json_schema,
+        regex=args.regex,
+        choice=args.choice,
     )
     credentials = None
     if args.tls or args.tls_ca_file or args.tls_cert_file:
@@ -107,6 +122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(["logprobs:", *logprob_lines(tokens)]))
     print(summary(last.finish_reason, last.usage, last.timing), file=sys.stderr)
     return 0
+
+
+def _read_at_file(value: str | None) -> str | None:
+    """`@path` is the text of that file (a schema is easier to keep in one), anything else itself."""
+    if value is not None and value.startswith("@"):
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    return value
 
 
 def logprob_lines(tokens: Sequence[Token]) -> list[str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from protos.textgen.v1 import textgen_pb2 as pb
 
@@ -15,7 +17,8 @@ class GenerateParams:
     """Everything about a generation request but its input; each field means what it does in textgen.proto.
 
     None leaves an optional proto field unset (the server's default: greedy, top_p 1, min_p 0,
-    repetition_penalty 1, a random seed); max_new_tokens 0 is the server's default.
+    repetition_penalty 1, a random seed); max_new_tokens 0 is the server's default. At most one of
+    `json_schema` (a dict, or its JSON text), `regex` and `choice` sets the response format.
     """
 
     max_new_tokens: int = 0
@@ -33,6 +36,9 @@ class GenerateParams:
     request_id: str = ""
     top_logprobs: int = 0
     prompt_logprobs: bool = False
+    json_schema: Mapping[str, Any] | str | None = None
+    regex: str | None = None
+    choice: Sequence[str] | None = None
 
     def sampling(self) -> pb.SamplingParameters:
         sampling = pb.SamplingParameters(
@@ -42,6 +48,20 @@ class GenerateParams:
             if getattr(self, name) is not None:
                 setattr(sampling, name, getattr(self, name))
         return sampling
+
+    def response_format(self) -> pb.ResponseFormat | None:
+        """The response format, or None for unconstrained output; raises ValueError when several are given."""
+        given = [name for name in ("json_schema", "regex", "choice") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of json_schema, regex or choice, got {given}")
+        if self.json_schema is not None:
+            schema = self.json_schema
+            return pb.ResponseFormat(json_schema=schema if isinstance(schema, str) else json.dumps(schema))
+        if self.regex is not None:
+            return pb.ResponseFormat(regex=self.regex)
+        if self.choice is not None:
+            return pb.ResponseFormat(choice=pb.ResponseFormat.Choice(choices=list(self.choice)))
+        return None
 
     def stopping(self) -> pb.StoppingCriteria:
         return pb.StoppingCriteria(
@@ -74,6 +94,7 @@ def generate_request(
         priority=params.priority,
         top_logprobs=params.top_logprobs,
         prompt_logprobs=params.prompt_logprobs,
+        response_format=params.response_format(),
     )
     if prompt is not None:
         request.prompt = prompt

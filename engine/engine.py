@@ -28,6 +28,7 @@ from engine.request import (
     FinishReason,
     GenerationEvent,
     GenerationRequest,
+    ResponseFormat,
     SamplingParams,
     StoppingParams,
     Timing,
@@ -35,6 +36,7 @@ from engine.request import (
 )
 from engine.scheduler import SchedulerConfig, make_scheduler
 from engine.sequence import Sequence
+from engine.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,7 @@ class Engine:
             max_prompt_chars=config.max_prompt_chars,
             max_chat_messages=config.max_chat_messages,
         )
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_runner.vocab_size, self.eos_token_ids)
 
     # ---- what the engine serves -------------------------------------------------------------------------
 
@@ -177,6 +180,11 @@ class Engine:
             raise InvalidRequestError("chat", "this model has no chat template; send a prompt instead")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def compile_response_format(self, response_format: ResponseFormat) -> None:
+        """Compile a response format's grammar into the cache (raises `InvalidRequestError` when it cannot
+        be): the server calls this on a worker thread, so that `submit` finds the grammar ready."""
+        self.grammars.compile(response_format)
 
     # ---- life cycle -------------------------------------------------------------------------------------
 
@@ -248,6 +256,8 @@ class Engine:
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down and accepts no new requests")
         seq = Sequence(request, check_request(request, self.limits))
+        if request.sampling.response_format is not None:
+            seq.grammar = self.grammars.matcher(request.sampling.response_format)
         self._inbox.add(seq, sink, self.scheduler.num_waiting, self.observer.request_queued)
         return seq
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engine.errors import InvalidRequestError, PromptTooLongError
-from engine.request import GenerationRequest, SamplingParams, StoppingParams
+from engine.request import GenerationRequest, ResponseFormat, SamplingParams, StoppingParams
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256
@@ -23,6 +23,10 @@ MAX_ABS_FREQUENCY_PRESENCE_PENALTY = 2.0
 MAX_PROMPT_CHARS = 128 * 1024
 MAX_CHAT_MESSAGES = 1024
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API: alternatives per token
+# A response format's schema or regex, and its choices together, in characters: room for large schemas,
+# while the worst compile stays well under a second (README: Structured output).
+MAX_RESPONSE_FORMAT_CHARS = 64 * 1024
+MAX_CHOICES = 1024
 
 Violation = tuple[str, str]
 
@@ -90,6 +94,7 @@ def parameter_violations(
         _sampling_violations(sampling)
         + _max_new_tokens_violations(stopping, limits)
         + _stop_sequence_violations(stopping.stop_sequences, limits)
+        + _response_format_violations(sampling.response_format, stopping)
     )
 
 
@@ -204,4 +209,38 @@ def _stop_sequence_violations(stop_sequences: tuple[str, ...], limits: RequestLi
             violations.append(
                 (f"stopping.stop_sequences[{i}]", f"must be at most {max_chars} characters, got {len(stop)}")
             )
+    return violations
+
+
+def _response_format_violations(
+    response_format: ResponseFormat | None, stopping: StoppingParams
+) -> list[Violation]:
+    """Exactly one format, not empty, within the size limits, and no `ignore_eos` (the grammar's end is the
+    output's). Whether a schema or regex compiles is `engine.structured`'s to say."""
+    if response_format is None:
+        return []
+    formats = {
+        "json_schema": response_format.json_schema,
+        "regex": response_format.regex,
+        "choice.choices": response_format.choice,
+    }
+    given = [(name, value) for name, value in formats.items() if value is not None]
+    if len(given) != 1:
+        return [("sampling.response_format", "exactly one of json_schema, regex or choice is required")]
+    name, value = given[0]
+    field = f"sampling.response_format.{name}"
+    violations = []
+    if stopping.ignore_eos:
+        violations.append(
+            ("stopping.ignore_eos", "must be false with a response_format: its end ends the output")
+        )
+    num_chars = sum(map(len, value)) if isinstance(value, tuple) else len(value)
+    if not value:
+        violations.append((field, "must not be empty"))
+    elif isinstance(value, tuple) and len(value) > MAX_CHOICES:
+        violations.append((field, f"at most {MAX_CHOICES} choices allowed, got {len(value)}"))
+    elif num_chars > MAX_RESPONSE_FORMAT_CHARS:
+        violations.append((field, f"must be at most {MAX_RESPONSE_FORMAT_CHARS} characters, got {num_chars}"))
+    elif isinstance(value, tuple):
+        violations += [(f"{field}[{i}]", "must not be empty") for i, choice in enumerate(value) if not choice]
     return violations

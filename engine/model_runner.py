@@ -17,6 +17,7 @@ from engine.attention import PrefillSegment, StepContext, resolve_decode_backend
 from engine.models import build_forward
 from engine.sampler import FAILED, SamplingBatch, prompt_logprobs, sample, top_logprobs
 from engine.step import PositionLogprobs, Step, StepOutput, StepRow
+from engine.structured import allowed_tokens
 
 # A prefill step's tokens go through the model in forward passes of at most this many tokens on the
 # CPU, so that each pass's activations stay in the caches (README, "CPU dtype, weights and attention").
@@ -107,7 +108,14 @@ class ModelRunner:
             history=[row.history for row in rows],
             outputs=[row.history[row.num_prompt_tokens :] for row in rows],
         )
+        constrained = any(row.grammar is not None for row in rows)
+        if constrained:
+            batch.allowed = allowed_tokens([row.grammar for row in rows], logits.shape[-1], logits.device)
         token_ids, logprobs = (values.tolist() for values in sample(logits, batch))
+        if constrained:
+            for row, token_id in zip(rows, token_ids, strict=True):
+                if row.grammar is not None and token_id != FAILED:
+                    row.grammar.accept(token_id)
         failed = {
             row.seq_id: "non-finite logits or probabilities"
             for row, token_id in zip(rows, token_ids, strict=True)

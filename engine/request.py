@@ -16,6 +16,16 @@ class FinishReason(enum.Enum):
     STOP_SEQUENCE = "stop_sequence"
 
 
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """What the output must be (structured output): exactly one of a JSON schema (as JSON text), a regular
+    expression the whole output matches, or one of a list of strings. Hashable: grammars are cached by it."""
+
+    json_schema: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """Per-request sampling; the defaults are greedy decoding with no penalties."""
@@ -32,6 +42,7 @@ class SamplingParams:
     # likely alternatives of every token, and the log-probability of every prompt token after the first.
     top_logprobs: int = 0
     prompt_logprobs: bool = False
+    response_format: ResponseFormat | None = None  # constrains which tokens may be sampled
 
     @property
     def greedy(self) -> bool:

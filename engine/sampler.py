@@ -20,6 +20,7 @@ class SamplingBatch:
     generators: list[torch.Generator | None]
     history: list[list[int]]  # prompt + output ids per row (repetition penalty)
     outputs: list[list[int]]  # output ids per row (frequency and presence penalties)
+    allowed: torch.Tensor | None = None  # bool [rows, vocab]: the tokens each row's grammar allows
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,6 +36,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
     failed = torch.isnan(logits).any(dim=-1)
     if any(_has_penalty(p) for p in params):
         logits = _apply_penalties(logits.clone(), batch)
+    if batch.allowed is not None:  # structured output; the reported log-probabilities stay the model's
+        logits = logits.masked_fill(~batch.allowed, float("-inf"))
+        failed |= ~batch.allowed.any(dim=-1)
     token_ids = logits.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if sampled_rows:

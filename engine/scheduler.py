@@ -221,6 +221,7 @@ class Scheduler:
                 sampling=seq.request.sampling,
                 history=seq.token_ids,
                 num_prompt_tokens=seq.num_prompt_tokens,
+                grammar=seq.grammar,
             )
             for seq, n in chunks
         ]

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.request import FinishReason, GenerationRequest
+from engine.structured import GrammarMatcher
 
 _ids = itertools.count()
 
@@ -39,6 +40,7 @@ class Sequence:
     admitted_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    grammar: GrammarMatcher | None = None  # with a response format: where its output stands in the grammar
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.request.prompt_ids)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.request import SamplingParams
+from engine.structured import GrammarMatcher
 
 
 @dataclass(slots=True)
@@ -16,7 +17,8 @@ class StepRow:
     """One sequence's part of a step: the tokens to run from `start_pos`, and whether to sample after them.
 
     `history` is the sequence's tokens before this step (prompt and output: the penalties read it);
-    the first `num_prompt_tokens` of it are the prompt.
+    the first `num_prompt_tokens` of it are the prompt. `grammar` (structured output) says which tokens the
+    row may sample; the runner advances it with the token sampled.
     """
 
     seq_id: int
@@ -27,6 +29,7 @@ class StepRow:
     sampling: SamplingParams
     history: list[int]
     num_prompt_tokens: int
+    grammar: GrammarMatcher | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -150,6 +150,9 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         engine, limits = self._ready()
         generation_request = await self._generation_request(engine, limits, request, context)
         try:
+            if (response_format := generation_request.sampling.response_format) is not None:
+                # Compiled (and cached) on a worker thread, so a big schema stalls neither loop.
+                await self._off_loop(engine.compile_response_format, response_format)
             events = engine.submit(generation_request)
         except InvalidRequestError as e:
             raise translate.invalid_argument(e, request.WhichOneof("input")) from e

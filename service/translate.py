@@ -7,7 +7,15 @@ from collections.abc import Sequence
 from google.protobuf import duration_pb2
 
 from engine.errors import InvalidRequestError, PromptTooLongError
-from engine.request import FinishReason, GenerationEvent, SamplingParams, StoppingParams, Timing, TokenInfo
+from engine.request import (
+    FinishReason,
+    GenerationEvent,
+    ResponseFormat,
+    SamplingParams,
+    StoppingParams,
+    Timing,
+    TokenInfo,
+)
 from protos.textgen.v1 import textgen_pb2 as pb
 from service.status import InvalidArgument, PromptTooLong
 
@@ -38,7 +46,17 @@ def request_sampling(request: pb.GenerateRequest) -> SamplingParams:
     params = sampling_params(request.sampling)
     params.top_logprobs = request.top_logprobs
     params.prompt_logprobs = request.prompt_logprobs
+    if request.HasField("response_format"):
+        params.response_format = response_format(request.response_format)
     return params
+
+
+def response_format(fmt: pb.ResponseFormat) -> ResponseFormat:
+    """The engine's response format; an unset oneof gives an empty one, which the engine's limits refuse."""
+    kind = fmt.WhichOneof("format")
+    if kind == "choice":
+        return ResponseFormat(choice=tuple(fmt.choice.choices))
+    return ResponseFormat(**({kind: getattr(fmt, kind)} if kind else {}))
 
 
 def stopping_params(stopping: pb.StoppingCriteria) -> StoppingParams:
@@ -55,7 +73,7 @@ def chat_messages(chat: pb.ChatInput) -> list[dict[str, str]]:
 
 
 # SamplingParams fields that are GenerateRequest fields in the proto.
-_REQUEST_LEVEL = ("sampling.top_logprobs", "sampling.prompt_logprobs")
+_REQUEST_LEVEL = ("sampling.top_logprobs", "sampling.prompt_logprobs", "sampling.response_format")
 
 
 def proto_field(engine_field: str, input_kind: str) -> str:
