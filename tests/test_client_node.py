@@ -50,6 +50,13 @@ def test_node_chat_stream(node_example, server):
     assert "FINISH_REASON_" in done.stderr
 
 
+def test_node_choice_constrains_the_output_to_one_of_the_choices(node_example, server):
+    done = run_node(node_example, "--target", server.target, "--choice", "yes", "--choice", "no", "Is it?")
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout in ("yes", "no") and "FINISH_REASON_EOS" in done.stderr
+
+
 def test_node_reports_invalid_argument(node_example, server):
     done = run_node(node_example, "--target", server.target, "--temperature=-1", PROMPT)
 

@@ -216,3 +216,28 @@ def test_sync_and_async_clients_and_the_cli_constrain_the_output(server, capsys)
     assert chosen in CHOICES and re.fullmatch(REGEX, matched)
     assert cli_main(["Is it raining?", "--target", server.target, "--choice", "yes", "--choice", "no"]) == 0
     assert capsys.readouterr().out.strip() in ("yes", "no")
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 2},
+    },
+    "required": ["name", "age", "hobbies"],
+    "additionalProperties": False,
+}
+
+
+def test_the_real_model_writes_schema_valid_json_greedy_and_sampled(smollm2_engine):
+    ids = smollm2_engine.apply_chat_template([{"role": "user", "content": "Describe a person as JSON."}])
+    params = [
+        constrained(p, json_schema=json.dumps(PERSON)) for p in (SamplingParams(), sampled(1), sampled(2))
+    ]
+
+    results = smollm2_engine.generate([ids] * len(params), params, StoppingParams(max_new_tokens=120))
+
+    for result in results:
+        assert result.finish_reason is FinishReason.EOS
+        jsonschema.validate(json.loads(result.text), PERSON)

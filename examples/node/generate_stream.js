@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // Streams a generation from a textgen server: node generate_stream.js [--target host:port]
-// [--max-new-tokens N] [--temperature T] [--chat] [--tls] [--tls-ca-file ca.pem]
+// [--max-new-tokens N] [--temperature T] [--chat] [--choice A --choice B ...] [--tls] [--tls-ca-file ca.pem]
 // [--tls-cert-file client.pem --tls-key-file client-key.pem] [--api-key KEY] "prompt"
-// Prints the text as it arrives on stdout and one summary line on stderr. The API key defaults to
+// Prints the text as it arrives on stdout and one summary line on stderr. --choice makes the output one of
+// the given strings (structured output's response_format). The API key defaults to
 // $TEXTGEN_API_KEY and travels as `authorization: Bearer <key>` metadata.
 "use strict";
 
@@ -33,6 +34,9 @@ function buildRequest(options, prompt) {
   };
   if (options.temperature !== undefined) {
     request.sampling.temperature = Number(options.temperature);
+  }
+  if (options.choice !== undefined) {
+    request.response_format = { choice: { choices: options.choice } };
   }
   if (options.chat) {
     request.chat = { messages: [{ role: "user", content: prompt }] };
@@ -70,6 +74,7 @@ function main() {
       "max-new-tokens": { type: "string", default: "0" },
       temperature: { type: "string" },
       chat: { type: "boolean", default: false },
+      choice: { type: "string", multiple: true },
       "timeout-s": { type: "string", default: "60" },
       tls: { type: "boolean", default: false },
       "tls-ca-file": { type: "string" },
