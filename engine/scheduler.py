@@ -27,6 +27,10 @@ from engine.request import FinishReason
 from engine.sequence import Sequence, SequenceStatus
 from engine.step import Step, StepOutput, StepRow
 
+# Prompt tokens scored per prefill step (`prompt_logprobs`): each brings a row of logits back, so this
+# bounds that memory (512 x a 49k vocabulary in float32: 100 MB); a longer prompt is scored over steps.
+MAX_SCORED_TOKENS_PER_STEP = 512
+
 
 @dataclass(slots=True)
 class SchedulerConfig:
@@ -159,9 +163,13 @@ class Scheduler:
 
     def _prefill_chunks(self) -> list[tuple[Sequence, int]]:
         budget = self.config.batch.max_batch_tokens
+        scoring_budget = MAX_SCORED_TOKENS_PER_STEP
         chunks = []
         for seq in [*self.prefilling, *self._admit(budget)]:
             n = min(seq.num_uncomputed_tokens, budget)
+            if seq.request.sampling.prompt_logprobs and not seq.num_completion_tokens:
+                n = min(n, scoring_budget)
+                scoring_budget -= n
             if n:
                 chunks.append((seq, n))
                 budget -= n

@@ -70,7 +70,8 @@ class GrammarCompiler:
         self._vocab_size = vocab_size
         self._eos_token_ids = frozenset(eos_token_ids)
         self._tokenizer: llguidance.LLTokenizer | None = None  # built at the first compile (about a second)
-        self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache's, never held while compiling
         self._cache: OrderedDict[ResponseFormat, llguidance.LLMatcher] = OrderedDict()
 
     def compile(self, response_format: ResponseFormat) -> llguidance.LLMatcher:
@@ -82,11 +83,9 @@ class GrammarCompiler:
                 self._cache.move_to_end(response_format)
                 return compiled
         field, grammar = _grammar(response_format)
-        tokenizer = self._llg_tokenizer()
-        error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
-        if error:
-            raise InvalidRequestError(field, f"cannot be compiled: {error.strip()}")
-        compiled = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        compiled = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
+        if compiled.is_error():  # llguidance reports a grammar it cannot build this way, never by raising
+            raise InvalidRequestError(field, f"cannot be compiled: {compiled.get_error().strip()}")
         with self._lock:
             self._cache[response_format] = compiled
             if len(self._cache) > GRAMMAR_CACHE_SIZE:
@@ -100,7 +99,7 @@ class GrammarCompiler:
         )
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
-        with self._lock:
+        with self._tokenizer_lock:
             if self._tokenizer is None:
                 eos = sorted(self._eos_token_ids)
                 self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, self._vocab_size, eos)

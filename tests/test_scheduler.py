@@ -187,3 +187,18 @@ def test_static_mode_waits_for_a_full_batch_or_max_wait_ms():
 def test_unknown_scheduling_mode_is_refused():
     with pytest.raises(ValueError, match="scheduling"):
         new_scheduler(scheduling="fifo")
+
+
+def test_a_prompt_being_scored_is_prefilled_at_most_512_tokens_per_step():
+    scheduler = new_scheduler(num_blocks=512, max_batch_tokens=2048)
+    scored, plain = make_sequence(700), make_sequence(300)
+    scored.request.sampling.prompt_logprobs = True
+    scheduler.add(scored)
+    scheduler.add(plain)
+
+    first = scheduler.schedule()
+    run(scheduler, first)
+    second = scheduler.schedule()
+
+    assert [row.num_tokens for row in first.rows] == [512, 300]
+    assert [row.num_tokens for row in second.rows] == [188] and second.rows[0].sample
