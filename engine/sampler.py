@@ -26,9 +26,11 @@ class SamplingBatch:
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row of `logits` [rows, vocab]; return (token ids, their model log-probabilities).
 
-    Each row uses only its own parameters and its own generator, so a seeded request draws the same
-    tokens whatever else is in the batch. A row whose logits or probabilities are not finite gets the
-    token id `FAILED` and a NaN log-probability; the other rows are sampled as usual.
+    Each row uses only its own parameters, its own generator and its own grammar mask (`batch.allowed`,
+    applied after the penalties), so a seeded request draws the same tokens whatever else is in the batch.
+    The log-probabilities are the model's: of the raw logits, before penalties, mask and temperature.
+    A row whose logits or probabilities are not finite, or whose mask allows nothing, gets the token id
+    `FAILED` and a NaN log-probability; the other rows are sampled as usual.
     """
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)

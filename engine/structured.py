@@ -1,8 +1,8 @@
 """Structured output: a request's `ResponseFormat` compiled to a grammar, and each step's token masks.
 
-The grammar engine is llguidance (guidance-ai, the structured-output backend of vLLM's "guidance" mode and
-of llama.cpp's): a Rust library whose wheel needs nothing else from Python (no torch of its own), that
-parses JSON schemas, regular expressions and Lark grammars. It computes each token mask on demand from
+The grammar engine is llguidance (guidance-ai; vLLM's "guidance" structured-output backend, optional in
+llama.cpp): a Rust library whose wheel needs nothing else from Python (no torch of its own), that parses
+JSON schemas, regular expressions and Lark grammars. It computes each token mask on demand from
 an Earley parser and a token trie instead of precomputing masks over the vocabulary, so a grammar is
 ready in milliseconds even for a large schema (README, "Structured output"), where xgrammar and
 outlines-core spend their compile time building per-state vocabulary masks.
@@ -48,9 +48,8 @@ class GrammarMatcher:
         """A bool mask [vocab] of the tokens that may come next; None once done (nothing to constrain)."""
         if self.done or self._matcher.is_error():
             return None
-        bits = np.frombuffer(
-            self._matcher.compute_bitmask(), dtype=np.uint8
-        )  # token i: bit i % 8 of byte i // 8
+        # Token i is bit i % 8 of byte i // 8.
+        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         return np.unpackbits(bits, count=self._vocab_size, bitorder="little").view(np.bool_)
 
     def accept(self, token_id: int) -> None:

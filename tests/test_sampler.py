@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.request import SamplingParams
-from engine.sampler import SamplingBatch, _filtered_probs, sample
+from engine.sampler import FAILED, SamplingBatch, _filtered_probs, sample
 
 
 def make_batch(params: list[SamplingParams], history=None, outputs=None) -> SamplingBatch:
@@ -150,3 +150,20 @@ def test_top_p_of_one_filters_nothing_when_another_row_uses_top_k():
     in_batch = _filtered_probs(torch.cat([logits, logits]), params)[:1]
     assert bool((alone > 0).all())
     assert bool((in_batch > 0).all())
+
+
+def test_a_grammar_mask_constrains_its_own_row_and_keeps_the_models_logprobs():
+    logits = random_logits(3, 30)
+    allowed = torch.ones(3, 30, dtype=torch.bool)
+    allowed[0] = False
+    allowed[0, 3] = True
+    allowed[2] = False  # a mask that allows nothing: the row fails alone
+    params = [SamplingParams(), SamplingParams(temperature=0.9, seed=4), SamplingParams()]
+    batch = make_batch(params)
+    batch.allowed = allowed
+
+    token_ids, logprobs = sample(logits, batch)
+
+    unmasked, _ = sample(logits, make_batch(params))
+    assert token_ids[0] == 3 and token_ids[1] == unmasked[1] and token_ids[2] == FAILED
+    assert logprobs[0] == torch.log_softmax(logits[0], dim=-1)[3]
