@@ -74,7 +74,10 @@ def test_prompt_logprobs_match_a_transformers_forward(smollm2_engine, hf_model):
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_model_dir):
-    engine = Engine(EngineConfig(model=str(tiny_model_dir("llama")), device="cpu", dtype="float32"))
+    config = EngineConfig(
+        model=str(tiny_model_dir("llama")), device="cpu", dtype="float32", num_kv_blocks=256
+    )
+    engine = Engine(config)
     engine.start()
     yield engine
     engine.shutdown()
@@ -88,6 +91,7 @@ def chunked_engine(tiny_model_dir):
         device="cpu",
         dtype="float32",
         batch=BatchConfig(max_batch_tokens=8),
+        num_kv_blocks=256,
         prefill_chunk_tokens=3,
     )
     engine = Engine(config)

@@ -46,7 +46,10 @@ def constrained(params: SamplingParams, **response_format) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    engine = Engine(EngineConfig(model=str(tiny_model_dir("llama")), device="cpu", dtype="float32"))
+    config = EngineConfig(
+        model=str(tiny_model_dir("llama")), device="cpu", dtype="float32", num_kv_blocks=256
+    )
+    engine = Engine(config)
     engine.start()
     yield engine
     engine.shutdown()
