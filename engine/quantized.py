@@ -4,7 +4,9 @@
 and the output head as Q8_0. Where the model was converted from a GGUF whose blocks dequantize exactly to
 its weights (the default SmolLM2: its GGUF is Q4_1 throughout, its embedding Q8_0), those blocks are used
 as they are, so the weights are exactly the float32 model's; otherwise the weights are quantized here.
-Activations and sums stay float32 (engine/csrc/quantized.c).
+The kernels (engine/csrc/quantized.c) quantize each activation row to int8 blocks and take integer dot
+products, as llama.cpp does: not the float32 model's arithmetic, so `--weight-format native` stays the
+exact path.
 """
 
 from __future__ import annotations

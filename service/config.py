@@ -115,8 +115,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     _flag(model, "weight-format", "auto", "how linear-layer weights are held: auto (on a float32 cpu: "
           "q4_1 for the default model, whose GGUF blocks are its exact weights, else fp16-packed; native "
           "elsewhere), native (the dtype's own matmuls), fp16-packed (float16 weights on FBGEMM's GEMM) or "
-          "q4_1 (GGUF Q4_1 blocks, a Q8_0 output head, C kernels; Llama-family models on an AVX2 cpu); "
-          "arithmetic stays float32",
+          "q4_1 (GGUF Q4_1 blocks, a Q8_0 output head, C kernels with int8 activations as llama.cpp's; "
+          "Llama-family models on an AVX2 cpu); native float32 is the exact path",
           choices=WEIGHT_FORMATS)  # fmt: skip
     _flag(model, "model-impl", "auto", "model code: auto (lean code for the Llama family: Llama, Mistral, "
           "Qwen2; transformers' modeling otherwise), lean or transformers",

@@ -2,8 +2,9 @@
  *
  * The weights stay in the GGUF block formats (32 weights a block: Q4_1 = fp16 scale d, fp16 minimum m,
  * 16 bytes of nibbles, w = d * q + m; Q8_0 = fp16 scale d, 32 int8, w = d * q), so a decode step reads a
- * quarter (Q4_1) of the float16 bytes. Activations and sums stay float32: a block's dot product is
- * d * sum(q * x) + m * sum(x), with q converted exactly to float.
+ * quarter (Q4_1) of the float16 bytes. Activations are quantized per row to int8 blocks of 32 (x ~ d_x q_x,
+ * as llama.cpp does for these formats), so a block's dot product is integer arithmetic (AVX2's maddubs):
+ * d_w d_x sum(q_w q_x) + m_w d_x sum(q_x), summed over blocks in float32.
  *
  * Batch invariance: every output element is computed by the same sequence of operations whatever the
  * batch size, the number of threads or the loop structure that reaches it (threads split output rows,
@@ -33,12 +34,6 @@ typedef struct {
 
 static inline int64_t block_bytes(int64_t format) { return format == Q4_1 ? 20 : 34; }
 
-static inline float half(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return _cvtsh_ss(h);
-}
-
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -46,107 +41,105 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* A block's 32 weights as exact floats q (without scale or minimum), in the order of the block. */
-static inline void block_q(const uint8_t *block, int64_t format, __m256 q[4]) {
-    if (format == Q4_1) {
-        const __m128i bytes = _mm_loadu_si128((const __m128i *)(block + 4));
-        const __m128i mask = _mm_set1_epi8(0x0F);
-        const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-        q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-    } else {
+/* An activation block quantized to int8 (as llama.cpp's Q8_1): x ~ d * q, and s = d * sum(q), which the
+ * Q4_1 minimums multiply. Each row is quantized on its own, so a row's blocks do not depend on the batch. */
+typedef struct {
+    float d, s;
+    int8_t q[BLOCK];
+} XBlock;
+
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+/* x [count blocks of 32 floats] -> int8 blocks, rounding to nearest (even) at scale max|x| / 127. */
+static void quantize_blocks(const float *x, int64_t count, XBlock *out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t i = 0; i < count; i++) {
+        const float *p = x + i * BLOCK;
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(p + 8 * j);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+        }
+        const float d = hmax(amax) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        __m256i q[4];
         for (int j = 0; j < 4; j++)
-            q[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(block + 2 + 8 * j))));
+            q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], _mm256_set1_ps(id)),
+                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+        /* packs interleave the four vectors by 128-bit lanes; the permutation puts q back in order. */
+        const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)out[i].q, _mm256_permutevar8x32_epi32(packed, order));
+        out[i].d = d;
+        out[i].s = d * (float)_mm_cvtsi128_si32(s);
     }
 }
 
-/* One block of one output element: acc += d * sum(q * x); the sum in four lanes of eight, in order. */
-static inline __m256 block_dot(const __m256 q[4], const __m256 x[4], float d, __m256 acc) {
-    __m256 s = _mm256_mul_ps(q[0], x[0]);
-    s = _mm256_fmadd_ps(q[1], x[1], s);
-    s = _mm256_fmadd_ps(q[2], x[2], s);
-    s = _mm256_fmadd_ps(q[3], x[3], s);
-    return _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+/* A weight block's 32 quantized values as bytes, in the order of the block: Q4_1's nibbles (0..15,
+ * unsigned) or Q8_0's int8. */
+static inline __m256i weight_bytes(const uint8_t *block, int64_t format) {
+    if (format == Q8_0) return _mm256_loadu_si256((const __m256i *)(block + 2));
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)(block + 4));
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
-static inline void load_block(const float *x, __m256 v[4]) {
-    for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_ps(x + 8 * j);
+/* sum(w * x) over a block, exactly (in integers), as eight float lanes. Q8_0's signed weights go through
+ * maddubs' unsigned operand as |w|, with their signs moved onto x. */
+static inline __m256 block_isum(__m256i w, __m256i x, int64_t format) {
+    const __m256i pairs = format == Q4_1 ? _mm256_maddubs_epi16(w, x)
+                                         : _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+/* A weight block's scale and minimum as floats (d_w, m_w, 0, 0); Q8_0 has no minimum (m_w = 0). */
+static inline __m128 weight_scales(const uint8_t *block, int64_t format) {
+    uint32_t header = 0;
+    memcpy(&header, block, format == Q4_1 ? 4 : 2);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128((int)header));
+}
+
+/* One block of one output: (d_w d_x, m_w s_x) in one multiply; the first scales the block's integer sum
+ * into the eight lanes of `acc`, the second adds to the minimums' sum (lane 1 of `mins`). */
+static inline void block_step(__m256 dot, __m128 wscales, const XBlock *xb, __m256 *acc, __m128 *mins) {
+    const __m128 scales = _mm_mul_ps(wscales, _mm_castpd_ps(_mm_load_sd((const double *)&xb->d)));
+    *acc = _mm256_fmadd_ps(dot, _mm256_broadcastss_ps(scales), *acc);
+    *mins = _mm_add_ps(*mins, scales);
 }
 
 /* The end of one output element: the lanes summed, the minimums' share, the bias, the residual. */
-static inline float finish(__m256 acc, float mins, const Matrix *w, int64_t n, const float *residual) {
-    float y = hsum(acc) + mins;
+static inline float finish(__m256 acc, __m128 mins, const Matrix *w, int64_t n, const float *residual) {
+    float y = hsum(acc) + _mm_cvtss_f32(_mm_shuffle_ps(mins, mins, 1));
     if (w->bias) y += w->bias[n];
     return residual ? *residual + y : y;
 }
 
-/* Per-block sums of each activation row (the Q4_1 minimums multiply them), in a fixed order. */
-static void block_sums(const float *x, int64_t rows, int64_t k, float *sums) {
-    const int64_t blocks = k / BLOCK;
-    for (int64_t b = 0; b < rows; b++)
-        for (int64_t i = 0; i < blocks; i++) {
-            const float *p = x + b * k + i * BLOCK;
-            __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
-                                     _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24)));
-            sums[b * blocks + i] = hsum(s);
-        }
-}
-
-/* y[b, n] = (residual y[b, n] +) x[b] . w[n] for every row b and output n in [n0, n0 + count). */
-static void rows_direct(const float *x, const float *sums, int64_t rows, const Matrix *w, float *y, int64_t ldy,
-                        int accumulate, int64_t n0, int64_t count) {
+/* y[b, n] = (residual y[b, n] +) x[b] . w[n] for every row b and output n in [n0, n0 + count), the count
+ * (at most TILE) outputs side by side. Each block adds (d_w d_x) * sum(q_w q_x) to an output's eight float
+ * lanes, and (Q4_1) m_w * s_x to its minimums' sum. */
+static void rows_direct(const XBlock *x, int64_t rows, const Matrix *w, float *y, int64_t ldy, int accumulate,
+                        int64_t n0, int64_t count) {
     const int64_t blocks = w->k / BLOCK, bytes = block_bytes(w->format);
-    for (int64_t n = n0; n < n0 + count; n++) {
-        const uint8_t *row = w->data + n * blocks * bytes;
-        for (int64_t b = 0; b < rows; b++) {
-            __m256 acc = _mm256_setzero_ps(), q[4];
-            float mins = 0.0f;
-            for (int64_t i = 0; i < blocks; i++) {
-                const uint8_t *block = row + i * bytes;
-                __m256 xv[4];
-                block_q(block, w->format, q);
-                load_block(x + b * w->k + i * BLOCK, xv);
-                acc = block_dot(q, xv, half(block), acc);
-                if (w->format == Q4_1) mins += half(block + 2) * sums[b * blocks + i];
-            }
-            float *out = y + b * ldy + n;
-            *out = finish(acc, mins, w, n, accumulate ? out : NULL);
-        }
-    }
-}
-
-/* The same results as rows_direct, with TILE output rows converted to floats once and reused by every
- * activation row: the batched path. `qbuf` holds TILE * k floats. */
-static void rows_tiled(const float *x, const float *sums, int64_t rows, const Matrix *w, float *y, int64_t ldy,
-                       int accumulate, int64_t n0, int64_t count, float *qbuf) {
-    const int64_t blocks = w->k / BLOCK, bytes = block_bytes(w->format), k = w->k;
-    float d[TILE][blocks], m[TILE][blocks];
-    for (int64_t r = 0; r < count; r++) {
-        const uint8_t *row = w->data + (n0 + r) * blocks * bytes;
-        for (int64_t i = 0; i < blocks; i++) {
-            __m256 q[4];
-            block_q(row + i * bytes, w->format, q);
-            for (int j = 0; j < 4; j++) _mm256_storeu_ps(qbuf + r * k + i * BLOCK + 8 * j, q[j]);
-            d[r][i] = half(row + i * bytes);
-            m[r][i] = w->format == Q4_1 ? half(row + i * bytes + 2) : 0.0f;
-        }
-    }
+    const uint8_t *data = w->data + n0 * blocks * bytes;
     for (int64_t b = 0; b < rows; b++) {
-        /* The TILE outputs of row b side by side: each block's activations are loaded once for all of
-         * them; each output's own sequence of operations is the one rows_direct runs. */
-        const float *xb = x + b * k;
+        const XBlock *xb = x + b * blocks;
         __m256 acc[TILE];
-        float mins[TILE];
-        for (int64_t r = 0; r < TILE; r++) acc[r] = _mm256_setzero_ps(), mins[r] = 0.0f;
+        __m128 mins[TILE];
+        for (int64_t r = 0; r < TILE; r++) acc[r] = _mm256_setzero_ps(), mins[r] = _mm_setzero_ps();
         for (int64_t i = 0; i < blocks; i++) {
-            __m256 xv[4], q[4];
-            load_block(xb + i * BLOCK, xv);
+            const __m256i xq = _mm256_loadu_si256((const __m256i *)xb[i].q);
             for (int64_t r = 0; r < count; r++) {
-                load_block(qbuf + r * k + i * BLOCK, q);
-                acc[r] = block_dot(q, xv, d[r][i], acc[r]);
-                if (w->format == Q4_1) mins[r] += m[r][i] * sums[b * blocks + i];
+                const uint8_t *block = data + (r * blocks + i) * bytes;
+                const __m256 dot = block_isum(weight_bytes(block, w->format), xq, w->format);
+                block_step(dot, weight_scales(block, w->format), xb + i, &acc[r], &mins[r]);
             }
         }
         for (int64_t r = 0; r < count; r++) {
@@ -156,28 +149,53 @@ static void rows_tiled(const float *x, const float *sums, int64_t rows, const Ma
     }
 }
 
-/* y [rows, ldy] (+)= x [rows, k] @ w^T (+ bias). Returns 0, or -1 when out of memory. */
-int quantized_matmul(const float *x, int64_t rows, const Matrix *w, float *y, int64_t ldy, int accumulate) {
-    float *sums = malloc(sizeof(float) * (size_t)(rows * (w->k / BLOCK)) + 1);
-    if (sums == NULL) return -1;
-    block_sums(x, rows, w->k, sums);
-    int failed = 0;
-#pragma omp parallel reduction(| : failed)
-    {
-        float *qbuf = rows > 1 ? malloc(sizeof(float) * (size_t)(TILE * w->k)) : NULL;
-        failed = rows > 1 && qbuf == NULL;
-#pragma omp for schedule(static)
-        for (int64_t n0 = 0; n0 < w->n; n0 += TILE) {
-            const int64_t count = w->n - n0 < TILE ? w->n - n0 : TILE;
-            if (rows == 1)
-                rows_direct(x, sums, rows, w, y, ldy, accumulate, n0, count);
-            else if (qbuf != NULL)
-                rows_tiled(x, sums, rows, w, y, ldy, accumulate, n0, count, qbuf);
+/* The same results as rows_direct, with the tile's weights unpacked once and reused by every activation row
+ * (the batched path): each output's own sequence of operations is the one rows_direct runs. */
+static void rows_tiled(const XBlock *x, int64_t rows, const Matrix *w, float *y, int64_t ldy, int accumulate,
+                       int64_t n0, int64_t count) {
+    const int64_t blocks = w->k / BLOCK, bytes = block_bytes(w->format);
+    __m256i q[TILE][blocks];
+    __m128 scales[TILE][blocks];
+    for (int64_t r = 0; r < count; r++) {
+        const uint8_t *row = w->data + (n0 + r) * blocks * bytes;
+        for (int64_t i = 0; i < blocks; i++) {
+            q[r][i] = weight_bytes(row + i * bytes, w->format);
+            scales[r][i] = weight_scales(row + i * bytes, w->format);
         }
-        free(qbuf);
     }
-    free(sums);
-    return failed ? -1 : 0;
+    for (int64_t b = 0; b < rows; b++) {
+        const XBlock *xb = x + b * blocks;
+        __m256 acc[TILE];
+        __m128 mins[TILE];
+        for (int64_t r = 0; r < TILE; r++) acc[r] = _mm256_setzero_ps(), mins[r] = _mm_setzero_ps();
+        for (int64_t i = 0; i < blocks; i++) {
+            const __m256i xq = _mm256_loadu_si256((const __m256i *)xb[i].q);
+            for (int64_t r = 0; r < count; r++)
+                block_step(block_isum(q[r][i], xq, w->format), scales[r][i], xb + i, &acc[r], &mins[r]);
+        }
+        for (int64_t r = 0; r < count; r++) {
+            float *out = y + b * ldy + n0 + r;
+            *out = finish(acc[r], mins[r], w, n0 + r, accumulate ? out : NULL);
+        }
+    }
+}
+
+/* y [rows, ldy] (+)= x [rows, k] @ w^T (+ bias), x quantized to int8 blocks first. Returns 0, or -1 when
+ * out of memory. */
+int quantized_matmul(const float *x, int64_t rows, const Matrix *w, float *y, int64_t ldy, int accumulate) {
+    XBlock *xq = malloc(sizeof(XBlock) * (size_t)(rows * (w->k / BLOCK)) + 1);
+    if (xq == NULL) return -1;
+    quantize_blocks(x, rows * (w->k / BLOCK), xq);
+#pragma omp parallel for schedule(static)
+    for (int64_t n0 = 0; n0 < w->n; n0 += TILE) {
+        const int64_t count = w->n - n0 < TILE ? w->n - n0 : TILE;
+        if (rows == 1)
+            rows_direct(xq, rows, w, y, ldy, accumulate, n0, count);
+        else
+            rows_tiled(xq, rows, w, y, ldy, accumulate, n0, count);
+    }
+    free(xq);
+    return 0;
 }
 
 /* out[b] = weight * x[b] / sqrt(mean(x[b]^2) + eps), as transformers' LlamaRMSNorm in float32. */
