@@ -93,7 +93,8 @@ def summary(finish_reason: FinishReason | None, usage: Usage | None, timing: Tim
     reason = finish_reason.value if finish_reason else "?"
     if usage is None or timing is None:
         return f"[{reason}]"
+    cached = f" ({usage.cached_prompt_tokens} cached)" if usage.cached_prompt_tokens else ""
     return (
-        f"[{reason}] {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens, "
+        f"[{reason}] {usage.prompt_tokens} prompt{cached} + {usage.completion_tokens} completion tokens, "
         f"first token {timing.time_to_first_token_s:.3f} s, total {timing.total_s:.3f} s"
     )

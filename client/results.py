@@ -43,14 +43,15 @@ class Token:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Tokens in the prompt and tokens generated."""
+    """Tokens in the prompt, tokens generated, and the prompt tokens the server's prefix cache held."""
 
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0
 
     @classmethod
     def from_proto(cls, u: pb.Usage) -> Usage:
-        return cls(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)
+        return cls(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
 
 
 @dataclass(frozen=True, slots=True)

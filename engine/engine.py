@@ -61,6 +61,7 @@ class EngineConfig:
     weight_format: str = "auto"  # "fp16-packed": CPU linear layers on FBGEMM's float16 GEMM; "native"
     prefill_chunk_tokens: int = -1  # most tokens per forward pass of a prefill step; -1: 512 on CPU, 0: all
     model_impl: str = "auto"  # lean code for the Llama family where supported, else transformers' modeling
+    prefix_caching: bool = True  # share the KV blocks of prompt prefixes computed before
 
 
 @dataclass(slots=True)
@@ -89,6 +90,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     timing: Timing
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -154,6 +156,11 @@ class Engine:
     @property
     def num_free_kv_blocks(self) -> int:
         return self.model_runner.allocator.num_free
+
+    @property
+    def num_cached_kv_blocks(self) -> int:
+        """Blocks in the prefix cache's index, in use or free (free ones are evicted when needed)."""
+        return self.model_runner.allocator.num_cached
 
     @property
     def num_waiting(self) -> int:
@@ -354,7 +361,7 @@ def _build_core(config: EngineConfig, observer: EngineObserver) -> EngineCore:
     )
     scheduler = make_scheduler(
         config.scheduling,
-        SchedulerConfig(config.batch, config.max_decode_stall_ms),
+        SchedulerConfig(config.batch, config.max_decode_stall_ms, config.prefix_caching),
         runner.allocator,
         max_context_len=_max_context_len(runner, config),
         eos_token_ids=_eos_token_ids(runner),
@@ -389,4 +396,5 @@ def _result(request_id: str, events: list[GenerationEvent]) -> GenerationResult:
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
         timing=last.timing,
+        cached_prompt_tokens=last.cached_prompt_tokens,
     )

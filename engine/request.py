@@ -95,6 +95,7 @@ class GenerationEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     timing: Timing | None = None
+    cached_prompt_tokens: int = 0  # of `prompt_tokens`, those whose KV came from the prefix cache
 
     @property
     def finished(self) -> bool:

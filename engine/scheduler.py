@@ -9,6 +9,10 @@ Policy (`Scheduler`, continuous batching), checked at every step:
 3. Otherwise decode every running sequence. When a decode step finds no free KV block, preempt the
    lowest-priority, newest sequence (free its blocks, requeue it, recompute its tokens later).
 
+With prefix caching, an admitted sequence first takes the cached blocks of its longest prefix of whole
+blocks (never its last token: that one's logits give the first new token) and prefills only the rest;
+every block a step fills is indexed for the sequences after it (`engine.kv_cache`).
+
 `StaticScheduler` is the traditional scheme, kept as a baseline: admit a batch only when nothing runs,
 wait for `max_batch_size` requests or `max_wait_ms`, and keep finished rows in the batch (computing
 padding tokens) until its longest sequence finishes.
@@ -21,7 +25,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
 from engine.batching import BatchConfig, BatchRequest, ContinuousBatcher
-from engine.kv_cache import BlockAllocator
+from engine.kv_cache import BlockAllocator, block_hashes
 from engine.observer import EngineObserver
 from engine.request import FinishReason
 from engine.sequence import Sequence, SequenceStatus
@@ -34,6 +38,7 @@ class SchedulerConfig:
 
     batch: BatchConfig = field(default_factory=BatchConfig)
     max_decode_stall_ms: float = 200.0
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.max_decode_stall_ms < 0:
@@ -178,7 +183,10 @@ class Scheduler:
         admitted = []
         for i, ticket in enumerate(formed.requests if formed else []):
             seq: Sequence = ticket.payload
+            self._share_cached_prefix(seq)
             if not self.allocator.allocate(seq.block_table, seq.num_tokens):
+                self.allocator.free(seq.block_table)
+                seq.num_computed_tokens = 0
                 self.batcher.requeue(formed.requests[i:])  # keeps their places in line
                 break
             seq.status = SequenceStatus.PREFILLING
@@ -187,6 +195,18 @@ class Scheduler:
             admitted.append(seq)
             self.observer.request_admitted(seq)
         return admitted
+
+    def _share_cached_prefix(self, seq: Sequence) -> None:
+        """Start `seq` on the cached blocks of its prompt's longest cached prefix of whole blocks."""
+        if not self.config.prefix_caching:
+            return
+        bs = self.allocator.block_size
+        hashes = block_hashes(seq.token_ids, bs, seq.block_hashes)[: (seq.num_tokens - 1) // bs]
+        blocks = self.allocator.cached_prefix(hashes)
+        self.allocator.share(seq.block_table, blocks)
+        seq.num_computed_tokens = len(blocks) * bs
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
 
     def _decode_chunks(self) -> list[tuple[Sequence, int]]:
         for seq in sorted(self.running, key=_priority_order):
@@ -234,7 +254,13 @@ class Scheduler:
         return self.sequences.get(seq_id)
 
     def _advance(self, seq: Sequence, num_tokens: int) -> None:
+        bs = self.allocator.block_size
+        first_full = seq.num_computed_tokens // bs
         seq.num_computed_tokens += num_tokens
+        if self.config.prefix_caching:  # the blocks this step filled, for later prompts to share
+            hashes = block_hashes(seq.token_ids, bs, seq.block_hashes)
+            for index in range(first_full, seq.num_computed_tokens // bs):
+                self.allocator.cache(seq.block_table[index], hashes[index])
         if seq.status is SequenceStatus.PREFILLING and seq.num_uncomputed_tokens == 0:
             self.prefilling.remove(seq)
             seq.status = SequenceStatus.RUNNING

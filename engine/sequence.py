@@ -34,6 +34,8 @@ class Sequence:
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix hashes of its full blocks, so far
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at its first admission
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     admitted_time: float | None = None

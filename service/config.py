@@ -169,6 +169,10 @@ def _kv_flags(parser: argparse.ArgumentParser) -> None:
     _flag(kv, "num-kv-blocks", 0, "KV-cache blocks to preallocate; 0 sizes the pool automatically "
           "(80%% of free GPU memory on cuda, 1 GiB on cpu)", type=int)  # fmt: skip
     _flag(kv, "kv-block-size", 16, "tokens per KV-cache block", type=int)
+    caching = os.environ.get("TEXTGEN_PREFIX_CACHING", "1").lower() not in ("0", "false", "no", "off")
+    kv.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=caching,
+                    help="reuse the KV blocks of prompt prefixes computed before (--no-prefix-caching: "
+                    "off) [env TEXTGEN_PREFIX_CACHING=0 turns it off; default: on]")  # fmt: skip
 
 
 def _connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -258,6 +262,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         weight_format=args.weight_format,
         model_impl=args.model_impl,
+        prefix_caching=args.prefix_caching,
     )
 
 

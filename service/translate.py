@@ -91,6 +91,15 @@ def tokens(infos: Sequence[TokenInfo]) -> list[pb.Token]:
     return [pb.Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in infos]
 
 
+def usage(event: GenerationEvent) -> pb.Usage:
+    """The token counts of a request's last event."""
+    return pb.Usage(
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        cached_prompt_tokens=event.cached_prompt_tokens,
+    )
+
+
 def stream_response(event: GenerationEvent) -> pb.GenerateStreamResponse:
     """One stream message per engine event; the last also carries finish reason, usage and timing."""
     response = pb.GenerateStreamResponse(
@@ -98,9 +107,7 @@ def stream_response(event: GenerationEvent) -> pb.GenerateStreamResponse:
     )
     if event.finished:
         response.finish_reason = FINISH_REASONS[event.finish_reason]
-        response.usage.CopyFrom(
-            pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
-        )
+        response.usage.CopyFrom(usage(event))
         if event.timing is not None:
             response.timing.CopyFrom(timing(event.timing))
     return response
@@ -115,6 +122,6 @@ def response(events: Sequence[GenerationEvent]) -> pb.GenerateResponse:
         text="".join(e.text for e in events),
         tokens=[token for e in events for token in tokens(e.tokens)],
         finish_reason=FINISH_REASONS[last.finish_reason],
-        usage=pb.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
+        usage=usage(last),
         timing=timing(last.timing) if last.timing is not None else None,
     )
