@@ -38,7 +38,7 @@ class OutputProcessor:
             seq.finish_reason = FinishReason.STOP_SEQUENCE
         final = seq.finish_reason is not None
         token = TokenInfo(token_id, token_text, logprob, token_id in self.special_ids)
-        event = GenerationEvent(seq.id, detokenizer.take_text(final=final), [token])
+        event = GenerationEvent(seq.id, detokenizer.take_text(final=final), [token], index=seq.index)
         if final:
             _complete(event, seq)
         return event

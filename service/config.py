@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from engine.attention import ATTENTION_BACKENDS
 from engine.batching import BatchConfig
 from engine.engine import EngineConfig
-from engine.limits import MAX_CHAT_MESSAGES, MAX_PROMPT_CHARS
+from engine.limits import MAX_CHAT_MESSAGES, MAX_N, MAX_PROMPT_CHARS
 from engine.models import MODEL_IMPLS
 from engine.packed_linear import WEIGHT_FORMATS
 from service.auth import parse_key_list
@@ -30,6 +30,7 @@ _MINIMUMS = {
     "max_new_tokens_limit": 1,
     "max_prompt_chars": 1,
     "max_chat_messages": 1,
+    "max_n": 1,
     "max_request_bytes": 1024,
     "max_metadata_bytes": 1024,
     "max_connection_age_s": 0,
@@ -196,6 +197,7 @@ def _limit_flags(parser: argparse.ArgumentParser) -> None:
     _flag(limits, "max-prompt-chars", MAX_PROMPT_CHARS, "the most characters in a prompt, or in a chat's "
           "roles and contents together; checked before tokenizing", type=int)  # fmt: skip
     _flag(limits, "max-chat-messages", MAX_CHAT_MESSAGES, "the most messages in a chat", type=int)
+    _flag(limits, "max-n", MAX_N, "the most completions (GenerateRequest.n) a request may ask for", type=int)
 
 
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
@@ -263,6 +265,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         weight_format=args.weight_format,
         model_impl=args.model_impl,
         prefix_caching=args.prefix_caching,
+        max_n=args.max_n,
     )
 
 
