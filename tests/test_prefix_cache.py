@@ -151,3 +151,11 @@ def test_usage_reports_the_prompt_tokens_served_from_the_cache_over_grpc(stub):
     whole_blocks = (first.usage.prompt_tokens - 1) // 16 * 16
     assert first.usage.cached_prompt_tokens in (0, whole_blocks)  # another test may have sent it first
     assert again.usage.cached_prompt_tokens == whole_blocks > 0
+
+
+def test_on_smollm2_a_prompt_served_from_the_cache_gives_the_same_greedy_output(smollm2_engine):
+    prompt = smollm2_engine.tokenize("A prefix-cache check that no other test sends. " * 4)  # > 2 blocks
+    stopping = StoppingParams(max_new_tokens=8, ignore_eos=True)
+    cold, hit = (smollm2_engine.generate([prompt], stopping=stopping)[0] for _ in range(2))
+    assert (cold.cached_prompt_tokens, hit.cached_prompt_tokens) == (0, (len(prompt) - 1) // 16 * 16)
+    assert hit.token_ids == cold.token_ids
