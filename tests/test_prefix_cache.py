@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from engine.batching import BatchConfig
+from engine.errors import RequestCancelledError
 from engine.kv_cache import BlockAllocator, block_hashes
 from engine.request import GenerationRequest, StoppingParams
 from engine.sequence import Sequence
 from protos.textgen.v1 import textgen_pb2 as pb
+from tests.test_core import make_core, run_until_idle
 from tests.test_engine import make_engine
 from tests.test_scheduler import new_scheduler, run
 
@@ -159,3 +161,20 @@ def test_on_smollm2_a_prompt_served_from_the_cache_gives_the_same_greedy_output(
     cold, hit = (smollm2_engine.generate([prompt], stopping=stopping)[0] for _ in range(2))
     assert (cold.cached_prompt_tokens, hit.cached_prompt_tokens) == (0, (len(prompt) - 1) // 16 * 16)
     assert hit.token_ids == cold.token_ids
+
+
+def test_preemption_and_cancellation_of_sequences_sharing_cached_blocks_leave_every_block_free():
+    core, runner = make_core(num_blocks=8)  # 4-token blocks: three 21-token sequences need 14 even sharing
+    stopping = StoppingParams(max_new_tokens=12, ignore_eos=True)
+    seqs = [Sequence(GenerationRequest(list(range(20, 29)), stopping=stopping), 12) for _ in range(4)]
+    for seq in seqs:
+        runner.script[seq.seq_id] = [5] * 12
+        core.add(seq)
+    outbox: list = []
+    for _ in range(3):
+        core.step(outbox)
+    core.abort(seqs[3].seq_id, RequestCancelledError("cancelled"), outbox)
+    outbox += run_until_idle(core)
+    assert sum(seq.num_preemptions for seq in seqs) > 0 and seqs[2].num_cached_tokens > 0
+    assert all(seq.num_completion_tokens == 12 for seq in seqs[:3])
+    assert core.scheduler.allocator.num_free == 8 and core.scheduler.allocator.num_cached > 0
