@@ -31,6 +31,7 @@ class GenerateParams:
     ignore_eos: bool = False
     priority: int = 0
     request_id: str = ""
+    n: int = 1  # completions wanted: `GenerationResult.completions`, `StreamChunk.index`
 
     def sampling(self) -> pb.SamplingParameters:
         sampling = pb.SamplingParameters(
@@ -70,6 +71,7 @@ def generate_request(
         sampling=params.sampling(),
         stopping=params.stopping(),
         priority=params.priority,
+        n=params.n,
     )
     if prompt is not None:
         request.prompt = prompt

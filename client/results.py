@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from protos.textgen.v1 import textgen_pb2 as pb
 
@@ -43,14 +43,15 @@ class Token:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Tokens in the prompt and tokens generated."""
+    """Tokens in the prompt, tokens generated, and the prompt tokens the server's prefix cache held."""
 
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0
 
     @classmethod
     def from_proto(cls, u: pb.Usage) -> Usage:
-        return cls(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)
+        return cls(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +72,32 @@ class Timing:
 
 
 @dataclass(frozen=True, slots=True)
+class Completion:
+    """One of a request's `n` completions."""
+
+    index: int
+    text: str
+    tokens: list[Token]
+    finish_reason: FinishReason | None
+    usage: Usage
+    timing: Timing
+
+    @classmethod
+    def from_proto(cls, c: pb.Completion) -> Completion:
+        return cls(
+            index=c.index,
+            text=c.text,
+            tokens=[Token.from_proto(t) for t in c.tokens],
+            finish_reason=FinishReason.from_proto(c.finish_reason),
+            usage=Usage.from_proto(c.usage),
+            timing=Timing.from_proto(c.timing),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationResult:
-    """The whole output of one request."""
+    """The whole output of one request: completion 0's text, tokens, finish reason and timing; the usage of
+    all completions; every completion in `completions` (one unless the request asked for `n` > 1)."""
 
     request_id: str
     text: str
@@ -80,6 +105,7 @@ class GenerationResult:
     finish_reason: FinishReason | None
     usage: Usage
     timing: Timing
+    completions: list[Completion] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, r: pb.GenerateResponse) -> GenerationResult:
@@ -90,12 +116,14 @@ class GenerationResult:
             finish_reason=FinishReason.from_proto(r.finish_reason),
             usage=Usage.from_proto(r.usage),
             timing=Timing.from_proto(r.timing),
+            completions=[Completion.from_proto(c) for c in r.completions],
         )
 
 
 @dataclass(frozen=True, slots=True)
 class StreamChunk:
-    """New output since the previous chunk; the last chunk also has finish_reason, usage and timing."""
+    """New output of completion `index` since its previous chunk; the last chunk of each completion also
+    has finish_reason, usage and timing."""
 
     request_id: str
     text: str
@@ -103,6 +131,7 @@ class StreamChunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     timing: Timing | None = None
+    index: int = 0
 
     @property
     def finished(self) -> bool:
@@ -117,6 +146,7 @@ class StreamChunk:
             finish_reason=FinishReason.from_proto(r.finish_reason),
             usage=Usage.from_proto(r.usage) if r.HasField("usage") else None,
             timing=Timing.from_proto(r.timing) if r.HasField("timing") else None,
+            index=r.index,
         )
 
 

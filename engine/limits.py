@@ -22,6 +22,7 @@ MAX_ABS_FREQUENCY_PRESENCE_PENALTY = 2.0
 # with room to spare, while tokenizing it stays in the tens of milliseconds.
 MAX_PROMPT_CHARS = 128 * 1024
 MAX_CHAT_MESSAGES = 1024
+MAX_N = 16  # completions per request (--max-n)
 
 Violation = tuple[str, str]
 
@@ -59,6 +60,7 @@ class RequestLimits:
     max_stop_sequence_chars: int = MAX_STOP_SEQUENCE_CHARS
     max_prompt_chars: int = MAX_PROMPT_CHARS
     max_chat_messages: int = MAX_CHAT_MESSAGES
+    max_n: int = MAX_N
 
 
 class ChatMessage(Protocol):
@@ -75,6 +77,7 @@ def check_request(request: GenerationRequest, limits: RequestLimits) -> int:
     """
     violations = _prompt_violations(request.prompt_ids, limits)
     violations += parameter_violations(request.sampling, request.stopping, limits)
+    violations += n_violations(request.n, limits)
     if violations:
         raise InvalidRequestError.from_violations(violations)
     return resolve_max_new_tokens(len(request.prompt_ids), request.stopping, limits)
@@ -89,6 +92,13 @@ def parameter_violations(
         + _max_new_tokens_violations(stopping, limits)
         + _stop_sequence_violations(stopping.stop_sequences, limits)
     )
+
+
+def n_violations(n: int, limits: RequestLimits) -> list[Violation]:
+    """The number of completions must be in [1, max_n]."""
+    if 1 <= n <= limits.max_n:
+        return []
+    return [("n", f"must be in [1, {limits.max_n}] completions, got {n}")]
 
 
 def input_size_violations(

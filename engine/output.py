@@ -38,7 +38,7 @@ class OutputProcessor:
             seq.finish_reason = FinishReason.STOP_SEQUENCE
         final = seq.finish_reason is not None
         token = TokenInfo(token_id, token_text, logprob, token_id in self.special_ids)
-        event = GenerationEvent(seq.id, detokenizer.take_text(final=final), [token])
+        event = GenerationEvent(seq.id, detokenizer.take_text(final=final), [token], index=seq.index)
         if final:
             _complete(event, seq)
         return event
@@ -50,6 +50,7 @@ def _complete(event: GenerationEvent, seq: Sequence) -> None:
     event.finish_reason = seq.finish_reason
     event.prompt_tokens = seq.num_prompt_tokens
     event.completion_tokens = seq.num_completion_tokens
+    event.cached_prompt_tokens = seq.num_cached_tokens
     event.timing = Timing(
         queue_s=(seq.admitted_time or now) - arrival,
         time_to_first_token_s=(seq.first_token_time or now) - arrival,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.limits import RequestLimits, input_size_violations, parameter_violations
+from engine.limits import RequestLimits, input_size_violations, n_violations, parameter_violations
 from protos.textgen.v1 import textgen_pb2 as pb
 from service import translate
 from service.status import InvalidArgument, PromptTooLong
@@ -25,6 +25,7 @@ def check_generate_request(request: pb.GenerateRequest, limits: RequestLimits) -
     sampling = translate.sampling_params(request.sampling)
     stopping = translate.stopping_params(request.stopping)
     violations += parameter_violations(sampling, stopping, limits)  # sampling.*, stopping.*: as in the proto
+    violations += n_violations(translate.num_completions(request), limits)
     if violations:
         raise InvalidArgument(violations)
 
