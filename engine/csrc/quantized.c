@@ -1,9 +1,11 @@
 /* Llama-family layers on 4-bit (Q4_1) and 8-bit (Q8_0) block-quantized weights, for the CPU.
  *
- * The weights stay in the GGUF block formats (32 weights a block: Q4_1 = fp16 scale d, fp16 minimum m,
- * 16 bytes of nibbles, w = d * q + m; Q8_0 = fp16 scale d, 32 int8, w = d * q), so a decode step reads a
- * quarter (Q4_1) of the float16 bytes. Activations are quantized per row to int8 blocks of 32 (x ~ d_x q_x,
- * as llama.cpp does for these formats), so a block's dot product is integer arithmetic (AVX2's maddubs):
+ * The weights are GGUF's blocks (32 weights a block: Q4_1 = fp16 scale d, fp16 minimum m, 16 bytes of
+ * nibbles, w = d * q + m; Q8_0 = fp16 scale d, 32 int8, w = d * q), so a decode step reads a quarter (Q4_1)
+ * of the float16 bytes. Each row's blocks are re-laid as three runs (engine/quantized.py, `pack`): the
+ * blocks' quantized values, then their scales, then (Q4_1) their minimums; the same bytes, but eight
+ * scales convert in one instruction. Activations are quantized per row to int8 blocks of 32 (x ~ d_x q_x,
+ * as llama.cpp does for these formats), so a block's dot product is integer arithmetic (VNNI, or AVX2):
  * d_w d_x sum(q_w q_x) + m_w d_x sum(q_x), summed over blocks in float32.
  *
  * Batch invariance: every output element is computed by the same sequence of operations whatever the
@@ -27,12 +29,36 @@ enum { Q4_1 = 1, Q8_0 = 2 };
 #define TILE 4 /* output rows unpacked together */
 
 typedef struct {
-    const uint8_t *data; /* n rows of k / 32 blocks */
+    const uint8_t *data; /* n packed rows of k / 32 blocks, then SLACK bytes */
     const float *bias;   /* [n] or NULL */
     int64_t n, k, format;
 } Matrix;
 
+#define GROUP 8 /* blocks whose scales convert together */
+
 static inline int64_t block_bytes(int64_t format) { return format == Q4_1 ? 20 : 34; }
+static inline int64_t value_bytes(int64_t format) { return format == Q4_1 ? 16 : 32; }
+
+/* Row n of a packed matrix: its blocks' quantized values, scales and (Q4_1; else NULL) minimums. */
+typedef struct {
+    const uint8_t *q;
+    const uint16_t *d, *m;
+} Row;
+
+static inline Row matrix_row(const Matrix *w, int64_t n) {
+    const int64_t blocks = w->k / BLOCK;
+    const uint8_t *q = w->data + n * blocks * block_bytes(w->format);
+    const uint16_t *d = (const uint16_t *)(q + blocks * value_bytes(w->format));
+    return (Row){q, d, w->format == Q4_1 ? d + blocks : NULL};
+}
+
+/* Activation rows quantized to int8 blocks (as llama.cpp's Q8_1): x ~ d q, and s = d sum(q), which Q4_1's
+ * minimums multiply; row b's blocks start at b * (k / 32) in each array. Each row is quantized on its own,
+ * so a row's blocks do not depend on the batch. d and s have GROUP floats of slack (zeros) at their end. */
+typedef struct {
+    float *d, *s;
+    int8_t *q;
+} Activations;
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -40,13 +66,6 @@ static inline float hsum(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-
-/* An activation block quantized to int8 (as llama.cpp's Q8_1): x ~ d * q, and s = d * sum(q), which the
- * Q4_1 minimums multiply. Each row is quantized on its own, so a row's blocks do not depend on the batch. */
-typedef struct {
-    float d, s;
-    int8_t q[BLOCK];
-} XBlock;
 
 static inline float hmax(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -56,7 +75,7 @@ static inline float hmax(__m256 v) {
 }
 
 /* x [count blocks of 32 floats] -> int8 blocks, rounding to nearest (even) at scale max|x| / 127. */
-static void quantize_blocks(const float *x, int64_t count, XBlock *out) {
+static void quantize_blocks(const float *x, int64_t count, const Activations *out) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t i = 0; i < count; i++) {
@@ -77,69 +96,90 @@ static void quantize_blocks(const float *x, int64_t count, XBlock *out) {
         s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
         /* packs interleave the four vectors by 128-bit lanes; the permutation puts q back in order. */
         const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        _mm256_storeu_si256((__m256i *)out[i].q, _mm256_permutevar8x32_epi32(packed, order));
-        out[i].d = d;
-        out[i].s = d * (float)_mm_cvtsi128_si32(s);
+        _mm256_storeu_si256((__m256i *)(out->q + i * BLOCK), _mm256_permutevar8x32_epi32(packed, order));
+        out->d[i] = d;
+        out->s[i] = d * (float)_mm_cvtsi128_si32(s);
     }
 }
 
 /* A weight block's 32 quantized values as bytes, in the order of the block: Q4_1's nibbles (0..15,
  * unsigned) or Q8_0's int8. */
-static inline __m256i weight_bytes(const uint8_t *block, int64_t format) {
-    if (format == Q8_0) return _mm256_loadu_si256((const __m256i *)(block + 2));
-    const __m128i bytes = _mm_loadu_si128((const __m128i *)(block + 4));
+static inline __m256i weight_values(const uint8_t *q, int64_t format) {
+    if (format == Q8_0) return _mm256_loadu_si256((const __m256i *)q);
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)q);
     const __m256i both = _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes);
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
-/* sum(w * x) over a block, exactly (in integers), as eight float lanes. Q8_0's signed weights go through
- * maddubs' unsigned operand as |w|, with their signs moved onto x. */
+/* Eight float16 values (scales or minimums of a group of blocks) as floats. */
+static inline __m256 halves(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* sum(u * x) of unsigned bytes u and signed bytes x, in eight int32 lanes of four products each: one VNNI
+ * instruction where the CPU has it, else maddubs (no overflow here: |u * x| <= 128 * 127 per pair) and madd. */
+static inline __m256i dot_bytes(__m256i u, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, x);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+#endif
+}
+
+/* sum(w * x) over a block, exactly (in integers), as eight float lanes. Q8_0's signed weights go in as |w|,
+ * with their signs moved onto x. */
 static inline __m256 block_isum(__m256i w, __m256i x, int64_t format) {
-    const __m256i pairs = format == Q4_1 ? _mm256_maddubs_epi16(w, x)
-                                         : _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    const __m256i sums = format == Q4_1 ? dot_bytes(w, x) : dot_bytes(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+    return _mm256_cvtepi32_ps(sums);
 }
 
-/* A weight block's scale and minimum as floats (d_w, m_w, 0, 0); Q8_0 has no minimum (m_w = 0). */
-static inline __m128 weight_scales(const uint8_t *block, int64_t format) {
-    uint32_t header = 0;
-    memcpy(&header, block, format == Q4_1 ? 4 : 2);
-    return _mm_cvtph_ps(_mm_cvtsi32_si128((int)header));
+/* The lanes of a group that hold blocks: all ones in the first `count`, zeros after. */
+static inline __m256 group_mask(int64_t count) {
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
 }
 
-/* One block of one output: (d_w d_x, m_w s_x) in one multiply; the first scales the block's integer sum
- * into the eight lanes of `acc`, the second adds to the minimums' sum (lane 1 of `mins`). */
-static inline void block_step(__m256 dot, __m128 wscales, const XBlock *xb, __m256 *acc, __m128 *mins) {
-    const __m128 scales = _mm_mul_ps(wscales, _mm_castpd_ps(_mm_load_sd((const double *)&xb->d)));
-    *acc = _mm256_fmadd_ps(dot, _mm256_broadcastss_ps(scales), *acc);
-    *mins = _mm_add_ps(*mins, scales);
+/* A group's share of the minimums: mins += m_w s_x in each lane that holds a block. */
+static inline __m256 add_mins(__m256 mins, __m256 wm, __m256 xs, __m256 mask) {
+    return _mm256_add_ps(mins, _mm256_and_ps(_mm256_mul_ps(wm, xs), mask));
+}
+
+/* One block's share: acc += (d_w d_x of the block, lane j of the group's scales) * sum(q_w q_x). */
+static inline __m256 add_block(__m256 acc, __m256 dot, __m256 scales, int64_t j) {
+    return _mm256_fmadd_ps(dot, _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32((int)j)), acc);
 }
 
 /* The end of one output element: the lanes summed, the minimums' share, the bias, the residual. */
-static inline float finish(__m256 acc, __m128 mins, const Matrix *w, int64_t n, const float *residual) {
-    float y = hsum(acc) + _mm_cvtss_f32(_mm_shuffle_ps(mins, mins, 1));
+static inline float finish(__m256 acc, __m256 mins, const Matrix *w, int64_t n, const float *residual) {
+    float y = hsum(acc) + hsum(mins);
     if (w->bias) y += w->bias[n];
     return residual ? *residual + y : y;
 }
 
 /* y[b, n] = (residual y[b, n] +) x[b] . w[n] for every row b and output n in [n0, n0 + count), the count
- * (at most TILE) outputs side by side. Each block adds (d_w d_x) * sum(q_w q_x) to an output's eight float
- * lanes, and (Q4_1) m_w * s_x to its minimums' sum. */
-static void rows_direct(const XBlock *x, int64_t rows, const Matrix *w, float *y, int64_t ldy, int accumulate,
-                        int64_t n0, int64_t count) {
-    const int64_t blocks = w->k / BLOCK, bytes = block_bytes(w->format);
-    const uint8_t *data = w->data + n0 * blocks * bytes;
+ * (at most TILE) outputs side by side, block group by block group. */
+static void rows_direct(const Activations *x, int64_t rows, const Matrix *w, float *y, int64_t ldy,
+                        int accumulate, int64_t n0, int64_t count) {
+    const int64_t blocks = w->k / BLOCK, vb = value_bytes(w->format);
+    Row row[TILE];
+    for (int64_t r = 0; r < count; r++) row[r] = matrix_row(w, n0 + r);
     for (int64_t b = 0; b < rows; b++) {
-        const XBlock *xb = x + b * blocks;
-        __m256 acc[TILE];
-        __m128 mins[TILE];
-        for (int64_t r = 0; r < TILE; r++) acc[r] = _mm256_setzero_ps(), mins[r] = _mm_setzero_ps();
-        for (int64_t i = 0; i < blocks; i++) {
-            const __m256i xq = _mm256_loadu_si256((const __m256i *)xb[i].q);
+        const float *xd = x->d + b * blocks, *xs = x->s + b * blocks;
+        const int8_t *xq = x->q + b * blocks * BLOCK;
+        __m256 acc[TILE], mins[TILE], scales[TILE];
+        for (int64_t r = 0; r < TILE; r++) acc[r] = mins[r] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < blocks; g += GROUP) {
+            const int64_t size = blocks - g < GROUP ? blocks - g : GROUP;
+            const __m256 gd = _mm256_loadu_ps(xd + g), gs = _mm256_loadu_ps(xs + g), mask = group_mask(size);
             for (int64_t r = 0; r < count; r++) {
-                const uint8_t *block = data + (r * blocks + i) * bytes;
-                const __m256 dot = block_isum(weight_bytes(block, w->format), xq, w->format);
-                block_step(dot, weight_scales(block, w->format), xb + i, &acc[r], &mins[r]);
+                scales[r] = _mm256_mul_ps(halves(row[r].d + g), gd);
+                if (w->format == Q4_1) mins[r] = add_mins(mins[r], halves(row[r].m + g), gs, mask);
+            }
+            for (int64_t j = 0; j < size; j++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (g + j) * BLOCK));
+                for (int64_t r = 0; r < count; r++) {
+                    const __m256 dot = block_isum(weight_values(row[r].q + (g + j) * vb, w->format), xv, w->format);
+                    acc[r] = add_block(acc[r], dot, scales[r], j);
+                }
             }
         }
         for (int64_t r = 0; r < count; r++) {
@@ -149,29 +189,39 @@ static void rows_direct(const XBlock *x, int64_t rows, const Matrix *w, float *y
     }
 }
 
-/* The same results as rows_direct, with the tile's weights unpacked once and reused by every activation row
- * (the batched path): each output's own sequence of operations is the one rows_direct runs. */
-static void rows_tiled(const XBlock *x, int64_t rows, const Matrix *w, float *y, int64_t ldy, int accumulate,
-                       int64_t n0, int64_t count) {
-    const int64_t blocks = w->k / BLOCK, bytes = block_bytes(w->format);
+/* The same results as rows_direct, with the tile's weights unpacked and its scales converted once and
+ * reused by every activation row (the batched path): each output's own sequence of operations is the one
+ * rows_direct runs. */
+static void rows_tiled(const Activations *x, int64_t rows, const Matrix *w, float *y, int64_t ldy,
+                       int accumulate, int64_t n0, int64_t count) {
+    const int64_t blocks = w->k / BLOCK, vb = value_bytes(w->format), groups = (blocks + GROUP - 1) / GROUP;
     __m256i q[TILE][blocks];
-    __m128 scales[TILE][blocks];
+    __m256 wd[TILE][groups], wm[TILE][groups];
     for (int64_t r = 0; r < count; r++) {
-        const uint8_t *row = w->data + (n0 + r) * blocks * bytes;
-        for (int64_t i = 0; i < blocks; i++) {
-            q[r][i] = weight_bytes(row + i * bytes, w->format);
-            scales[r][i] = weight_scales(row + i * bytes, w->format);
+        const Row row = matrix_row(w, n0 + r);
+        for (int64_t i = 0; i < blocks; i++) q[r][i] = weight_values(row.q + i * vb, w->format);
+        for (int64_t g = 0; g < groups; g++) {
+            wd[r][g] = halves(row.d + g * GROUP);
+            wm[r][g] = w->format == Q4_1 ? halves(row.m + g * GROUP) : _mm256_setzero_ps();
         }
     }
     for (int64_t b = 0; b < rows; b++) {
-        const XBlock *xb = x + b * blocks;
-        __m256 acc[TILE];
-        __m128 mins[TILE];
-        for (int64_t r = 0; r < TILE; r++) acc[r] = _mm256_setzero_ps(), mins[r] = _mm_setzero_ps();
-        for (int64_t i = 0; i < blocks; i++) {
-            const __m256i xq = _mm256_loadu_si256((const __m256i *)xb[i].q);
-            for (int64_t r = 0; r < count; r++)
-                block_step(block_isum(q[r][i], xq, w->format), scales[r][i], xb + i, &acc[r], &mins[r]);
+        const float *xd = x->d + b * blocks, *xs = x->s + b * blocks;
+        const int8_t *xq = x->q + b * blocks * BLOCK;
+        __m256 acc[TILE], mins[TILE], scales[TILE];
+        for (int64_t r = 0; r < TILE; r++) acc[r] = mins[r] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < blocks; g += GROUP) {
+            const int64_t size = blocks - g < GROUP ? blocks - g : GROUP;
+            const __m256 gd = _mm256_loadu_ps(xd + g), gs = _mm256_loadu_ps(xs + g), mask = group_mask(size);
+            for (int64_t r = 0; r < count; r++) {
+                scales[r] = _mm256_mul_ps(wd[r][g / GROUP], gd);
+                if (w->format == Q4_1) mins[r] = add_mins(mins[r], wm[r][g / GROUP], gs, mask);
+            }
+            for (int64_t j = 0; j < size; j++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (g + j) * BLOCK));
+                for (int64_t r = 0; r < count; r++)
+                    acc[r] = add_block(acc[r], block_isum(q[r][g + j], xv, w->format), scales[r], j);
+            }
         }
         for (int64_t r = 0; r < count; r++) {
             float *out = y + b * ldy + n0 + r;
@@ -183,18 +233,21 @@ static void rows_tiled(const XBlock *x, int64_t rows, const Matrix *w, float *y,
 /* y [rows, ldy] (+)= x [rows, k] @ w^T (+ bias), x quantized to int8 blocks first. Returns 0, or -1 when
  * out of memory. */
 int quantized_matmul(const float *x, int64_t rows, const Matrix *w, float *y, int64_t ldy, int accumulate) {
-    XBlock *xq = malloc(sizeof(XBlock) * (size_t)(rows * (w->k / BLOCK)) + 1);
-    if (xq == NULL) return -1;
-    quantize_blocks(x, rows * (w->k / BLOCK), xq);
+    const int64_t count = rows * (w->k / BLOCK);
+    /* One buffer: d and s (each with GROUP zeros of slack: a row's last group loads past its end), then q. */
+    float *buffer = calloc((size_t)(2 * (count + GROUP)) * sizeof(float) + (size_t)(count * BLOCK), 1);
+    if (buffer == NULL) return -1;
+    const Activations xq = {buffer, buffer + count + GROUP, (int8_t *)(buffer + 2 * (count + GROUP))};
+    quantize_blocks(x, count, &xq);
 #pragma omp parallel for schedule(static)
     for (int64_t n0 = 0; n0 < w->n; n0 += TILE) {
-        const int64_t count = w->n - n0 < TILE ? w->n - n0 : TILE;
+        const int64_t tile = w->n - n0 < TILE ? w->n - n0 : TILE;
         if (rows == 1)
-            rows_direct(xq, rows, w, y, ldy, accumulate, n0, count);
+            rows_direct(&xq, rows, w, y, ldy, accumulate, n0, tile);
         else
-            rows_tiled(xq, rows, w, y, ldy, accumulate, n0, count);
+            rows_tiled(&xq, rows, w, y, ldy, accumulate, n0, tile);
     }
-    free(xq);
+    free(buffer);
     return 0;
 }
 
