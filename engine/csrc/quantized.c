@@ -157,9 +157,10 @@ static inline float finish(__m256 acc, __m256 mins, const Matrix *w, int64_t n, 
 
 /* y[b, n] = (residual y[b, n] +) x[b] . w[n] for every row b and output n in [n0, n0 + count), the count
  * (at most TILE) outputs side by side, block group by block group. */
-static void rows_direct(const Activations *x, int64_t rows, const Matrix *w, float *y, int64_t ldy,
-                        int accumulate, int64_t n0, int64_t count) {
-    const int64_t blocks = w->k / BLOCK, vb = value_bytes(w->format);
+static inline __attribute__((always_inline)) void rows_direct(const Activations *x, int64_t rows, const Matrix *w,
+                                                             float *y, int64_t ldy, int accumulate, int64_t n0,
+                                                             int64_t count, int64_t format) {
+    const int64_t blocks = w->k / BLOCK, vb = value_bytes(format);
     Row row[TILE];
     for (int64_t r = 0; r < count; r++) row[r] = matrix_row(w, n0 + r);
     for (int64_t b = 0; b < rows; b++) {
@@ -172,12 +173,12 @@ static void rows_direct(const Activations *x, int64_t rows, const Matrix *w, flo
             const __m256 gd = _mm256_loadu_ps(xd + g), gs = _mm256_loadu_ps(xs + g), mask = group_mask(size);
             for (int64_t r = 0; r < count; r++) {
                 scales[r] = _mm256_mul_ps(halves(row[r].d + g), gd);
-                if (w->format == Q4_1) mins[r] = add_mins(mins[r], halves(row[r].m + g), gs, mask);
+                if (format == Q4_1) mins[r] = add_mins(mins[r], halves(row[r].m + g), gs, mask);
             }
             for (int64_t j = 0; j < size; j++) {
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (g + j) * BLOCK));
                 for (int64_t r = 0; r < count; r++) {
-                    const __m256 dot = block_isum(weight_values(row[r].q + (g + j) * vb, w->format), xv, w->format);
+                    const __m256 dot = block_isum(weight_values(row[r].q + (g + j) * vb, format), xv, format);
                     acc[r] = add_block(acc[r], dot, scales[r], j);
                 }
             }
@@ -192,17 +193,18 @@ static void rows_direct(const Activations *x, int64_t rows, const Matrix *w, flo
 /* The same results as rows_direct, with the tile's weights unpacked and its scales converted once and
  * reused by every activation row (the batched path): each output's own sequence of operations is the one
  * rows_direct runs. */
-static void rows_tiled(const Activations *x, int64_t rows, const Matrix *w, float *y, int64_t ldy,
-                       int accumulate, int64_t n0, int64_t count) {
-    const int64_t blocks = w->k / BLOCK, vb = value_bytes(w->format), groups = (blocks + GROUP - 1) / GROUP;
+static inline __attribute__((always_inline)) void rows_tiled(const Activations *x, int64_t rows, const Matrix *w,
+                                                            float *y, int64_t ldy, int accumulate, int64_t n0,
+                                                            int64_t count, int64_t format) {
+    const int64_t blocks = w->k / BLOCK, vb = value_bytes(format), groups = (blocks + GROUP - 1) / GROUP;
     __m256i q[TILE][blocks];
     __m256 wd[TILE][groups], wm[TILE][groups];
     for (int64_t r = 0; r < count; r++) {
         const Row row = matrix_row(w, n0 + r);
-        for (int64_t i = 0; i < blocks; i++) q[r][i] = weight_values(row.q + i * vb, w->format);
+        for (int64_t i = 0; i < blocks; i++) q[r][i] = weight_values(row.q + i * vb, format);
         for (int64_t g = 0; g < groups; g++) {
             wd[r][g] = halves(row.d + g * GROUP);
-            wm[r][g] = w->format == Q4_1 ? halves(row.m + g * GROUP) : _mm256_setzero_ps();
+            wm[r][g] = format == Q4_1 ? halves(row.m + g * GROUP) : _mm256_setzero_ps();
         }
     }
     for (int64_t b = 0; b < rows; b++) {
@@ -215,12 +217,12 @@ static void rows_tiled(const Activations *x, int64_t rows, const Matrix *w, floa
             const __m256 gd = _mm256_loadu_ps(xd + g), gs = _mm256_loadu_ps(xs + g), mask = group_mask(size);
             for (int64_t r = 0; r < count; r++) {
                 scales[r] = _mm256_mul_ps(wd[r][g / GROUP], gd);
-                if (w->format == Q4_1) mins[r] = add_mins(mins[r], wm[r][g / GROUP], gs, mask);
+                if (format == Q4_1) mins[r] = add_mins(mins[r], wm[r][g / GROUP], gs, mask);
             }
             for (int64_t j = 0; j < size; j++) {
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (g + j) * BLOCK));
                 for (int64_t r = 0; r < count; r++)
-                    acc[r] = add_block(acc[r], block_isum(q[r][g + j], xv, w->format), scales[r], j);
+                    acc[r] = add_block(acc[r], block_isum(q[r][g + j], xv, format), scales[r], j);
             }
         }
         for (int64_t r = 0; r < count; r++) {
@@ -228,6 +230,24 @@ static void rows_tiled(const Activations *x, int64_t rows, const Matrix *w, floa
             *out = finish(acc[r], mins[r], w, n0 + r, accumulate ? out : NULL);
         }
     }
+}
+
+/* rows_direct for one activation row, else rows_tiled; compiled apart for full tiles of each format (the
+ * same operations, with the tile size and the format known to the compiler). */
+static void tile_rows(const Activations *x, int64_t rows, const Matrix *w, float *y, int64_t ldy, int accumulate,
+                      int64_t n0, int64_t count) {
+    if (rows == 1 && count == TILE && w->format == Q4_1)
+        rows_direct(x, rows, w, y, ldy, accumulate, n0, TILE, Q4_1);
+    else if (rows == 1 && count == TILE && w->format == Q8_0)
+        rows_direct(x, rows, w, y, ldy, accumulate, n0, TILE, Q8_0);
+    else if (rows == 1)
+        rows_direct(x, rows, w, y, ldy, accumulate, n0, count, w->format);
+    else if (count == TILE && w->format == Q4_1)
+        rows_tiled(x, rows, w, y, ldy, accumulate, n0, TILE, Q4_1);
+    else if (count == TILE && w->format == Q8_0)
+        rows_tiled(x, rows, w, y, ldy, accumulate, n0, TILE, Q8_0);
+    else
+        rows_tiled(x, rows, w, y, ldy, accumulate, n0, count, w->format);
 }
 
 /* y [rows, ldy] (+)= x [rows, k] @ w^T (+ bias), x quantized to int8 blocks first. Returns 0, or -1 when
@@ -242,10 +262,7 @@ int quantized_matmul(const float *x, int64_t rows, const Matrix *w, float *y, in
 #pragma omp parallel for schedule(static)
     for (int64_t n0 = 0; n0 < w->n; n0 += TILE) {
         const int64_t tile = w->n - n0 < TILE ? w->n - n0 : TILE;
-        if (rows == 1)
-            rows_direct(&xq, rows, w, y, ldy, accumulate, n0, tile);
-        else
-            rows_tiled(&xq, rows, w, y, ldy, accumulate, n0, tile);
+        tile_rows(&xq, rows, w, y, ldy, accumulate, n0, tile);
     }
     free(buffer);
     return 0;
