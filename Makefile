@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTO_STAMP := protos/.generated
 
-.PHONY: install proto serve test lint example bench bench-engine bench-sweep bench-llamacpp stress clean
+.PHONY: install proto serve test lint example bench bench-prefix bench-engine bench-sweep bench-llamacpp stress clean
 
 install: $(STAMP)
 
@@ -66,6 +66,11 @@ bench-engine: install
 # generate on one seeded workload (a few minutes on 2 CPU cores). Flags: BENCH_ARGS="--help".
 bench: install proto
 	$(PY) -m bench.serve_compare $(BENCH_ARGS)
+	$(PY) -m bench.shared_prefix $(PREFIX_ARGS)
+
+# Prefix caching on vs off: 32 requests sharing a ~500-token system prompt (PREFIX_ARGS for its flags).
+bench-prefix: install proto
+	$(PY) -m bench.shared_prefix $(PREFIX_ARGS)
 
 # The full sweep over request rates; writes JSON and a PNG plot to bench/results/.
 bench-sweep: install proto

@@ -4,6 +4,7 @@ from client.aio import AsyncTextGenClient
 from client.channel import tls_credentials
 from client.params import GenerateParams
 from client.results import (
+    Completion,
     FinishReason,
     GenerationResult,
     ModelInfo,
@@ -19,6 +20,7 @@ from client.sync import TextGenClient
 
 __all__ = [
     "AsyncTextGenClient",
+    "Completion",
     "FinishReason",
     "GenerateParams",
     "GenerationResult",

@@ -10,7 +10,7 @@ import grpc
 from opentelemetry import trace
 
 from client.channel import tls_credentials
-from client.results import FinishReason, Timing, Token, Usage
+from client.results import Completion, FinishReason, StreamChunk, Timing, Token, Usage
 from client.sync import TextGenClient
 from telemetry.exporters import tracer_provider_from_env
 
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, help="nucleus sampling threshold")
     parser.add_argument("--seed", type=int, help="sampling seed")
     parser.add_argument("--stop", action="append", default=[], help="a stop sequence (repeatable)")
+    parser.add_argument(
+        "--n", type=int, default=1, help="completions to generate; each is printed under its index"
+    )
     parser.add_argument("--timeout", type=float, help="deadline in seconds")
     parser.add_argument(
         "--top-logprobs",
@@ -95,12 +98,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         json_schema=json_schema,
         regex=args.regex,
         choice=args.choice,
+        n=args.n,
     )
     credentials = None
     if args.tls or args.tls_ca_file or args.tls_cert_file:
         credentials = tls_credentials(args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
     with TextGenClient(args.target, credentials=credentials, api_key=args.api_key) as client:
         try:
+            if args.n > 1:
+                print_completions(
+                    client, inputs, params, args.stream, bool(args.top_logprobs), args.prompt_logprobs
+                )
+                return 0
             if args.stream:
                 tokens, prompt_tokens = [], []
                 for chunk in client.stream(**inputs, **params):
@@ -143,12 +152,48 @@ def logprob_lines(tokens: Sequence[Token]) -> list[str]:
     return lines
 
 
+def print_completions(
+    client: TextGenClient, inputs: dict, params: dict, stream: bool, top_logprobs: bool, prompt_logprobs: bool
+) -> None:
+    """Print each of several completions under its index (a streamed one as soon as it finishes), with its
+    tokens' log-probabilities if asked for; then the scored prompt, once (the completions share it)."""
+    prompt_tokens: list[Token] = []
+    if stream:
+        texts: dict[int, str] = {}
+        tokens: dict[int, list[Token]] = {}
+        for chunk in client.stream(**inputs, **params):
+            texts[chunk.index] = texts.get(chunk.index, "") + chunk.text
+            tokens.setdefault(chunk.index, []).extend(chunk.tokens)
+            prompt_tokens += chunk.prompt_tokens
+            if chunk.finished:
+                print_completion(
+                    chunk.index, texts[chunk.index], chunk, tokens[chunk.index] if top_logprobs else []
+                )
+    else:
+        result = client.generate(**inputs, **params)
+        prompt_tokens = result.prompt_tokens
+        for completion in result.completions:
+            print_completion(
+                completion.index, completion.text, completion, completion.tokens if top_logprobs else []
+            )
+    if prompt_logprobs:
+        print("\n".join(["prompt logprobs:", *logprob_lines(prompt_tokens)]))
+
+
+def print_completion(index: int, text: str, end: Completion | StreamChunk, tokens: Sequence[Token]) -> None:
+    print(f"--- completion {index} ---\n{text}", flush=True)
+    if tokens:
+        print("\n".join(["logprobs:", *logprob_lines(tokens)]), flush=True)
+    print(summary(end.finish_reason, end.usage, end.timing), file=sys.stderr, flush=True)
+
+
 def summary(finish_reason: FinishReason | None, usage: Usage | None, timing: Timing | None) -> str:
     """One line: why it stopped, token counts, time to first token and total time."""
     reason = finish_reason.value if finish_reason else "?"
     if usage is None or timing is None:
         return f"[{reason}]"
+    cached = f" ({usage.cached_prompt_tokens} cached)" if usage.cached_prompt_tokens else ""
     return (
-        f"[{reason}] {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens, "
+        f"[{reason}] {usage.prompt_tokens} prompt{cached} + {usage.completion_tokens} completion tokens, "
         f"first token {timing.time_to_first_token_s:.3f} s, total {timing.total_s:.3f} s"
     )

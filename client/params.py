@@ -39,6 +39,7 @@ class GenerateParams:
     json_schema: Mapping[str, Any] | str | None = None
     regex: str | None = None
     choice: Sequence[str] | None = None
+    n: int = 1  # completions wanted: `GenerationResult.completions`, `StreamChunk.index`
 
     def sampling(self) -> pb.SamplingParameters:
         sampling = pb.SamplingParameters(
@@ -95,6 +96,7 @@ def generate_request(
         top_logprobs=params.top_logprobs,
         prompt_logprobs=params.prompt_logprobs,
         response_format=params.response_format(),
+        n=params.n,
     )
     if prompt is not None:
         request.prompt = prompt

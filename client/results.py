@@ -55,14 +55,15 @@ class Token:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Tokens in the prompt and tokens generated."""
+    """Tokens in the prompt, tokens generated, and the prompt tokens the server's prefix cache held."""
 
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0
 
     @classmethod
     def from_proto(cls, u: pb.Usage) -> Usage:
-        return cls(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)
+        return cls(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +84,33 @@ class Timing:
 
 
 @dataclass(frozen=True, slots=True)
+class Completion:
+    """One of a request's `n` completions."""
+
+    index: int
+    text: str
+    tokens: list[Token]
+    finish_reason: FinishReason | None
+    usage: Usage
+    timing: Timing
+
+    @classmethod
+    def from_proto(cls, c: pb.Completion) -> Completion:
+        return cls(
+            index=c.index,
+            text=c.text,
+            tokens=[Token.from_proto(t) for t in c.tokens],
+            finish_reason=FinishReason.from_proto(c.finish_reason),
+            usage=Usage.from_proto(c.usage),
+            timing=Timing.from_proto(c.timing),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationResult:
-    """The whole output of one request; `prompt_tokens` holds the scored prompt with `prompt_logprobs`."""
+    """The whole output of one request: completion 0's text, tokens, finish reason and timing; the usage of
+    all completions; every completion in `completions` (one unless the request asked for `n` > 1); the scored
+    prompt in `prompt_tokens` with `prompt_logprobs` (once: the completions share the prompt)."""
 
     request_id: str
     text: str
@@ -93,6 +119,7 @@ class GenerationResult:
     usage: Usage
     timing: Timing
     prompt_tokens: list[Token] = field(default_factory=list)
+    completions: list[Completion] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, r: pb.GenerateResponse) -> GenerationResult:
@@ -104,13 +131,15 @@ class GenerationResult:
             usage=Usage.from_proto(r.usage),
             timing=Timing.from_proto(r.timing),
             prompt_tokens=[Token.from_proto(t) for t in r.prompt_tokens],
+            completions=[Completion.from_proto(c) for c in r.completions],
         )
 
 
 @dataclass(frozen=True, slots=True)
 class StreamChunk:
-    """New output since the previous chunk; the last chunk also has finish_reason, usage and timing, the
-    first the scored prompt (`prompt_tokens`) when `prompt_logprobs` was asked for."""
+    """New output of completion `index` since its previous chunk; the last chunk of each completion also
+    has finish_reason, usage and timing; the request's first chunk the scored prompt (`prompt_tokens`) when
+    `prompt_logprobs` was asked for."""
 
     request_id: str
     text: str
@@ -119,6 +148,7 @@ class StreamChunk:
     usage: Usage | None = None
     timing: Timing | None = None
     prompt_tokens: list[Token] = field(default_factory=list)
+    index: int = 0
 
     @property
     def finished(self) -> bool:
@@ -134,6 +164,7 @@ class StreamChunk:
             usage=Usage.from_proto(r.usage) if r.HasField("usage") else None,
             timing=Timing.from_proto(r.timing) if r.HasField("timing") else None,
             prompt_tokens=[Token.from_proto(t) for t in r.prompt_tokens],
+            index=r.index,
         )
 
 

@@ -20,7 +20,7 @@ from engine.batching import BatchConfig
 from engine.core import EngineCore, Outbox
 from engine.errors import EngineStoppedError, InvalidRequestError, RequestFailedError
 from engine.inbox import Add, Command, Inbox
-from engine.limits import MAX_CHAT_MESSAGES, MAX_PROMPT_CHARS, RequestLimits, check_request
+from engine.limits import MAX_CHAT_MESSAGES, MAX_N, MAX_PROMPT_CHARS, RequestLimits, check_request
 from engine.model_runner import ModelRunner
 from engine.observer import EngineObserver
 from engine.output import OutputProcessor
@@ -63,6 +63,8 @@ class EngineConfig:
     weight_format: str = "auto"  # "fp16-packed": CPU linear layers on FBGEMM's float16 GEMM; "native"
     prefill_chunk_tokens: int = -1  # most tokens per forward pass of a prefill step; -1: 512 on CPU, 0: all
     model_impl: str = "auto"  # lean code for the Llama family where supported, else transformers' modeling
+    prefix_caching: bool = True  # share the KV blocks of prompt prefixes computed before
+    max_n: int = MAX_N  # the most completions one request may ask for
 
 
 @dataclass(slots=True)
@@ -92,6 +94,7 @@ class GenerationResult:
     completion_tokens: int
     timing: Timing
     prompt_logprobs: list[TokenInfo] = field(default_factory=list)  # with SamplingParams.prompt_logprobs
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -115,6 +118,7 @@ class Engine:
         self.observer = observer or EngineObserver()
         self._inbox = Inbox(config.max_queue_size)
         self._sinks: dict[int, _AsyncSink | queue.Queue] = {}  # sequence id -> sink; the loop thread's
+        self._groups: dict[int, list[int]] = {}  # group id -> its sequences still live; the loop thread's
         self._accepting = True
         self._go = threading.Event()
         self.core = self._start_loop_thread()
@@ -132,6 +136,7 @@ class Engine:
             max_new_tokens_limit=config.max_new_tokens_limit,
             max_prompt_chars=config.max_prompt_chars,
             max_chat_messages=config.max_chat_messages,
+            max_n=config.max_n,
         )
         self.grammars = GrammarCompiler(self.tokenizer, self.model_runner.vocab_size, self.eos_token_ids)
 
@@ -158,6 +163,11 @@ class Engine:
     @property
     def num_free_kv_blocks(self) -> int:
         return self.model_runner.allocator.num_free
+
+    @property
+    def num_cached_kv_blocks(self) -> int:
+        """Blocks in the prefix cache's index, in use or free (free ones are evicted when needed)."""
+        return self.model_runner.allocator.num_cached
 
     @property
     def num_waiting(self) -> int:
@@ -212,11 +222,13 @@ class Engine:
     def submit(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Queue a request; iterate the result for its events. Raises at once if it cannot be queued.
 
-        Closing the iterator before the last event cancels the request.
+        With `request.n` > 1 the completions' events interleave (each has its `index`); the iteration ends
+        once every completion has finished, or with the first error (which cancels the others). Closing the
+        iterator before the last event cancels the request.
         """
         sink = _AsyncSink(asyncio.get_running_loop())
-        seq = self._enqueue(request, sink)
-        return self._events(seq, sink.queue)
+        seqs = self._enqueue(request, sink)
+        return self._events(seqs[0], len(seqs), sink.queue)
 
     def cancel(self, request_id: str) -> None:
         """Cancel a queued or running request; its blocks are freed at the next step. Idempotent.
@@ -252,28 +264,35 @@ class Engine:
             remaining -= item.finished
         return [_result(r.request_id, collected[r.request_id]) for r in requests]
 
-    def _enqueue(self, request: GenerationRequest, sink: _AsyncSink | queue.Queue) -> Sequence:
+    def _enqueue(self, request: GenerationRequest, sink: _AsyncSink | queue.Queue) -> list[Sequence]:
+        """One sequence per completion, queued together: completion 0 first, the others in its group."""
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down and accepts no new requests")
-        seq = Sequence(request, check_request(request, self.limits))
+        max_new_tokens = check_request(request, self.limits)
+        first = Sequence(request, max_new_tokens)
+        seqs = [first] + [
+            Sequence(request.completion(i), max_new_tokens, index=i, group_id=first.seq_id)
+            for i in range(1, request.n)
+        ]
         if request.sampling.response_format is not None:
-            seq.grammar = self.grammars.matcher(request.sampling.response_format)
-        self._inbox.add(seq, sink, self.scheduler.num_waiting, self.observer.request_queued)
-        return seq
+            for seq in seqs:  # a matcher of its own each: a completion's output advances only its own state
+                seq.grammar = self.grammars.matcher(request.sampling.response_format)
+        self._inbox.add(seqs, sink, self.scheduler.num_waiting, self.observer.request_queued)
+        return seqs
 
-    async def _events(self, seq: Sequence, events: asyncio.Queue) -> AsyncIterator[GenerationEvent]:
-        done = False
+    async def _events(self, first: Sequence, n: int, events: asyncio.Queue) -> AsyncIterator[GenerationEvent]:
+        remaining = n
         try:
-            while not done:
+            while remaining:
                 item = await events.get()
                 if isinstance(item, Exception):
-                    done = True
+                    remaining -= 1  # that completion has ended; the others, if any, are cancelled below
                     raise item
-                done = item.finished
+                remaining -= item.finished
                 yield item
         finally:
-            if not done:
-                self._inbox.cancel(seq.id, seq.seq_id)  # the consumer went away: free the request's KV blocks
+            if remaining:  # the consumer went away, or one completion failed: free the request's KV blocks
+                self._inbox.cancel(first.id, first.group_id)
 
     # ---- the loop thread --------------------------------------------------------------------------------
 
@@ -325,10 +344,13 @@ class Engine:
     def _apply(self, commands: list[Command], outbox: Outbox) -> None:
         for command in commands:
             if isinstance(command, Add):
-                self._sinks[command.seq.seq_id] = command.sink
-                self.core.add(command.seq)
+                self._groups[command.seqs[0].group_id] = [seq.seq_id for seq in command.seqs]
+                for seq in command.seqs:
+                    self._sinks[seq.seq_id] = command.sink
+                    self.core.add(seq)
             else:
-                self.core.abort(command.seq_id, command.error, outbox)
+                for seq_id in list(self._groups.get(command.group_id, ())):
+                    self.core.abort(seq_id, command.error, outbox)
 
     def _dispatch(self, outbox: Outbox) -> None:
         """Hand this step's events to their callers: one thread crossing per asyncio loop per step."""
@@ -337,7 +359,7 @@ class Engine:
             final = isinstance(item, Exception) or item.finished
             sink = self._sinks.pop(seq.seq_id) if final else self._sinks[seq.seq_id]
             if final:
-                self._inbox.forget(seq)
+                self._end_in_group(seq)
             if isinstance(sink, _AsyncSink):
                 by_loop.setdefault(sink.loop, []).append((sink.queue, item))
             else:
@@ -345,6 +367,14 @@ class Engine:
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(_deliver, items)
+
+    def _end_in_group(self, seq: Sequence) -> None:
+        """`seq` has ended; once its whole request has, the request id is free again."""
+        live = self._groups[seq.group_id]
+        live.remove(seq.seq_id)
+        if not live:
+            del self._groups[seq.group_id]
+            self._inbox.forget(seq)
 
     def _warmup_token(self) -> int:
         return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 0
@@ -365,7 +395,7 @@ def _build_core(config: EngineConfig, observer: EngineObserver) -> EngineCore:
     )
     scheduler = make_scheduler(
         config.scheduling,
-        SchedulerConfig(config.batch, config.max_decode_stall_ms),
+        SchedulerConfig(config.batch, config.max_decode_stall_ms, config.prefix_caching),
         runner.allocator,
         max_context_len=_max_context_len(runner, config),
         eos_token_ids=_eos_token_ids(runner),
@@ -401,4 +431,5 @@ def _result(request_id: str, events: list[GenerationEvent]) -> GenerationResult:
         completion_tokens=last.completion_tokens,
         timing=last.timing,
         prompt_logprobs=[t for e in events for t in e.prompt_logprobs],
+        cached_prompt_tokens=last.cached_prompt_tokens,
     )

@@ -17,13 +17,13 @@ from engine.sequence import Sequence
 
 @dataclass(slots=True)
 class Add:
-    seq: Sequence
-    sink: object  # where the loop thread sends the sequence's events
+    seqs: list[Sequence]  # one request's: one per completion, completion 0 first
+    sink: object  # where the loop thread sends the sequences' events
 
 
 @dataclass(slots=True)
 class Cancel:
-    seq_id: int
+    group_id: int  # every sequence of the request
     error: Exception
 
 
@@ -39,7 +39,7 @@ class Inbox:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._commands: list[Command] = []
-        self._live: dict[str, int] = {}  # request id -> sequence id, until the request ends
+        self._live: dict[str, int] = {}  # request id -> its sequences' group id, until the request ends
         self._stopped = False
 
     @property
@@ -47,35 +47,38 @@ class Inbox:
         with self._lock:
             return self._pending_adds()
 
-    def add(self, seq: Sequence, sink: object, num_waiting: int, announce: Announce) -> None:
-        """Queue `seq` unless its id is in flight or the queue (`num_waiting` plus pending adds) is full.
+    def add(self, seqs: list[Sequence], sink: object, num_waiting: int, announce: Announce) -> None:
+        """Queue one request's `seqs` unless its id is in flight or they do not fit in the queue
+        (`num_waiting` plus pending adds, in sequences).
 
-        `announce` runs once the request is accepted and before the loop thread can see it.
+        `announce` runs for each once the request is accepted and before the loop thread can see it.
         """
+        first = seqs[0]
         with self._wakeup:
-            if seq.id in self._live:
-                raise DuplicateRequestError(f"request_id {seq.id!r} is already in flight")
-            if num_waiting + self._pending_adds() >= self.max_queue_size:
+            if first.id in self._live:
+                raise DuplicateRequestError(f"request_id {first.id!r} is already in flight")
+            if num_waiting + self._pending_adds() + len(seqs) > self.max_queue_size:
                 raise QueueFullError(f"the queue is full ({self.max_queue_size} requests waiting)")
-            announce(seq)
-            self._live[seq.id] = seq.seq_id
-            self._commands.append(Add(seq, sink))
+            for seq in seqs:
+                announce(seq)
+            self._live[first.id] = first.group_id
+            self._commands.append(Add(seqs, sink))
             self._wakeup.notify()
 
-    def cancel(self, request_id: str, seq_id: int | None = None) -> None:
-        """Cancel the request `request_id` in flight (only if it is sequence `seq_id`, when given)."""
+    def cancel(self, request_id: str, group_id: int | None = None) -> None:
+        """Cancel the request `request_id` in flight (only if its group is `group_id`, when given)."""
         with self._wakeup:
             live = self._live.get(request_id)
-            if live is None or (seq_id is not None and live != seq_id):
+            if live is None or (group_id is not None and live != group_id):
                 return
             del self._live[request_id]
             self._commands.append(Cancel(live, RequestCancelledError(f"request {request_id} was cancelled")))
             self._wakeup.notify()
 
     def forget(self, seq: Sequence) -> None:
-        """`seq` has ended: its request id is free again."""
+        """The last sequence of `seq`'s request has ended: its request id is free again."""
         with self._lock:
-            if self._live.get(seq.id) == seq.seq_id:
+            if self._live.get(seq.id) == seq.group_id:
                 del self._live[seq.id]
 
     def stop(self) -> None:
@@ -104,4 +107,4 @@ class Inbox:
         return commands
 
     def _pending_adds(self) -> int:
-        return sum(isinstance(command, Add) for command in self._commands)
+        return sum(len(command.seqs) for command in self._commands if isinstance(command, Add))

@@ -1,46 +1,125 @@
-"""The paged KV cache: one preallocated pool of fixed-size blocks, and the allocator that hands them out."""
+"""The paged KV cache: one preallocated pool of fixed-size blocks, and the allocator that hands them out.
+
+Prefix caching: a full block whose keys and values are computed is indexed by a hash chained over the
+token ids of every block up to and including it (`block_hashes`), so the hash names the whole prefix,
+not just the block's own tokens. A later sequence whose prompt starts with the same whole blocks shares
+them (reference-counted) instead of recomputing them. A cached block that no sequence holds stays in
+the index until a block is needed and none is free: then the least recently used one is evicted.
+"""
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict, deque
 
 import torch
 
 
+def block_hashes(token_ids: list[int], block_size: int, hashes: list[bytes]) -> list[bytes]:
+    """Extend `hashes` to one per full block of `token_ids`, each chained on the one before; return it.
+
+    SHA-256 rather than Python's `hash`: a collision would silently hand one prompt another's keys.
+    """
+    for index in range(len(hashes), len(token_ids) // block_size):
+        digest = hashlib.sha256(hashes[-1] if hashes else b"")
+        digest.update(array("q", token_ids[index * block_size : (index + 1) * block_size]).tobytes())
+        hashes.append(digest.digest())
+    return hashes
+
+
 class BlockAllocator:
-    """Hands out block ids from a fixed pool; a sequence's blocks form its block table."""
+    """Hands out block ids from a fixed pool; a sequence's blocks form its block table.
+
+    Every block has a reference count (how many block tables hold it). A free block is either empty
+    (`_free`) or cached (`_evictable`, least recently freed first), and both count as free: allocation
+    takes empty blocks first, then evicts cached ones. Only blocks handed to `cache` are ever indexed.
+    """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         assert num_blocks > 0 and block_size > 0
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._refs = [0] * num_blocks
+        self._block_of: dict[bytes, int] = {}  # prefix hash -> the block holding its keys and values
+        self._hash_of: dict[int, bytes] = {}
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks in the prefix index, held by sequences or not."""
+        return len(self._block_of)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
+        return num_blocks <= self.num_free
 
     def allocate(self, block_table: list[int], num_tokens: int) -> bool:
         """Grow `block_table` to hold `num_tokens` slots; False (and no change) if the pool is short."""
         missing = self.blocks_needed(num_tokens) - len(block_table)
         if missing <= 0:
             return True
-        if missing > len(self._free):
+        if missing > self.num_free:
             return False
-        block_table.extend(self._free.popleft() for _ in range(missing))
+        for _ in range(missing):
+            block = self._free.popleft() if self._free else self._evict()
+            self._refs[block] = 1
+            block_table.append(block)
         return True
 
     def free(self, block_table: list[int]) -> None:
-        """Return every block of `block_table` to the pool and empty it."""
-        self._free.extend(block_table)
+        """Release every block of `block_table` and empty it; blocks nobody holds any more become free.
+
+        Last blocks first, so that a prompt's later blocks (the least likely to be shared) are evicted
+        before its first ones.
+        """
+        for block in reversed(block_table):
+            self._refs[block] -= 1
+            assert self._refs[block] >= 0
+            if self._refs[block] == 0:
+                if block in self._hash_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
         block_table.clear()
-        assert len(self._free) <= self.num_blocks
+        assert self.num_free <= self.num_blocks
+
+    def cached_prefix(self, hashes: list[bytes]) -> list[int]:
+        """The cached blocks of the longest run of `hashes` from the first (nothing is taken)."""
+        blocks = []
+        for block_hash in hashes:
+            block = self._block_of.get(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def share(self, block_table: list[int], blocks: list[int]) -> None:
+        """Append `blocks` (computed elsewhere: cached, or a sibling's) to `block_table`, holding each."""
+        for block in blocks:
+            if self._refs[block] == 0:
+                del self._evictable[block]
+            self._refs[block] += 1
+            block_table.append(block)
+
+    def cache(self, block: int, block_hash: bytes) -> None:
+        """Index a held, fully computed block under its prefix hash, unless that prefix is indexed already."""
+        if block_hash not in self._block_of and block not in self._hash_of:
+            assert self._refs[block] > 0
+            self._block_of[block_hash] = block
+            self._hash_of[block] = block_hash
+
+    def _evict(self) -> int:
+        block, _ = self._evictable.popitem(last=False)
+        del self._block_of[self._hash_of.pop(block)]
+        return block
 
 
 class KVCache:

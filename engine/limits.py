@@ -27,6 +27,7 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API: alternatives per token
 # while the worst compile stays well under a second (README: Structured output).
 MAX_RESPONSE_FORMAT_CHARS = 64 * 1024
 MAX_CHOICES = 1024
+MAX_N = 16  # completions per request (--max-n)
 
 Violation = tuple[str, str]
 
@@ -65,6 +66,7 @@ class RequestLimits:
     max_stop_sequence_chars: int = MAX_STOP_SEQUENCE_CHARS
     max_prompt_chars: int = MAX_PROMPT_CHARS
     max_chat_messages: int = MAX_CHAT_MESSAGES
+    max_n: int = MAX_N
 
 
 class ChatMessage(Protocol):
@@ -81,6 +83,7 @@ def check_request(request: GenerationRequest, limits: RequestLimits) -> int:
     """
     violations = _prompt_violations(request.prompt_ids, limits)
     violations += parameter_violations(request.sampling, request.stopping, limits)
+    violations += n_violations(request.n, limits)
     if violations:
         raise InvalidRequestError.from_violations(violations)
     return resolve_max_new_tokens(len(request.prompt_ids), request.stopping, limits)
@@ -96,6 +99,13 @@ def parameter_violations(
         + _stop_sequence_violations(stopping.stop_sequences, limits)
         + _response_format_violations(sampling.response_format, stopping)
     )
+
+
+def n_violations(n: int, limits: RequestLimits) -> list[Violation]:
+    """The number of completions must be in [1, max_n]."""
+    if 1 <= n <= limits.max_n:
+        return []
+    return [("n", f"must be in [1, {limits.max_n}] completions, got {n}")]
 
 
 def input_size_violations(

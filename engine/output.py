@@ -47,7 +47,7 @@ class OutputProcessor:
         token = TokenInfo(token_id, token_text, logprob, token_id in self.special_ids)
         if top:
             token.top_logprobs = self._alternatives(top)
-        event = GenerationEvent(seq.id, detokenizer.take_text(final=final), [token])
+        event = GenerationEvent(seq.id, detokenizer.take_text(final=final), [token], index=seq.index)
         if seq.seq_id in self._prompt_logprobs:
             event.prompt_logprobs = tuple(self._prompt_logprobs.pop(seq.seq_id))
         if final:
@@ -78,6 +78,7 @@ def _complete(event: GenerationEvent, seq: Sequence) -> None:
     event.finish_reason = seq.finish_reason
     event.prompt_tokens = seq.num_prompt_tokens
     event.completion_tokens = seq.num_completion_tokens
+    event.cached_prompt_tokens = seq.num_cached_tokens
     event.timing = Timing(
         queue_s=(seq.admitted_time or now) - arrival,
         time_to_first_token_s=(seq.first_token_time or now) - arrival,

@@ -4,7 +4,9 @@
 and the output head as Q8_0. Where the model was converted from a GGUF whose blocks dequantize exactly to
 its weights (the default SmolLM2: its GGUF is Q4_1 throughout, its embedding Q8_0), those blocks are used
 as they are, so the weights are exactly the float32 model's; otherwise the weights are quantized here.
-Activations and sums stay float32 (engine/csrc/quantized.c).
+The kernels (engine/csrc/quantized.c) quantize each activation row to int8 blocks and take integer dot
+products, as llama.cpp does: not the float32 model's arithmetic, so `--weight-format native` stays the
+exact path.
 """
 
 from __future__ import annotations
@@ -95,20 +97,20 @@ def load_error() -> str | None:
     return _library.error
 
 
-@dataclass(eq=False)
 class QuantizedLinear:
-    """A linear layer on block-quantized weights: `blocks` [n, k / 32 * bytes per block], float32 bias."""
+    """A linear layer on block-quantized weights (`blocks` [n, k / 32 * bytes per block], GGUF's layout),
+    with an optional float32 bias. The kernels read the blocks re-laid by `pack`."""
 
-    blocks: torch.Tensor
-    bias: torch.Tensor | None
-    n: int
-    k: int
-    format: int
-
-    def __post_init__(self) -> None:
-        bias = 0 if self.bias is None else self.bias.data_ptr()
-        self.matrix = Matrix(self.blocks.data_ptr(), bias, self.n, self.k, self.format)
+    def __init__(self, blocks: torch.Tensor, bias: torch.Tensor | None, n: int, k: int, format: int) -> None:
+        self.packed = pack(blocks, format, n, k)
+        self.bias, self.n, self.k, self.format = bias, n, k, format
+        self.matrix = Matrix(self.packed.data_ptr(), 0 if bias is None else bias.data_ptr(), n, k, format)
         self.library = load()
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        """The weights as GGUF blocks (made from the packed copy: for checks, not for computing)."""
+        return unpack(self.packed, self.format, self.n, self.k)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.k).contiguous()
@@ -119,6 +121,30 @@ class QuantizedLinear:
         if status != 0:
             raise MemoryError("the quantized matmul could not allocate its buffers")
         return out.view(*x.shape[:-1], self.n)
+
+
+SLACK = 32
+"""Bytes after a packed matrix: the kernels load a row's last scales eight at a time, past its end."""
+
+
+def pack(blocks: torch.Tensor, fmt: int, n: int, k: int) -> torch.Tensor:
+    """GGUF blocks [n, k / 32 * bytes] -> the kernels' layout: each row's blocks as three runs (every
+    block's quantized values, then every scale, then for Q4_1 every minimum), the same bytes in all."""
+    raw = blocks.reshape(n, k // BLOCK, BLOCK_BYTES[fmt])
+    header = 4 if fmt == Q4_1 else 2
+    runs = [raw[:, :, header:], raw[:, :, 0:2], *([raw[:, :, 2:4]] if fmt == Q4_1 else [])]
+    rows = torch.cat([run.reshape(n, -1) for run in runs], dim=1)
+    return torch.cat([rows.reshape(-1), torch.zeros(SLACK, dtype=torch.uint8)])
+
+
+def unpack(packed: torch.Tensor, fmt: int, n: int, k: int) -> torch.Tensor:
+    """The inverse of `pack`: GGUF blocks [n, k / 32 * bytes]."""
+    blocks = k // BLOCK
+    rows = packed[: n * blocks * BLOCK_BYTES[fmt]].reshape(n, -1)
+    values = BLOCK_BYTES[fmt] - (4 if fmt == Q4_1 else 2)
+    q = rows[:, : blocks * values].reshape(n, blocks, values)
+    halves = rows[:, blocks * values :].reshape(n, -1, blocks, 2).transpose(1, 2).reshape(n, blocks, -1)
+    return torch.cat([halves, q], dim=2).reshape(n, -1)
 
 
 @dataclass(eq=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 class FinishReason(enum.Enum):
@@ -64,6 +64,7 @@ class GenerationRequest:
 
     `deadline` is a `time.monotonic()` instant after which the request is abandoned;
     `trace_context` is an opaque OpenTelemetry context the engine hands back to its tracer.
+    `n` completions share the prompt; events carry their completion's `index`.
     """
 
     prompt_ids: list[int]
@@ -74,6 +75,13 @@ class GenerationRequest:
     deadline: float | None = None
     trace_context: object | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    n: int = 1
+
+    def completion(self, index: int) -> GenerationRequest:
+        """This request as completion `index` runs it: the same, but for a seed of its own (seed + index)."""
+        if index == 0 or self.sampling.seed is None:
+            return self
+        return replace(self, sampling=replace(self.sampling, seed=(self.sampling.seed + index) % 2**64))
 
 
 @dataclass(slots=True)
@@ -124,6 +132,8 @@ class GenerationEvent:
     completion_tokens: int = 0
     timing: Timing | None = None
     prompt_logprobs: tuple[TokenInfo, ...] = ()
+    cached_prompt_tokens: int = 0  # of `prompt_tokens`, those whose KV was computed before (prefix cache)
+    index: int = 0  # which of the request's n completions
 
     @property
     def finished(self) -> bool:

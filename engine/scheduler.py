@@ -9,6 +9,14 @@ Policy (`Scheduler`, continuous batching), checked at every step:
 3. Otherwise decode every running sequence. When a decode step finds no free KV block, preempt the
    lowest-priority, newest sequence (free its blocks, requeue it, recompute its tokens later).
 
+With prefix caching, an admitted sequence first takes the cached blocks of its longest prefix of whole
+blocks (never its last token: that one's logits give the first new token) and prefills only the rest;
+every block a step fills is indexed for the sequences after it (`engine.kv_cache`).
+
+The completions of a request with n > 1 prefill its prompt once: completions 1 to n - 1 wait, outside the
+queue, until completion 0's prefill is done, then share its whole prompt blocks (whether or not prefix
+caching is on) and compute only the rest of the prompt's last block.
+
 `StaticScheduler` is the traditional scheme, kept as a baseline: admit a batch only when nothing runs,
 wait for `max_batch_size` requests or `max_wait_ms`, and keep finished rows in the batch (computing
 padding tokens) until its longest sequence finishes.
@@ -21,7 +29,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
 from engine.batching import BatchConfig, BatchRequest, ContinuousBatcher
-from engine.kv_cache import BlockAllocator
+from engine.kv_cache import BlockAllocator, block_hashes
 from engine.observer import EngineObserver
 from engine.request import FinishReason
 from engine.sequence import Sequence, SequenceStatus
@@ -38,6 +46,7 @@ class SchedulerConfig:
 
     batch: BatchConfig = field(default_factory=BatchConfig)
     max_decode_stall_ms: float = 200.0
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.max_decode_stall_ms < 0:
@@ -78,6 +87,7 @@ class Scheduler:
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
         self._tickets: dict[int, BatchRequest] = {}
+        self._held: dict[int, list[Sequence]] = {}  # group id -> completions waiting for its prefill
         self._finished_ids: list[int] = []
         self._preempted_ids: list[int] = []
         self._prefill_since: float | None = None  # when prefill steps began holding decoding off
@@ -104,10 +114,17 @@ class Scheduler:
         return max(self.config.batch.max_wait_ms / 1000 - waited, 0.001)
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence."""
+        """Queue a new sequence (a later completion waits for its request's prefill)."""
+        self.sequences[seq.seq_id] = seq
+        first = self.sequences.get(seq.group_id)
+        if first is not seq and first is not None and first.status is not SequenceStatus.RUNNING:
+            self._held.setdefault(seq.group_id, []).append(seq)
+        else:
+            self._queue(seq)
+
+    def _queue(self, seq: Sequence) -> None:
         ticket = BatchRequest(str(seq.seq_id), seq.num_tokens, seq.max_new_tokens, seq.priority, payload=seq)
         self.batcher.add(ticket)
-        self.sequences[seq.seq_id] = seq
         self._tickets[seq.seq_id] = ticket
 
     def schedule(self) -> Step | None:
@@ -186,7 +203,10 @@ class Scheduler:
         admitted = []
         for i, ticket in enumerate(formed.requests if formed else []):
             seq: Sequence = ticket.payload
+            self._share_cached_prefix(seq)
             if not self.allocator.allocate(seq.block_table, seq.num_tokens):
+                self.allocator.free(seq.block_table)
+                seq.num_computed_tokens = 0
                 self.batcher.requeue(formed.requests[i:])  # keeps their places in line
                 break
             seq.status = SequenceStatus.PREFILLING
@@ -195,6 +215,23 @@ class Scheduler:
             admitted.append(seq)
             self.observer.request_admitted(seq)
         return admitted
+
+    def _share_cached_prefix(self, seq: Sequence) -> None:
+        """Start `seq` on the longest run of whole blocks computed before: cached, or completion 0's."""
+        bs = self.allocator.block_size
+        limit = (seq.num_tokens - 1) // bs
+        blocks = []
+        if self.config.prefix_caching:
+            blocks = self.allocator.cached_prefix(block_hashes(seq.token_ids, bs, seq.block_hashes)[:limit])
+        first = self.sequences.get(seq.group_id)
+        if first is not seq and first is not None:  # the prompt's blocks, never completion 0's output
+            num_blocks = min(limit, seq.num_prompt_tokens // bs, first.num_computed_tokens // bs)
+            shared = first.block_table[:num_blocks]
+            blocks = max(blocks, shared, key=len)
+        self.allocator.share(seq.block_table, blocks)
+        seq.num_computed_tokens = len(blocks) * bs
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
 
     def _decode_chunks(self) -> list[tuple[Sequence, int]]:
         for seq in sorted(self.running, key=_priority_order):
@@ -243,11 +280,18 @@ class Scheduler:
         return self.sequences.get(seq_id)
 
     def _advance(self, seq: Sequence, num_tokens: int) -> None:
+        bs = self.allocator.block_size
+        first_full = seq.num_computed_tokens // bs
         seq.num_computed_tokens += num_tokens
+        if self.config.prefix_caching:  # the blocks this step filled, for later prompts to share
+            hashes = block_hashes(seq.token_ids, bs, seq.block_hashes)
+            for index in range(first_full, seq.num_computed_tokens // bs):
+                self.allocator.cache(seq.block_table[index], hashes[index])
         if seq.status is SequenceStatus.PREFILLING and seq.num_uncomputed_tokens == 0:
             self.prefilling.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            self._release_held(seq)
 
     def _append(self, seq: Sequence, token_id: int, logprob: float, result: StepResult) -> None:
         seq.token_ids.append(token_id)
@@ -265,12 +309,20 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.prefilling:
             self.prefilling.remove(seq)
-        elif seq.status is SequenceStatus.WAITING:
+        elif seq.seq_id in self._tickets:
             self.batcher.remove(str(seq.seq_id))
+        else:  # a completion still waiting for its request's prefill
+            self._held[seq.group_id].remove(seq)
         self.allocator.free(seq.block_table)
         seq.status = SequenceStatus.FINISHED
-        del self._tickets[seq.seq_id]
+        self._tickets.pop(seq.seq_id, None)
         self._finished_ids.append(seq.seq_id)
+        self._release_held(seq)
+
+    def _release_held(self, first: Sequence) -> None:
+        """Queue the completions that waited for `first`'s prefill (which is done, or will never be)."""
+        for seq in self._held.pop(first.seq_id, ()):
+            self._queue(seq)
 
 
 class StaticScheduler(Scheduler):

@@ -25,7 +25,8 @@ class Sequence:
     """Scheduling state of one request; owned by the step-loop thread once submitted.
 
     `seq_id` is unique per submission (a caller may reuse a request id once the first has ended, even
-    while the engine is still tearing that one down); every engine-side table is keyed by it.
+    while the engine is still tearing that one down); every engine-side table is keyed by it. A request
+    with n completions has n sequences, `index` 0 to n - 1, whose `group_id` is completion 0's `seq_id`.
     """
 
     request: GenerationRequest
@@ -35,16 +36,22 @@ class Sequence:
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix hashes of its full blocks, so far
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at its first admission
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     admitted_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
     grammar: GrammarMatcher | None = None  # with a response format: where its output stands in the grammar
+    index: int = 0
+    group_id: int = -1  # -1: this sequence's own id (completion 0)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.request.prompt_ids)
         self.num_prompt_tokens = len(self.token_ids)
+        if self.group_id < 0:
+            self.group_id = self.seq_id
 
     @property
     def id(self) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from engine.attention import ATTENTION_BACKENDS
 from engine.batching import BatchConfig
 from engine.engine import EngineConfig
-from engine.limits import MAX_CHAT_MESSAGES, MAX_PROMPT_CHARS
+from engine.limits import MAX_CHAT_MESSAGES, MAX_N, MAX_PROMPT_CHARS
 from engine.models import MODEL_IMPLS
 from engine.packed_linear import WEIGHT_FORMATS
 from service.auth import parse_key_list
@@ -30,6 +30,7 @@ _MINIMUMS = {
     "max_new_tokens_limit": 1,
     "max_prompt_chars": 1,
     "max_chat_messages": 1,
+    "max_n": 1,
     "max_request_bytes": 1024,
     "max_metadata_bytes": 1024,
     "max_connection_age_s": 0,
@@ -115,8 +116,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     _flag(model, "weight-format", "auto", "how linear-layer weights are held: auto (on a float32 cpu: "
           "q4_1 for the default model, whose GGUF blocks are its exact weights, else fp16-packed; native "
           "elsewhere), native (the dtype's own matmuls), fp16-packed (float16 weights on FBGEMM's GEMM) or "
-          "q4_1 (GGUF Q4_1 blocks, a Q8_0 output head, C kernels; Llama-family models on an AVX2 cpu); "
-          "arithmetic stays float32",
+          "q4_1 (GGUF Q4_1 blocks, a Q8_0 output head, C kernels with int8 activations as llama.cpp's; "
+          "Llama-family models on an AVX2 cpu); native float32 is the exact path",
           choices=WEIGHT_FORMATS)  # fmt: skip
     _flag(model, "model-impl", "auto", "model code: auto (lean code for the Llama family: Llama, Mistral, "
           "Qwen2; transformers' modeling otherwise), lean or transformers",
@@ -169,6 +170,10 @@ def _kv_flags(parser: argparse.ArgumentParser) -> None:
     _flag(kv, "num-kv-blocks", 0, "KV-cache blocks to preallocate; 0 sizes the pool automatically "
           "(80%% of free GPU memory on cuda, 1 GiB on cpu)", type=int)  # fmt: skip
     _flag(kv, "kv-block-size", 16, "tokens per KV-cache block", type=int)
+    caching = os.environ.get("TEXTGEN_PREFIX_CACHING", "1").lower() not in ("0", "false", "no", "off")
+    kv.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=caching,
+                    help="reuse the KV blocks of prompt prefixes computed before (--no-prefix-caching: "
+                    "off) [env TEXTGEN_PREFIX_CACHING=0 turns it off; default: on]")  # fmt: skip
 
 
 def _connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -192,6 +197,7 @@ def _limit_flags(parser: argparse.ArgumentParser) -> None:
     _flag(limits, "max-prompt-chars", MAX_PROMPT_CHARS, "the most characters in a prompt, or in a chat's "
           "roles and contents together; checked before tokenizing", type=int)  # fmt: skip
     _flag(limits, "max-chat-messages", MAX_CHAT_MESSAGES, "the most messages in a chat", type=int)
+    _flag(limits, "max-n", MAX_N, "the most completions (GenerateRequest.n) a request may ask for", type=int)
 
 
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
@@ -258,6 +264,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         weight_format=args.weight_format,
         model_impl=args.model_impl,
+        prefix_caching=args.prefix_caching,
+        max_n=args.max_n,
     )
 
 

@@ -192,6 +192,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
             request_id=request.request_id or uuid.uuid4().hex,
             deadline=None if remaining is None else time.monotonic() + remaining,
             trace_context=otel_context.get_current(),  # holds the server span: the engine's spans go under it
+            n=translate.num_completions(request),
         )
 
     @staticmethod

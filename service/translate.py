@@ -68,6 +68,11 @@ def stopping_params(stopping: pb.StoppingCriteria) -> StoppingParams:
     )
 
 
+def num_completions(request: pb.GenerateRequest) -> int:
+    """GenerateRequest.n, where 0 (unset) means 1."""
+    return request.n or 1
+
+
 def chat_messages(chat: pb.ChatInput) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in chat.messages]
 
@@ -134,34 +139,65 @@ def tokens(infos: Sequence[TokenInfo]) -> list[pb.Token]:
     ]
 
 
+def usage(event: GenerationEvent) -> pb.Usage:
+    """The token counts of a request's last event."""
+    return pb.Usage(
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        cached_prompt_tokens=event.cached_prompt_tokens,
+    )
+
+
 def stream_response(event: GenerationEvent) -> pb.GenerateStreamResponse:
     """One stream message per engine event; the last also carries finish reason, usage and timing."""
     response = pb.GenerateStreamResponse(
         request_id=event.request_id,
         text=event.text,
         tokens=tokens(event.tokens),
+        index=event.index,
         prompt_tokens=tokens(event.prompt_logprobs),
     )
     if event.finished:
         response.finish_reason = FINISH_REASONS[event.finish_reason]
-        response.usage.CopyFrom(
-            pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
-        )
+        response.usage.CopyFrom(usage(event))
         if event.timing is not None:
             response.timing.CopyFrom(timing(event.timing))
     return response
 
 
 def response(events: Sequence[GenerationEvent]) -> pb.GenerateResponse:
-    """The whole output of a finished request from all of its events."""
+    """The whole output of a finished request from all of its events: completion 0 at the top level,
+    every completion in `completions`, the usage of them all, and the scored prompt (once: only completion
+    0 scores it)."""
+    by_index: dict[int, list[GenerationEvent]] = {}
+    for event in events:
+        by_index.setdefault(event.index, []).append(event)
+    completions = [completion(index, by_index[index]) for index in sorted(by_index)]
+    first = completions[0]
+    total = pb.Usage()
+    total.CopyFrom(first.usage)
+    total.completion_tokens = sum(c.usage.completion_tokens for c in completions)
+    return pb.GenerateResponse(
+        request_id=events[-1].request_id,
+        text=first.text,
+        tokens=first.tokens,
+        finish_reason=first.finish_reason,
+        usage=total,
+        timing=first.timing if first.HasField("timing") else None,
+        completions=completions,
+        prompt_tokens=tokens([token for e in events for token in e.prompt_logprobs]),  # completion 0's only
+    )
+
+
+def completion(index: int, events: Sequence[GenerationEvent]) -> pb.Completion:
+    """One completion from its events, the last of which has finished."""
     last = events[-1]
     assert last.finished
-    return pb.GenerateResponse(
-        request_id=last.request_id,
+    return pb.Completion(
+        index=index,
         text="".join(e.text for e in events),
         tokens=[token for e in events for token in tokens(e.tokens)],
         finish_reason=FINISH_REASONS[last.finish_reason],
-        usage=pb.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
+        usage=usage(last),
         timing=timing(last.timing) if last.timing is not None else None,
-        prompt_tokens=[token for e in events for token in tokens(e.prompt_logprobs)],
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.limits import RequestLimits, input_size_violations, parameter_violations
+from engine.limits import RequestLimits, input_size_violations, n_violations, parameter_violations
 from protos.textgen.v1 import textgen_pb2 as pb
 from service import translate
 from service.status import InvalidArgument, PromptTooLong
@@ -26,6 +26,7 @@ def check_generate_request(request: pb.GenerateRequest, limits: RequestLimits) -
     stopping = translate.stopping_params(request.stopping)
     kind = request.WhichOneof("input")
     violations += translate.proto_violations(parameter_violations(sampling, stopping, limits), kind)
+    violations += n_violations(translate.num_completions(request), limits)
     if violations:
         raise InvalidArgument(violations)
 

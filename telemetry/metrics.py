@@ -107,6 +107,18 @@ class ServingMetrics(EngineObserver):
             "textgen.preemptions", "{preemption}", "Sequences that lost their KV blocks, to be recomputed"
         )
         self._preemptions.add(0)  # exported from the start: an alert can tell zero from missing
+        self._prefix_queries = meter.create_counter(
+            "textgen.prefix_cache.queries", "{token}", "Prompt tokens looked up in the prefix cache"
+        )
+        self._prefix_hits = meter.create_counter(
+            "textgen.prefix_cache.hits", "{token}", "Prompt tokens whose KV blocks the prefix cache held"
+        )
+        meter.create_observable_gauge(
+            "textgen.prefix_cache.blocks",
+            [lambda _: [Observation(engine.num_cached_kv_blocks)]],
+            "{block}",
+            "KV-cache blocks indexed by the prefix cache, in use or free (evicted when blocks run out)",
+        )
         meter.create_observable_gauge(
             "textgen.queue.size",
             [lambda _: [Observation(engine.num_waiting)]],
@@ -127,6 +139,8 @@ class ServingMetrics(EngineObserver):
         )
 
     def request_admitted(self, seq: Sequence) -> None:
+        self._prefix_queries.add(seq.num_tokens)
+        self._prefix_hits.add(seq.num_computed_tokens)  # at admission: what the cache held
         if seq.num_preemptions == 0:  # a readmission after preemption is not queueing of the request
             self._queue_duration.record(seq.admitted_time - seq.request.arrival_time)
 

@@ -60,7 +60,11 @@ class RequestTracer(EngineObserver):
     def request_admitted(self, seq: Sequence) -> None:
         spans = self._spans(seq)
         if spans is not None:
-            self._next_phase(spans, "prefill", self._now(), {"textgen.recompute": seq.num_preemptions > 0})
+            attributes = {
+                "textgen.recompute": seq.num_preemptions > 0,
+                "textgen.prefix_cache.hit_tokens": seq.num_computed_tokens,  # at admission: the cached ones
+            }
+            self._next_phase(spans, "prefill", self._now(), attributes)
 
     def first_token(self, seq: Sequence) -> None:
         spans = self._spans(seq)
@@ -86,6 +90,7 @@ class RequestTracer(EngineObserver):
         spans.end_ns = now = self._now()
         request = spans.request
         request.set_attribute("gen_ai.usage.output_tokens", seq.num_completion_tokens)
+        request.set_attribute("gen_ai.usage.cache_read.input_tokens", seq.num_cached_tokens)
         request.set_attribute("textgen.preemptions", seq.num_preemptions)
         if error is None:
             request.set_attribute("gen_ai.response.finish_reasons", (seq.finish_reason.value,))

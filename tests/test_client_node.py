@@ -62,3 +62,13 @@ def test_node_reports_invalid_argument(node_example, server):
 
     assert done.returncode == 1
     assert "INVALID_ARGUMENT" in done.stderr and "sampling.temperature" in done.stderr
+
+
+def test_node_summary_shows_the_prompt_tokens_the_prefix_cache_held(node_example, server):
+    prompt = "A long shared system prompt for the Node example. " * 6
+    run_node(node_example, "--target", server.target, "--max-new-tokens", "2", prompt)
+
+    done = run_node(node_example, "--target", server.target, "--max-new-tokens", "2", prompt)
+
+    assert done.returncode == 0, done.stderr
+    assert " cached) + 2 completion tokens" in done.stderr

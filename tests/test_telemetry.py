@@ -292,6 +292,21 @@ def test_a_preempted_request_queues_and_prefills_again(traced_engine):
         assert [e.name for e in request.events].count("preempted") == times
 
 
+def test_a_prefix_cache_hit_shows_on_the_request_and_prefill_spans(traced_engine):
+    engine, exporter = traced_engine()
+    prompt = list(range(300, 340))  # two whole 16-token blocks and a half
+    stopping = StoppingParams(max_new_tokens=2, ignore_eos=True)
+    engine.generate([prompt], stopping=stopping)
+    engine.generate([prompt], stopping=stopping)
+    requests = sorted(
+        (s for s in exporter.get_finished_spans() if s.name.startswith("text_completion ")), key=_start
+    )
+
+    assert [r.attributes["gen_ai.usage.cache_read.input_tokens"] for r in requests] == [0, 32]
+    prefills = [only(children(exporter.get_finished_spans(), r), "prefill") for r in requests]
+    assert [p.attributes["textgen.prefix_cache.hit_tokens"] for p in prefills] == [0, 32]
+
+
 def test_an_engine_fault_ends_its_requests_spans_with_the_cause(traced_engine, monkeypatch):
     engine, exporter = traced_engine()
     monkeypatch.setattr(engine.model_runner, "run", mock.Mock(side_effect=RuntimeError("device lost")))

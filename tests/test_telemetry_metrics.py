@@ -129,3 +129,12 @@ def test_gauges_show_the_queue_the_batch_and_the_kv_cache(traffic):
 
 def test_the_endpoint_also_serves_process_metrics(traffic):
     assert traffic.after.value("process_resident_memory_bytes") > 0
+
+
+def test_prefix_cache_lookups_are_counted_in_tokens(traffic):
+    after = traffic.after
+    prompt_tokens = sum(r.usage.prompt_tokens for r in traffic.results) + traffic.story_prompt_tokens
+
+    assert after.value("textgen_prefix_cache_queries_total") == prompt_tokens
+    assert after.value("textgen_prefix_cache_hits_total") == 0  # short, different prompts: no whole block
+    assert after.value("textgen_prefix_cache_blocks") >= 0

@@ -1,9 +1,12 @@
 /* Llama-family layers on 4-bit (Q4_1) and 8-bit (Q8_0) block-quantized weights, for the CPU.
  *
- * The weights stay in the GGUF block formats (32 weights a block: Q4_1 = fp16 scale d, fp16 minimum m,
- * 16 bytes of nibbles, w = d * q + m; Q8_0 = fp16 scale d, 32 int8, w = d * q), so a decode step reads a
- * quarter (Q4_1) of the float16 bytes. Activations and sums stay float32: a block's dot product is
- * d * sum(q * x) + m * sum(x), with q converted exactly to float.
+ * The weights are GGUF's blocks (32 weights a block: Q4_1 = fp16 scale d, fp16 minimum m, 16 bytes of
+ * nibbles, w = d * q + m; Q8_0 = fp16 scale d, 32 int8, w = d * q), so a decode step reads a quarter (Q4_1)
+ * of the float16 bytes. Each row's blocks are re-laid as three runs (engine/quantized.py, `pack`): the
+ * blocks' quantized values, then their scales, then (Q4_1) their minimums; the same bytes, but eight
+ * scales convert in one instruction. Activations are quantized per row to int8 blocks of 32 (x ~ d_x q_x,
+ * as llama.cpp does for these formats), so a block's dot product is integer arithmetic (VNNI, or AVX2):
+ * d_w d_x sum(q_w q_x) + m_w d_x sum(q_x), summed over blocks in float32.
  *
  * Batch invariance: every output element is computed by the same sequence of operations whatever the
  * batch size, the number of threads or the loop structure that reaches it (threads split output rows,
@@ -26,18 +29,36 @@ enum { Q4_1 = 1, Q8_0 = 2 };
 #define TILE 4 /* output rows unpacked together */
 
 typedef struct {
-    const uint8_t *data; /* n rows of k / 32 blocks */
+    const uint8_t *data; /* n packed rows of k / 32 blocks, then SLACK bytes */
     const float *bias;   /* [n] or NULL */
     int64_t n, k, format;
 } Matrix;
 
-static inline int64_t block_bytes(int64_t format) { return format == Q4_1 ? 20 : 34; }
+#define GROUP 8 /* blocks whose scales convert together */
 
-static inline float half(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return _cvtsh_ss(h);
+static inline int64_t block_bytes(int64_t format) { return format == Q4_1 ? 20 : 34; }
+static inline int64_t value_bytes(int64_t format) { return format == Q4_1 ? 16 : 32; }
+
+/* Row n of a packed matrix: its blocks' quantized values, scales and (Q4_1; else NULL) minimums. */
+typedef struct {
+    const uint8_t *q;
+    const uint16_t *d, *m;
+} Row;
+
+static inline Row matrix_row(const Matrix *w, int64_t n) {
+    const int64_t blocks = w->k / BLOCK;
+    const uint8_t *q = w->data + n * blocks * block_bytes(w->format);
+    const uint16_t *d = (const uint16_t *)(q + blocks * value_bytes(w->format));
+    return (Row){q, d, w->format == Q4_1 ? d + blocks : NULL};
 }
+
+/* Activation rows quantized to int8 blocks (as llama.cpp's Q8_1): x ~ d q, and s = d sum(q), which Q4_1's
+ * minimums multiply; row b's blocks start at b * (k / 32) in each array. Each row is quantized on its own,
+ * so a row's blocks do not depend on the batch. d and s have GROUP floats of slack (zeros) at their end. */
+typedef struct {
+    float *d, *s;
+    int8_t *q;
+} Activations;
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -46,107 +67,120 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* A block's 32 weights as exact floats q (without scale or minimum), in the order of the block. */
-static inline void block_q(const uint8_t *block, int64_t format, __m256 q[4]) {
-    if (format == Q4_1) {
-        const __m128i bytes = _mm_loadu_si128((const __m128i *)(block + 4));
-        const __m128i mask = _mm_set1_epi8(0x0F);
-        const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-        q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-    } else {
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+/* x [count blocks of 32 floats] -> int8 blocks, rounding to nearest (even) at scale max|x| / 127. */
+static void quantize_blocks(const float *x, int64_t count, const Activations *out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t i = 0; i < count; i++) {
+        const float *p = x + i * BLOCK;
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(p + 8 * j);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+        }
+        const float d = hmax(amax) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        __m256i q[4];
         for (int j = 0; j < 4; j++)
-            q[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(block + 2 + 8 * j))));
+            q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], _mm256_set1_ps(id)),
+                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+        /* packs interleave the four vectors by 128-bit lanes; the permutation puts q back in order. */
+        const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(out->q + i * BLOCK), _mm256_permutevar8x32_epi32(packed, order));
+        out->d[i] = d;
+        out->s[i] = d * (float)_mm_cvtsi128_si32(s);
     }
 }
 
-/* One block of one output element: acc += d * sum(q * x); the sum in four lanes of eight, in order. */
-static inline __m256 block_dot(const __m256 q[4], const __m256 x[4], float d, __m256 acc) {
-    __m256 s = _mm256_mul_ps(q[0], x[0]);
-    s = _mm256_fmadd_ps(q[1], x[1], s);
-    s = _mm256_fmadd_ps(q[2], x[2], s);
-    s = _mm256_fmadd_ps(q[3], x[3], s);
-    return _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+/* A weight block's 32 quantized values as bytes, in the order of the block: Q4_1's nibbles (0..15,
+ * unsigned) or Q8_0's int8. */
+static inline __m256i weight_values(const uint8_t *q, int64_t format) {
+    if (format == Q8_0) return _mm256_loadu_si256((const __m256i *)q);
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)q);
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
-static inline void load_block(const float *x, __m256 v[4]) {
-    for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_ps(x + 8 * j);
+/* Eight float16 values (scales or minimums of a group of blocks) as floats. */
+static inline __m256 halves(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* sum(u * x) of unsigned bytes u and signed bytes x, in eight int32 lanes of four products each: one VNNI
+ * instruction where the CPU has it, else maddubs (no overflow here: |u * x| <= 128 * 127 per pair) and madd. */
+static inline __m256i dot_bytes(__m256i u, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, x);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+#endif
+}
+
+/* sum(w * x) over a block, exactly (in integers), as eight float lanes. Q8_0's signed weights go in as |w|,
+ * with their signs moved onto x. */
+static inline __m256 block_isum(__m256i w, __m256i x, int64_t format) {
+    const __m256i sums = format == Q4_1 ? dot_bytes(w, x) : dot_bytes(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+    return _mm256_cvtepi32_ps(sums);
+}
+
+/* The lanes of a group that hold blocks: all ones in the first `count`, zeros after. */
+static inline __m256 group_mask(int64_t count) {
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+/* A group's share of the minimums: mins += m_w s_x in each lane that holds a block. */
+static inline __m256 add_mins(__m256 mins, __m256 wm, __m256 xs, __m256 mask) {
+    return _mm256_add_ps(mins, _mm256_and_ps(_mm256_mul_ps(wm, xs), mask));
+}
+
+/* One block's share: acc += (d_w d_x of the block, lane j of the group's scales) * sum(q_w q_x). */
+static inline __m256 add_block(__m256 acc, __m256 dot, __m256 scales, int64_t j) {
+    return _mm256_fmadd_ps(dot, _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32((int)j)), acc);
 }
 
 /* The end of one output element: the lanes summed, the minimums' share, the bias, the residual. */
-static inline float finish(__m256 acc, float mins, const Matrix *w, int64_t n, const float *residual) {
-    float y = hsum(acc) + mins;
+static inline float finish(__m256 acc, __m256 mins, const Matrix *w, int64_t n, const float *residual) {
+    float y = hsum(acc) + hsum(mins);
     if (w->bias) y += w->bias[n];
     return residual ? *residual + y : y;
 }
 
-/* Per-block sums of each activation row (the Q4_1 minimums multiply them), in a fixed order. */
-static void block_sums(const float *x, int64_t rows, int64_t k, float *sums) {
-    const int64_t blocks = k / BLOCK;
-    for (int64_t b = 0; b < rows; b++)
-        for (int64_t i = 0; i < blocks; i++) {
-            const float *p = x + b * k + i * BLOCK;
-            __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
-                                     _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24)));
-            sums[b * blocks + i] = hsum(s);
-        }
-}
-
-/* y[b, n] = (residual y[b, n] +) x[b] . w[n] for every row b and output n in [n0, n0 + count). */
-static void rows_direct(const float *x, const float *sums, int64_t rows, const Matrix *w, float *y, int64_t ldy,
-                        int accumulate, int64_t n0, int64_t count) {
-    const int64_t blocks = w->k / BLOCK, bytes = block_bytes(w->format);
-    for (int64_t n = n0; n < n0 + count; n++) {
-        const uint8_t *row = w->data + n * blocks * bytes;
-        for (int64_t b = 0; b < rows; b++) {
-            __m256 acc = _mm256_setzero_ps(), q[4];
-            float mins = 0.0f;
-            for (int64_t i = 0; i < blocks; i++) {
-                const uint8_t *block = row + i * bytes;
-                __m256 xv[4];
-                block_q(block, w->format, q);
-                load_block(x + b * w->k + i * BLOCK, xv);
-                acc = block_dot(q, xv, half(block), acc);
-                if (w->format == Q4_1) mins += half(block + 2) * sums[b * blocks + i];
-            }
-            float *out = y + b * ldy + n;
-            *out = finish(acc, mins, w, n, accumulate ? out : NULL);
-        }
-    }
-}
-
-/* The same results as rows_direct, with TILE output rows converted to floats once and reused by every
- * activation row: the batched path. `qbuf` holds TILE * k floats. */
-static void rows_tiled(const float *x, const float *sums, int64_t rows, const Matrix *w, float *y, int64_t ldy,
-                       int accumulate, int64_t n0, int64_t count, float *qbuf) {
-    const int64_t blocks = w->k / BLOCK, bytes = block_bytes(w->format), k = w->k;
-    float d[TILE][blocks], m[TILE][blocks];
-    for (int64_t r = 0; r < count; r++) {
-        const uint8_t *row = w->data + (n0 + r) * blocks * bytes;
-        for (int64_t i = 0; i < blocks; i++) {
-            __m256 q[4];
-            block_q(row + i * bytes, w->format, q);
-            for (int j = 0; j < 4; j++) _mm256_storeu_ps(qbuf + r * k + i * BLOCK + 8 * j, q[j]);
-            d[r][i] = half(row + i * bytes);
-            m[r][i] = w->format == Q4_1 ? half(row + i * bytes + 2) : 0.0f;
-        }
-    }
+/* y[b, n] = (residual y[b, n] +) x[b] . w[n] for every row b and output n in [n0, n0 + count), the count
+ * (at most TILE) outputs side by side, block group by block group. */
+static inline __attribute__((always_inline)) void rows_direct(const Activations *x, int64_t rows, const Matrix *w,
+                                                             float *y, int64_t ldy, int accumulate, int64_t n0,
+                                                             int64_t count, int64_t format) {
+    const int64_t blocks = w->k / BLOCK, vb = value_bytes(format);
+    Row row[TILE];
+    for (int64_t r = 0; r < count; r++) row[r] = matrix_row(w, n0 + r);
     for (int64_t b = 0; b < rows; b++) {
-        /* The TILE outputs of row b side by side: each block's activations are loaded once for all of
-         * them; each output's own sequence of operations is the one rows_direct runs. */
-        const float *xb = x + b * k;
-        __m256 acc[TILE];
-        float mins[TILE];
-        for (int64_t r = 0; r < TILE; r++) acc[r] = _mm256_setzero_ps(), mins[r] = 0.0f;
-        for (int64_t i = 0; i < blocks; i++) {
-            __m256 xv[4], q[4];
-            load_block(xb + i * BLOCK, xv);
+        const float *xd = x->d + b * blocks, *xs = x->s + b * blocks;
+        const int8_t *xq = x->q + b * blocks * BLOCK;
+        __m256 acc[TILE], mins[TILE], scales[TILE];
+        for (int64_t r = 0; r < TILE; r++) acc[r] = mins[r] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < blocks; g += GROUP) {
+            const int64_t size = blocks - g < GROUP ? blocks - g : GROUP;
+            const __m256 gd = _mm256_loadu_ps(xd + g), gs = _mm256_loadu_ps(xs + g), mask = group_mask(size);
             for (int64_t r = 0; r < count; r++) {
-                load_block(qbuf + r * k + i * BLOCK, q);
-                acc[r] = block_dot(q, xv, d[r][i], acc[r]);
-                if (w->format == Q4_1) mins[r] += m[r][i] * sums[b * blocks + i];
+                scales[r] = _mm256_mul_ps(halves(row[r].d + g), gd);
+                if (format == Q4_1) mins[r] = add_mins(mins[r], halves(row[r].m + g), gs, mask);
+            }
+            for (int64_t j = 0; j < size; j++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (g + j) * BLOCK));
+                for (int64_t r = 0; r < count; r++) {
+                    const __m256 dot = block_isum(weight_values(row[r].q + (g + j) * vb, format), xv, format);
+                    acc[r] = add_block(acc[r], dot, scales[r], j);
+                }
             }
         }
         for (int64_t r = 0; r < count; r++) {
@@ -156,28 +190,82 @@ static void rows_tiled(const float *x, const float *sums, int64_t rows, const Ma
     }
 }
 
-/* y [rows, ldy] (+)= x [rows, k] @ w^T (+ bias). Returns 0, or -1 when out of memory. */
-int quantized_matmul(const float *x, int64_t rows, const Matrix *w, float *y, int64_t ldy, int accumulate) {
-    float *sums = malloc(sizeof(float) * (size_t)(rows * (w->k / BLOCK)) + 1);
-    if (sums == NULL) return -1;
-    block_sums(x, rows, w->k, sums);
-    int failed = 0;
-#pragma omp parallel reduction(| : failed)
-    {
-        float *qbuf = rows > 1 ? malloc(sizeof(float) * (size_t)(TILE * w->k)) : NULL;
-        failed = rows > 1 && qbuf == NULL;
-#pragma omp for schedule(static)
-        for (int64_t n0 = 0; n0 < w->n; n0 += TILE) {
-            const int64_t count = w->n - n0 < TILE ? w->n - n0 : TILE;
-            if (rows == 1)
-                rows_direct(x, sums, rows, w, y, ldy, accumulate, n0, count);
-            else if (qbuf != NULL)
-                rows_tiled(x, sums, rows, w, y, ldy, accumulate, n0, count, qbuf);
+/* The same results as rows_direct, with the tile's weights unpacked and its scales converted once and
+ * reused by every activation row (the batched path): each output's own sequence of operations is the one
+ * rows_direct runs. */
+static inline __attribute__((always_inline)) void rows_tiled(const Activations *x, int64_t rows, const Matrix *w,
+                                                            float *y, int64_t ldy, int accumulate, int64_t n0,
+                                                            int64_t count, int64_t format) {
+    const int64_t blocks = w->k / BLOCK, vb = value_bytes(format), groups = (blocks + GROUP - 1) / GROUP;
+    __m256i q[TILE][blocks];
+    __m256 wd[TILE][groups], wm[TILE][groups];
+    for (int64_t r = 0; r < count; r++) {
+        const Row row = matrix_row(w, n0 + r);
+        for (int64_t i = 0; i < blocks; i++) q[r][i] = weight_values(row.q + i * vb, format);
+        for (int64_t g = 0; g < groups; g++) {
+            wd[r][g] = halves(row.d + g * GROUP);
+            wm[r][g] = format == Q4_1 ? halves(row.m + g * GROUP) : _mm256_setzero_ps();
         }
-        free(qbuf);
     }
-    free(sums);
-    return failed ? -1 : 0;
+    for (int64_t b = 0; b < rows; b++) {
+        const float *xd = x->d + b * blocks, *xs = x->s + b * blocks;
+        const int8_t *xq = x->q + b * blocks * BLOCK;
+        __m256 acc[TILE], mins[TILE], scales[TILE];
+        for (int64_t r = 0; r < TILE; r++) acc[r] = mins[r] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < blocks; g += GROUP) {
+            const int64_t size = blocks - g < GROUP ? blocks - g : GROUP;
+            const __m256 gd = _mm256_loadu_ps(xd + g), gs = _mm256_loadu_ps(xs + g), mask = group_mask(size);
+            for (int64_t r = 0; r < count; r++) {
+                scales[r] = _mm256_mul_ps(wd[r][g / GROUP], gd);
+                if (format == Q4_1) mins[r] = add_mins(mins[r], wm[r][g / GROUP], gs, mask);
+            }
+            for (int64_t j = 0; j < size; j++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (g + j) * BLOCK));
+                for (int64_t r = 0; r < count; r++)
+                    acc[r] = add_block(acc[r], block_isum(q[r][g + j], xv, format), scales[r], j);
+            }
+        }
+        for (int64_t r = 0; r < count; r++) {
+            float *out = y + b * ldy + n0 + r;
+            *out = finish(acc[r], mins[r], w, n0 + r, accumulate ? out : NULL);
+        }
+    }
+}
+
+/* rows_direct for one activation row, else rows_tiled; compiled apart for full tiles of each format (the
+ * same operations, with the tile size and the format known to the compiler). */
+static void tile_rows(const Activations *x, int64_t rows, const Matrix *w, float *y, int64_t ldy, int accumulate,
+                      int64_t n0, int64_t count) {
+    if (rows == 1 && count == TILE && w->format == Q4_1)
+        rows_direct(x, rows, w, y, ldy, accumulate, n0, TILE, Q4_1);
+    else if (rows == 1 && count == TILE && w->format == Q8_0)
+        rows_direct(x, rows, w, y, ldy, accumulate, n0, TILE, Q8_0);
+    else if (rows == 1)
+        rows_direct(x, rows, w, y, ldy, accumulate, n0, count, w->format);
+    else if (count == TILE && w->format == Q4_1)
+        rows_tiled(x, rows, w, y, ldy, accumulate, n0, TILE, Q4_1);
+    else if (count == TILE && w->format == Q8_0)
+        rows_tiled(x, rows, w, y, ldy, accumulate, n0, TILE, Q8_0);
+    else
+        rows_tiled(x, rows, w, y, ldy, accumulate, n0, count, w->format);
+}
+
+/* y [rows, ldy] (+)= x [rows, k] @ w^T (+ bias), x quantized to int8 blocks first. Returns 0, or -1 when
+ * out of memory. */
+int quantized_matmul(const float *x, int64_t rows, const Matrix *w, float *y, int64_t ldy, int accumulate) {
+    const int64_t count = rows * (w->k / BLOCK);
+    /* One buffer: d and s (each with GROUP zeros of slack: a row's last group loads past its end), then q. */
+    float *buffer = calloc((size_t)(2 * (count + GROUP)) * sizeof(float) + (size_t)(count * BLOCK), 1);
+    if (buffer == NULL) return -1;
+    const Activations xq = {buffer, buffer + count + GROUP, (int8_t *)(buffer + 2 * (count + GROUP))};
+    quantize_blocks(x, count, &xq);
+#pragma omp parallel for schedule(static)
+    for (int64_t n0 = 0; n0 < w->n; n0 += TILE) {
+        const int64_t tile = w->n - n0 < TILE ? w->n - n0 : TILE;
+        tile_rows(&xq, rows, w, y, ldy, accumulate, n0, tile);
+    }
+    free(buffer);
+    return 0;
 }
 
 /* out[b] = weight * x[b] / sqrt(mean(x[b]^2) + eps), as transformers' LlamaRMSNorm in float32. */

@@ -97,8 +97,10 @@ function main() {
   call.on("data", (message) => {
     process.stdout.write(message.text);
     if (message.finish_reason !== "FINISH_REASON_UNSPECIFIED") {
-      const { prompt_tokens, completion_tokens } = message.usage;
-      console.error(`\n[${message.finish_reason}] ${prompt_tokens} prompt + ${completion_tokens} completion tokens`);
+      const { prompt_tokens, completion_tokens, cached_prompt_tokens } = message.usage;
+      // Prompt tokens the server's prefix cache already held (send the same long prompt twice to see it).
+      const cached = cached_prompt_tokens > 0 ? ` (${cached_prompt_tokens} cached)` : "";
+      console.error(`\n[${message.finish_reason}] ${prompt_tokens} prompt${cached} + ${completion_tokens} completion tokens`);
     }
   });
   call.on("error", (error) => {
