@@ -64,7 +64,8 @@ class GenerationRequest:
 
     `deadline` is a `time.monotonic()` instant after which the request is abandoned;
     `trace_context` is an opaque OpenTelemetry context the engine hands back to its tracer.
-    `n` completions share the prompt; events carry their completion's `index`.
+    `n` completions share the prompt; events carry their completion's `index`. With
+    `sampling.prompt_logprobs`, completion 0's first event carries the scored prompt (once per request).
     """
 
     prompt_ids: list[int]
@@ -78,10 +79,13 @@ class GenerationRequest:
     n: int = 1
 
     def completion(self, index: int) -> GenerationRequest:
-        """This request as completion `index` runs it: the same, but for a seed of its own (seed + index)."""
-        if index == 0 or self.sampling.seed is None:
+        """This request as completion `index` runs it. Completion 0 is the request itself; the others have a
+        seed of their own (seed + index) and never score the prompt: completion 0 scores it once for the
+        request, and they start on its prompt blocks, whose logits they do not compute."""
+        if index == 0:
             return self
-        return replace(self, sampling=replace(self.sampling, seed=(self.sampling.seed + index) % 2**64))
+        seed = None if self.sampling.seed is None else (self.sampling.seed + index) % 2**64
+        return replace(self, sampling=replace(self.sampling, seed=seed, prompt_logprobs=False))
 
 
 @dataclass(slots=True)

@@ -11,11 +11,12 @@ Policy (`Scheduler`, continuous batching), checked at every step:
 
 With prefix caching, an admitted sequence first takes the cached blocks of its longest prefix of whole
 blocks (never its last token: that one's logits give the first new token) and prefills only the rest;
-every block a step fills is indexed for the sequences after it (`engine.kv_cache`).
+every block a step fills is indexed for the sequences after it (`engine.kv_cache`). A sequence that scores
+its prompt (`prompt_logprobs`) takes none: scoring needs the logits of every prompt position.
 
 The completions of a request with n > 1 prefill its prompt once: completions 1 to n - 1 wait, outside the
 queue, until completion 0's prefill is done, then share its whole prompt blocks (whether or not prefix
-caching is on) and compute only the rest of the prompt's last block.
+caching is on) and compute only the rest of the prompt's last block. Only completion 0 scores the prompt.
 
 `StaticScheduler` is the traditional scheme, kept as a baseline: admit a batch only when nothing runs,
 wait for `max_batch_size` requests or `max_wait_ms`, and keep finished rows in the batch (computing
@@ -184,7 +185,7 @@ class Scheduler:
         chunks = []
         for seq in [*self.prefilling, *self._admit(budget)]:
             n = min(seq.num_uncomputed_tokens, budget)
-            if seq.request.sampling.prompt_logprobs and not seq.num_completion_tokens:
+            if seq.scores_prompt:
                 n = min(n, scoring_budget)
                 scoring_budget -= n
             if n:
@@ -217,11 +218,14 @@ class Scheduler:
         return admitted
 
     def _share_cached_prefix(self, seq: Sequence) -> None:
-        """Start `seq` on the longest run of whole blocks computed before: cached, or completion 0's."""
+        """Start `seq` on the longest run of whole blocks computed before: cached, or completion 0's.
+
+        A sequence that scores its prompt takes no cached blocks: their positions' logits, which scoring
+        needs, are never computed (the blocks it fills are still cached for later prompts)."""
         bs = self.allocator.block_size
         limit = (seq.num_tokens - 1) // bs
         blocks = []
-        if self.config.prefix_caching:
+        if self.config.prefix_caching and not seq.scores_prompt:
             blocks = self.allocator.cached_prefix(block_hashes(seq.token_ids, bs, seq.block_hashes)[:limit])
         first = self.sequences.get(seq.group_id)
         if first is not seq and first is not None:  # the prompt's blocks, never completion 0's output

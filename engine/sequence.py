@@ -71,6 +71,12 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def scores_prompt(self) -> bool:
+        """Whether its prefill scores the prompt (`prompt_logprobs`): only before its first output token, so
+        a sequence recomputed after preemption is not scored twice."""
+        return self.request.sampling.prompt_logprobs and not self.num_completion_tokens
+
+    @property
     def num_uncomputed_tokens(self) -> int:
         """Tokens whose KV is not in the cache yet: the prompt (or the recompute) still to prefill."""
         return self.num_tokens - self.num_computed_tokens

@@ -1,13 +1,15 @@
-"""Prefix caching: shared blocks are reference-counted, evicted least recently used, never change outputs."""
+"""Prefix caching: shared blocks are reference-counted, evicted least recently used, never change outputs;
+a request that scores its prompt takes no cached blocks (their positions' logits are never computed)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine.batching import BatchConfig
 from engine.errors import RequestCancelledError
 from engine.kv_cache import BlockAllocator, block_hashes
-from engine.request import GenerationRequest, StoppingParams
+from engine.request import GenerationRequest, SamplingParams, StoppingParams
 from engine.sequence import Sequence
 from protos.textgen.v1 import textgen_pb2 as pb
 from tests.test_core import make_core, run_until_idle
@@ -97,6 +99,27 @@ def test_with_prefix_caching_off_nothing_is_shared():
     assert scheduler.allocator.num_cached == 0
 
 
+def test_a_sequence_scoring_its_prompt_takes_no_cached_blocks():
+    scheduler = new_scheduler(block_size=4)
+    scheduler.add(make_seq(GenerationRequest(list(range(1, 11)))))
+    run(scheduler, scheduler.schedule())
+    scoring = make_seq(GenerationRequest(list(range(1, 11)), SamplingParams(prompt_logprobs=True)))
+    scheduler.add(scoring)
+    step = scheduler.schedule()
+    assert [(row.start_pos, len(row.token_ids)) for row in step.rows] == [(0, 10)]
+    assert scoring.num_cached_tokens == 0
+
+
+def test_the_blocks_a_scoring_sequence_fills_are_cached_for_later_prompts():
+    scheduler = new_scheduler(block_size=4)
+    scheduler.add(make_seq(GenerationRequest(list(range(1, 11)), SamplingParams(prompt_logprobs=True))))
+    run(scheduler, scheduler.schedule())
+    later = make_seq(GenerationRequest(list(range(1, 11))))
+    scheduler.add(later)
+    assert [row.start_pos for row in scheduler.schedule().rows] == [8]
+    assert later.num_cached_tokens == 8
+
+
 def make_seq(request: GenerationRequest) -> Sequence:
     return Sequence(request, max_new_tokens=8)
 
@@ -141,6 +164,27 @@ def test_a_prompt_that_continues_a_previous_output_reuses_the_output_blocks_too(
     hit = greedy(engine, follow_up)
     assert hit.cached_prompt_tokens == 32
     assert hit.token_ids == greedy(engines["uncached"], follow_up).token_ids
+
+
+def test_prompt_logprobs_after_a_warm_up_with_the_same_prompt_equal_the_uncached_ones(engines):
+    prompt = list(range(700, 740))  # 40 tokens: two whole blocks a hit would serve
+    scoring = SamplingParams(prompt_logprobs=True, top_logprobs=2)
+    greedy(engines["cached"], prompt)  # the warm-up fills the cache
+
+    hit = engines["cached"].generate([prompt], scoring, StoppingParams(max_new_tokens=2))[0]
+    cold = engines["uncached"].generate([prompt], scoring, StoppingParams(max_new_tokens=2))[0]
+
+    assert hit.cached_prompt_tokens == 0
+    assert [t.id for t in hit.prompt_logprobs] == prompt[1:]
+    torch.testing.assert_close(
+        torch.tensor([t.logprob for t in hit.prompt_logprobs]),
+        torch.tensor([t.logprob for t in cold.prompt_logprobs]),
+        rtol=0,
+        atol=1e-5,
+    )
+    assert [[a.id for a in t.top_logprobs] for t in hit.prompt_logprobs] == [
+        [a.id for a in t.top_logprobs] for t in cold.prompt_logprobs
+    ]
 
 
 def test_usage_reports_the_prompt_tokens_served_from_the_cache_over_grpc(stub):
