@@ -20,9 +20,10 @@ from protos.textgen.v1 import textgen_pb2 as pb
 
 PROMPT = "The capital of France is Paris, and the capital of Germany is"
 NEW_TOKENS = 6
-# The default engine runs SmolLM2 on its q4_1 blocks, transformers on the same weights de-quantized to
-# float32: the two agree to about 1e-2 in log-probability (measured: at most 0.011 on these prompts).
-ATOL = 0.03
+# Checked on the exact path (SmolLM2's weights in float32, as transformers computes them; measured: within
+# 1.1e-5), since the default q4_1 path's int8 activations move log-probabilities by up to 0.15 (measured on
+# this prompt): that is the quantization, not how log-probabilities are computed.
+ATOL = 1e-4
 
 
 def tokens_of(n: int = NEW_TOKENS) -> StoppingParams:
@@ -40,12 +41,20 @@ def hf_model(smollm2_dir):
     return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
 
 
+@pytest.fixture(scope="module")
+def exact_engine(smollm2_dir):
+    engine = Engine(EngineConfig(device="cpu", dtype="float32", weight_format="native"))
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
 # ---- the real model against transformers ------------------------------------------------------------------
 
 
-def test_top_logprobs_match_a_transformers_forward(smollm2_engine, hf_model):
-    ids = smollm2_engine.tokenize(PROMPT)
-    result = smollm2_engine.generate([ids], SamplingParams(top_logprobs=5), tokens_of())[0]
+def test_top_logprobs_match_a_transformers_forward(exact_engine, hf_model):
+    ids = exact_engine.tokenize(PROMPT)
+    result = exact_engine.generate([ids], SamplingParams(top_logprobs=5), tokens_of())[0]
 
     reference = reference_logprobs(hf_model, ids + result.token_ids)[len(ids) - 1 : -1]
     for position, token in enumerate(result.tokens):
@@ -57,16 +66,16 @@ def test_top_logprobs_match_a_transformers_forward(smollm2_engine, hf_model):
         assert token.logprob == pytest.approx(reference[position, token.id].item(), abs=ATOL)
 
 
-def test_prompt_logprobs_match_a_transformers_forward(smollm2_engine, hf_model):
-    ids = smollm2_engine.tokenize(PROMPT)
-    result = smollm2_engine.generate([ids], SamplingParams(prompt_logprobs=True), tokens_of(1))[0]
+def test_prompt_logprobs_match_a_transformers_forward(exact_engine, hf_model):
+    ids = exact_engine.tokenize(PROMPT)
+    result = exact_engine.generate([ids], SamplingParams(prompt_logprobs=True), tokens_of(1))[0]
 
     reference = reference_logprobs(hf_model, ids)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     assert [t.id for t in result.prompt_logprobs] == ids[1:]
     torch.testing.assert_close(
         torch.tensor([t.logprob for t in result.prompt_logprobs]), reference, rtol=0, atol=ATOL
     )
-    assert [t.text for t in result.prompt_logprobs] == [smollm2_engine.decode([i]) for i in ids[1:]]
+    assert [t.text for t in result.prompt_logprobs] == [exact_engine.decode([i]) for i in ids[1:]]
 
 
 # ---- the engine on a tiny model ----------------------------------------------------------------------------
