@@ -36,6 +36,12 @@ class BlockAllocator:
         block_table.extend(self._free.popleft() for _ in range(missing))
         return True
 
+    def reserve(self) -> int:
+        """Take one free block out of the pool for good (the pool is one block smaller from now on)."""
+        assert self._free, "no free block to reserve"
+        self.num_blocks -= 1
+        return self._free.pop()
+
     def free(self, block_table: list[int]) -> None:
         """Return every block of `block_table` to the pool and empty it."""
         self._free.extend(block_table)
