@@ -88,6 +88,10 @@ class DecodeGraphs:
         if capture:
             self._capture()
 
+    @property
+    def captured(self) -> bool:
+        return bool(self._graphs)
+
     def run(self, batch: DecodeBatch) -> torch.Tensor:
         """Logits [len(batch.logit_rows), vocab] of `batch` (at most `max_batch_size` rows)."""
         bucket = self.buckets[bisect.bisect_left(self.buckets, batch.size)]

@@ -61,6 +61,7 @@ class EngineConfig:
     weight_format: str = "auto"  # "fp16-packed": CPU linear layers on FBGEMM's float16 GEMM; "native"
     prefill_chunk_tokens: int = -1  # most tokens per forward pass of a prefill step; -1: 512 on CPU, 0: all
     model_impl: str = "auto"  # lean code for the Llama family where supported, else transformers' modeling
+    cuda_graphs: bool = True  # on CUDA, decode steps replay a graph per batch-size bucket (lean code, triton)
 
 
 @dataclass(slots=True)
@@ -352,6 +353,8 @@ def _build_core(config: EngineConfig, observer: EngineObserver) -> EngineCore:
         config.prefill_chunk_tokens,
         config.model_impl,
     )
+    if config.cuda_graphs:
+        runner.capture_decode_graphs(config.batch.max_batch_size, _max_context_len(runner, config))
     scheduler = make_scheduler(
         config.scheduling,
         SchedulerConfig(config.batch, config.max_decode_stall_ms),

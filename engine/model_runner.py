@@ -54,7 +54,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: str | None,
+        model: str | loader.LoadedModel | None,
         device: str = "auto",
         dtype: str = "auto",
         num_kv_blocks: int = 0,
@@ -64,13 +64,14 @@ class ModelRunner:
         prefill_chunk_tokens: int = -1,
         model_impl: str = "auto",
     ) -> None:
-        resolved_device = loader.resolve_device(device)
-        resolved_dtype = loader.resolve_dtype(dtype, resolved_device)
+        preloaded = isinstance(model, loader.LoadedModel)  # keeps its own device, dtype and weights
+        resolved_device = model.device if preloaded else loader.resolve_device(device)
+        resolved_dtype = model.dtype if preloaded else loader.resolve_dtype(dtype, resolved_device)
         # Before loading, so that a backend that cannot run here fails fast.
         self.attention_backend, self._decode_attention = resolve_decode_backend(
             attention_backend, resolved_device, resolved_dtype
         )
-        loaded = loader.load(model, resolved_device, resolved_dtype, weight_format)
+        loaded = model if preloaded else loader.load(model, resolved_device, resolved_dtype, weight_format)
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
         self.device, self.dtype, self.weight_format = loaded.device, loaded.dtype, loaded.weight_format
         self.max_context_len, self.vocab_size = loaded.max_context_len, loaded.vocab_size
@@ -84,6 +85,11 @@ class ModelRunner:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self._generators: dict[int, torch.Generator] = {}  # by sequence id, for sampled (not greedy) rows
         self._decode_graphs: DecodeGraphs | None = None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps replay CUDA graphs."""
+        return self._decode_graphs is not None and self._decode_graphs.captured
 
     def capture_decode_graphs(self, max_batch_size: int, max_context_len: int) -> bool:
         """On CUDA, capture a CUDA graph of the decode step per batch-size bucket; whether it did.
