@@ -4,7 +4,8 @@ The model runner sets a `StepContext` before each forward pass; every attention 
 its new keys and values into the paged KV cache and attends over each sequence's cached context.
 All sequences of a step are packed into one row of tokens (batch size 1, no padding).
 
-Prefill attention is one torch SDPA call per layer for all of a step's sequences (`torch_backend`).
+Prefill attention is torch's SDPA (`torch_backend`): one call per layer for all of a step's sequences
+on CUDA, one per sequence on the CPU.
 Decode attention has backends behind one interface, `DecodeAttention`: `torch_backend` (gathers the
 blocks; any device), `cpu_backend` (a C kernel) and `triton_backend` (CUDA). `resolve_decode_backend`
 picks one once, at start-up; the triton module is imported only when it is picked.
@@ -29,6 +30,8 @@ __all__ = [
     "PrefillPlan",
     "PrefillSegment",
     "StepContext",
+    "plan_prefill",
+    "prefill_attention",
     "attend",
     "paged_attention",
     "resolve_decode_backend",
@@ -141,7 +144,8 @@ def attend(
     v_cache[:, ctx.slot_mapping] = value.to(v_cache.dtype)
     if ctx.is_prefill:
         if ctx.prefill_plan is None:
-            ctx.prefill_plan = plan_prefill(ctx.segments, ctx.slot_mapping, query.dtype)
+            one_call = query.device.type != "cpu"  # see PrefillPlan: a call per sequence is cheaper there
+            ctx.prefill_plan = plan_prefill(ctx.segments, ctx.slot_mapping, query.dtype, one_call)
         return prefill_attention(query, key, value, k_cache, v_cache, ctx.prefill_plan, scaling)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return ctx.decode_attention(

@@ -1,9 +1,10 @@
 """Attention in plain torch: prefill for every backend, and the reference decode backend (any device).
 
-Prefill runs every sequence of a step in one SDPA call under a block-diagonal causal mask built once
-per step (`plan_prefill`). Decode gathers each sequence's KV blocks into new tensors and runs batched
-matmuls over them; the kernel backends (`cpu_backend`, `triton_backend`) compute the same
-thing reading the blocks in place, and are tested against this one.
+Prefill runs every sequence of a step in one SDPA call on CUDA (a padded batch or a block-diagonal
+causal mask, planned once per step by `plan_prefill`), one call per sequence on the CPU. Decode gathers
+each sequence's KV blocks into new tensors and runs batched matmuls over them; the kernel backends
+(`cpu_backend`, `triton_backend`) compute the same thing reading the blocks in place, and are tested
+against this one.
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ class PrefillSegment:
 
 @dataclass(slots=True)
 class PrefillPlan:
-    """How every layer of one prefill step attends, worked out once per step: always one SDPA call.
+    """How every layer of one prefill step attends, worked out once per step.
 
-    Three shapes, whichever computes least: one new sequence runs plainly causal (nothing set); new
-    sequences only may run as a batch of sequences padded at the end to the longest (`padded_rows`
-    [tokens]: each token's row in that [sequences * longest] layout), causal, so that the kernel skips
-    what lies above the diagonal; otherwise one row of every token against every key under `mask`
-    [tokens, keys] (additive: 0 where a query sees a key of its own sequence at or before its position,
-    -inf elsewhere), with the keys read from the cache at `context_slots` [keys] when some sequence
-    continues an earlier chunk (None: the keys are the new tokens).
+    One SDPA call for every sequence of the step (on CUDA, where each call is a launch) in one of three
+    shapes, whichever computes least: one new sequence runs plainly causal (nothing set); new sequences
+    only may run as a batch padded at the end to the longest (`padded_rows` [tokens]: each token's row
+    in that [sequences * longest] layout), causal, so that the kernel skips what lies above the
+    diagonal; otherwise every token against every key under `mask` [tokens, keys] (additive: 0 where a
+    query sees a key of its own sequence at or before its position, -inf elsewhere), with the keys read
+    from the cache at `context_slots` [keys] when some sequence continues an earlier chunk (None: the
+    keys are the new tokens). Or, with `segments` set, one call per sequence: on the CPU a call costs
+    little next to its arithmetic, and the batched and masked calls compute more (README, "GPU").
     """
 
     context_slots: torch.Tensor | None = None
@@ -43,12 +46,16 @@ class PrefillPlan:
     padded_rows: torch.Tensor | None = None
     num_sequences: int = 1
     longest: int = 0
+    segments: list[PrefillSegment] | None = None
 
 
 def plan_prefill(
-    segments: list[PrefillSegment], slot_mapping: torch.Tensor, dtype: torch.dtype
+    segments: list[PrefillSegment], slot_mapping: torch.Tensor, dtype: torch.dtype, one_call: bool = True
 ) -> PrefillPlan:
-    """The plan of a prefill step whose new tokens, in `segments`, go to the cache at `slot_mapping`."""
+    """The plan of a prefill step whose new tokens, in `segments`, go to the cache at `slot_mapping`;
+    one SDPA call for them all, or with `one_call` False one per sequence."""
+    if not one_call:
+        return PrefillPlan(segments=segments)
     device = slot_mapping.device
     lengths = [seg.end - seg.start for seg in segments]
     fresh = all(seg.num_context == n for seg, n in zip(segments, lengths, strict=True))
@@ -95,12 +102,14 @@ def prefill_attention(
     plan: PrefillPlan,
     scaling: float | None,
 ) -> torch.Tensor:
-    """Causal attention of every sequence of the step in one call; earlier chunks are read from the cache.
+    """Causal attention of every sequence of the step as `plan` says; earlier chunks are read from the cache.
 
     q [heads, tokens, dim], k_new/v_new [kv_heads, tokens, dim] -> [tokens, heads, dim]. The inputs
     keep a batch dimension: with it the CPU takes SDPA's flash kernel, without it the unfused math path
     (README, "CPU dtype, weights and attention").
     """
+    if plan.segments is not None:
+        return _attention_per_sequence(q, k_new, v_new, k_cache, v_cache, plan.segments, scaling)
     if plan.padded_rows is not None:
         return _padded_attention(q, k_new, v_new, plan, scaling)
     if plan.context_slots is None:
@@ -135,6 +144,34 @@ def _padded_attention(
         padded(q), padded(k), padded(v), is_causal=True, scale=scaling, enable_gqa=True
     )  # padding follows every real row, so the causal mask keeps it out of them
     return out.transpose(1, 2).reshape(size, q.shape[0], q.shape[2]).index_select(0, plan.padded_rows)
+
+
+def _attention_per_sequence(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    segments: list[PrefillSegment],
+    scaling: float | None,
+) -> torch.Tensor:
+    """One causal SDPA call per sequence."""
+    q = q[None]  # [1, heads, tokens, dim]
+    outputs = []
+    for seg in segments:
+        q_seg = q[:, :, seg.start : seg.end]
+        n = seg.end - seg.start
+        if seg.num_context == n:  # the whole context is in this step: no need to read the cache
+            k, v = k_new[None, :, seg.start : seg.end], v_new[None, :, seg.start : seg.end]
+            out = F.scaled_dot_product_attention(q_seg, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+        else:
+            k = k_cache[None, :, seg.context_slots].to(q.dtype)
+            v = v_cache[None, :, seg.context_slots].to(q.dtype)
+            rows = torch.arange(n, device=q.device)[:, None] + (seg.num_context - n)
+            mask = torch.arange(seg.num_context, device=q.device)[None, :] <= rows
+            out = F.scaled_dot_product_attention(q_seg, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        outputs.append(out[0].transpose(0, 1))  # [n, heads, dim]
+    return torch.cat(outputs, dim=0)
 
 
 def paged_decode_attention(
