@@ -91,6 +91,7 @@ class ModelRunner:
         """Whether decode steps replay CUDA graphs."""
         return self._decode_graphs is not None and self._decode_graphs.captured
 
+    @torch.inference_mode()
     def capture_decode_graphs(self, max_batch_size: int, max_context_len: int) -> bool:
         """On CUDA, capture a CUDA graph of the decode step per batch-size bucket; whether it did.
 
@@ -106,6 +107,7 @@ class ModelRunner:
         self.pad_decode_batches(max_batch_size, max_context_len, capture=True)
         return True
 
+    @torch.inference_mode()
     def pad_decode_batches(self, max_batch_size: int, max_context_len: int, capture: bool = False) -> None:
         """Run decode steps of up to `max_batch_size` rows padded to batch-size buckets on static buffers,
         replayed from CUDA graphs with `capture` (else eagerly, as on the CPU). Lean model code only."""

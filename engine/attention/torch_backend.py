@@ -66,7 +66,7 @@ def plan_prefill(
     num_keys = sum(seg.num_context for seg in segments)
     if fresh and len(segments) * longest * longest // 2 <= num_tokens * num_keys:
         starts = torch.arange(len(segments), device=device) * longest
-        rows = _local_index(new) + starts.repeat_interleave(new)
+        rows = _local_index(new, num_tokens) + starts.repeat_interleave(new, output_size=num_tokens)
         return PrefillPlan(padded_rows=rows, num_sequences=len(segments), longest=longest)
     context_slots = None
     if not fresh:
@@ -77,9 +77,11 @@ def plan_prefill(
     context = torch.tensor([seg.num_context for seg in segments], device=device)
     sequences = torch.arange(len(segments), device=device)
     # A query's position in its sequence, and a key's: queries are the last `new` of `context` positions.
-    query_pos = _local_index(new) + (context - new).repeat_interleave(new)
-    key_pos = _local_index(context)
-    same_sequence = sequences.repeat_interleave(new)[:, None] == sequences.repeat_interleave(context)[None, :]
+    query_pos = _local_index(new, num_tokens) + (context - new).repeat_interleave(new, output_size=num_tokens)
+    key_pos = _local_index(context, num_keys)
+    query_seq = sequences.repeat_interleave(new, output_size=num_tokens)
+    key_seq = sequences.repeat_interleave(context, output_size=num_keys)
+    same_sequence = query_seq[:, None] == key_seq[None, :]
     visible = same_sequence & (key_pos[None, :] <= query_pos[:, None])
     # Rows padded to a multiple of 16 elements: CUDA's memory-efficient kernel reads masks aligned so.
     padded = -(-num_keys // 16) * 16
@@ -87,10 +89,10 @@ def plan_prefill(
     return PrefillPlan(context_slots, mask.masked_fill_(visible, 0.0))
 
 
-def _local_index(lengths: torch.Tensor) -> torch.Tensor:
-    """0, 1, .., n-1 for each n of `lengths`, one after the other."""
+def _local_index(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """0, 1, .., n-1 for each n of `lengths` (which sum to `total`), one after the other."""
     starts = torch.cumsum(lengths, 0) - lengths
-    return torch.arange(int(lengths.sum()), device=lengths.device) - starts.repeat_interleave(lengths)
+    return torch.arange(total, device=lengths.device) - starts.repeat_interleave(lengths, output_size=total)
 
 
 def prefill_attention(
