@@ -108,9 +108,12 @@ class DecodeGraphs:
         """Copy `batch` into rows [0, size) of the buffers and padding into rows [size, bucket)."""
         padding = bucket - batch.size
         bs = self._kv_cache.block_size
-        tables = torch.full((bucket, self._max_blocks), self._padding_block, dtype=torch.long)
+        # Only the columns this step's tables use: a kernel reads a row's first ceil(context / block size)
+        # entries, so what lies further right (left from earlier steps) is never read.
+        width = min(max((len(table) for table in batch.block_tables), default=1), self._max_blocks)
+        tables = torch.full((bucket, width), self._padding_block, dtype=torch.long)
         for row, table in enumerate(batch.block_tables):
-            tables[row, : len(table)] = torch.tensor(table[: self._max_blocks])
+            tables[row, : len(table)] = torch.tensor(table[:width])
         columns = torch.tensor([
             batch.token_ids + [0] * padding,
             batch.positions + [0] * padding,
@@ -121,7 +124,7 @@ class DecodeGraphs:
             (self._token_ids, self._positions, self._slots, self._context_lens), columns, strict=True
         ):
             buffer[:bucket].copy_(values)
-        self._block_tables[:bucket].copy_(tables)
+        self._block_tables[:bucket, :width].copy_(tables)
 
     def _run_bucket(self, bucket: int) -> torch.Tensor:
         """The model's forward on the first `bucket` rows of the buffers: logits of every row."""
