@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -111,7 +112,12 @@ def run_tests() -> dict:
     command = [sys.executable, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider", "-m", "cuda",
                "tests/test_cuda.py"]  # fmt: skip
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as timeout:
+        print(f"{timeout.stdout or ''}{timeout.stderr or ''}"[-4000:], flush=True)
+        seconds = time.perf_counter() - start
+        return {"returncode": None, "summary": "timed out after 300 s", "seconds": seconds}
     summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
     print(result.stdout[-4000:] + result.stderr[-2000:], flush=True)
     return {"returncode": result.returncode, "summary": summary, "seconds": time.perf_counter() - start}
@@ -261,21 +267,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report["environment"] = environment(load_before)
     if plan.device == "cuda":
         report["environment"]["gpu"] = torch.cuda.get_device_name()
-    steps: list[tuple[str, Callable[[], object]]] = []
+    report["errors"] = {}
+
+    def attempt(name: str, step: Callable[[], object]) -> object:
+        try:
+            return step()
+        except Exception as error:  # a failed step must not cost the later ones their device time
+            traceback.print_exc()
+            report["errors"][name] = repr(error)
+            free_memory()
+            return None
+
     if plan.run_tests and not args.skip_tests:
-        steps.append(("tests", run_tests))
+        report["tests"] = attempt("tests", run_tests)
     report["copy_rate_bytes_per_s"] = rate = copy_rate(plan)
     print(f"device-to-device copy: {rate / 1e9:.1f} GB/s (read + write)", flush=True)
-    steps.append(("decode", lambda: [asdict(r) for s in plan.shapes for r in decode_rows(plan, s, rate)]))
-    steps.append(("throughput", lambda: throughput_rows(plan)))
-    for name, step in steps:
-        report[name] = step()
+    report["decode"] = []
+    for shape in plan.shapes:
+        rows = attempt(f"decode {shape}", lambda shape=shape: decode_rows(plan, shape, rate)) or []
+        report["decode"] += [asdict(row) for row in rows]
+    report["throughput"] = attempt("throughput", lambda: throughput_rows(plan)) or []
     report["seconds"] = time.perf_counter() - started
     report["environment"]["load_average_after"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(to_json(report))
     print_report(report)
     print(f"\nsaved {args.out}")
+    if report["errors"]:
+        raise SystemExit(f"failed: {', '.join(report['errors'])}")
     return report
 
 
@@ -283,8 +302,10 @@ def print_report(report: dict) -> None:
     plan, env = report["plan"], report["environment"]
     where = env.get("gpu") or f"CPU ({env['cpu_count']} cores)"
     print(f"\n{where}, torch {env['torch']}, {plan['dtype']}; {report['seconds']:.0f} s in all")
-    if "tests" in report:
+    if report.get("tests"):
         print(f"CUDA tests: {report['tests']['summary']} (exit code {report['tests']['returncode']})")
+    for name, error in report["errors"].items():
+        print(f"FAILED {name}: {error}")
     print(f"device-to-device copy: {report['copy_rate_bytes_per_s'] / 1e9:.1f} GB/s (read + write)\n")
     headers = ["shape", "decode", "batch", "step ms", "MB read per step", "of the copy rate"]
     rows = [
