@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTO_STAMP := protos/.generated
 
-.PHONY: install proto serve test lint example bench bench-prefix bench-engine bench-sweep bench-llamacpp stress clean
+.PHONY: install proto serve test lint example bench bench-prefix bench-engine bench-sweep bench-llamacpp bench-gpu stress clean
 
 install: $(STAMP)
 
@@ -81,6 +81,13 @@ bench-sweep: install proto
 # or more on 2 cores); `--quick` checks the setup. Flags: BENCH_ARGS="--help".
 bench-llamacpp: install proto
 	$(PY) -m bench.peer_llamacpp $(BENCH_ARGS)
+
+# The engine on a CUDA GPU in one run (about 8 minutes at most on an H100 / H200): the CUDA tests, decode
+# step times with and without CUDA graphs, and throughput against transformers' generate. It installs
+# nothing: on a GPU machine whose python3 holds torch, triton and transformers, it runs as it is (without
+# .venv); BENCH_ARGS="--smoke" runs tiny shapes on the CPU. Flags: BENCH_ARGS="--help".
+bench-gpu:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m bench.gpu $(BENCH_ARGS)
 
 # Reliability under load: one row per scenario (a few minutes on 2 idle CPU cores); the 20-minute soak
 # runs with STRESS_ARGS="--soak-minutes 20". Flags: STRESS_ARGS="--help".
