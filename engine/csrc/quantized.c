@@ -204,6 +204,9 @@ static inline __attribute__((always_inline)) void rows_tiled(const Activations *
                                                             float *y, int64_t ldy, int accumulate, int64_t n0,
                                                             int64_t count, int64_t format) {
     const int64_t blocks = w->k / BLOCK, vb = value_bytes(format), groups = (blocks + GROUP - 1) / GROUP;
+    const int64_t tile_bytes = TILE * blocks * block_bytes(format);
+    const char *ahead = (const char *)matrix_row(w, n0).q + PREFETCH * tile_bytes;
+    for (int64_t at = 0; at < tile_bytes; at += 64) _mm_prefetch(ahead + at, _MM_HINT_T0); /* as rows_direct */
     __m256i q[TILE][blocks];
     __m256 wd[TILE][groups], wm[TILE][groups];
     for (int64_t r = 0; r < count; r++) {
