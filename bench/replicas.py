@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -38,17 +39,98 @@ PHASES = ("steady", "draining", "down", "back")
 # A replica that comes back is reconnected within this long (gRPC's default backoff reaches 120 s).
 MAX_RECONNECT_BACKOFF_MS = 1000
 SCRAPE_EVERY_S = 0.2
+NODE_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "node"
 PHASE_TIMEOUT_S = 120.0  # the longest a phase waits for its `min_served`
 
 
 @dataclass(slots=True)
 class CallRecord:
-    """One streamed request: the phase it started in, its status, tokens and time to first token."""
+    """One streamed request: when it started (wall clock), its status, tokens, time to first token, and
+    the phase it started in (filled in at the end)."""
 
-    phase: str
+    client: str  # python or node
+    start_s: float
     code: str
     tokens: int
     ttft_s: float | None
+    phase: str = ""
+
+
+class PythonLoad:
+    """`concurrency` streams in flight at all times through one `AsyncTextGenClient` channel with
+    `replica_options()` and the client's retry policy (at most 4 attempts)."""
+
+    def __init__(self, concurrency: int, max_new_tokens: int) -> None:
+        self._concurrency = concurrency
+        self._max_new_tokens = max_new_tokens
+        self._done = asyncio.Event()
+        self._calls: list[CallRecord] = []
+        self._tasks: list[asyncio.Task] = []
+        self._client: AsyncTextGenClient | None = None
+
+    async def start(self, target: str) -> None:
+        options = [*replica_options(), ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
+        self._client = AsyncTextGenClient(target, timeout=60, retry=RetryPolicy(), options=options)
+        self._tasks = [asyncio.ensure_future(self._caller()) for _ in range(self._concurrency)]
+
+    async def stop(self) -> list[CallRecord]:
+        """Start no more calls, wait for those in flight; every call's record."""
+        self._done.set()
+        await asyncio.gather(*self._tasks)
+        if self._client is not None:
+            await self._client.close()
+        return self._calls
+
+    async def _caller(self) -> None:
+        while not self._done.is_set():
+            self._calls.append(await self._one_call())
+
+    async def _one_call(self) -> CallRecord:
+        start, wall = time.monotonic(), time.time()
+        ttft, tokens = None, 0
+        stream = self._client.stream("Once upon a time", max_new_tokens=self._max_new_tokens, ignore_eos=True)
+        try:
+            async for chunk in stream:
+                if ttft is None:
+                    ttft = time.monotonic() - start
+                tokens += len(chunk.tokens)
+        except grpc.aio.AioRpcError as error:
+            return CallRecord("python", wall, error.code().name, tokens, ttft)
+        return CallRecord("python", wall, "OK", tokens, ttft)
+
+
+class NodeLoad:
+    """The same load from Node.js: examples/node/replica_load.js, grpc-js's own round robin and retries."""
+
+    def __init__(self, concurrency: int, max_new_tokens: int) -> None:
+        self._args = ["--concurrency", str(concurrency), "--max-new-tokens", str(max_new_tokens)]
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self, target: str) -> None:
+        self._process = await asyncio.create_subprocess_exec(
+            "node", "replica_load.js", "--target", target, *self._args,
+            cwd=NODE_EXAMPLE, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+
+    async def stop(self) -> list[CallRecord]:
+        """Close the script's standard input: it starts no more calls, ends those in flight and exits."""
+        self._process.stdin.close()
+        output, _ = await self._process.communicate()
+        records = [json.loads(line) for line in output.decode().splitlines() if line.strip()]
+        return [
+            CallRecord(
+                "node",
+                r["start_ms"] / 1000,
+                r["code"],
+                r["tokens"],
+                None if r["ttft_ms"] is None else r["ttft_ms"] / 1000,
+            )
+            for r in records
+        ]
+
+
+Load = PythonLoad | NodeLoad
+LOADS = {"python": PythonLoad, "node": NodeLoad}
 
 
 class Replica:
@@ -124,32 +206,38 @@ class ReplicaChange:
     stopped: int = 0  # the index of the replica that was stopped and started again
     exit_code: int | None = None
 
+    def assign_phases(self, starts: list[tuple[str, float]]) -> None:
+        """Give each call the phase it started in, from each phase's start (wall clock)."""
+        for call in self.calls:
+            call.phase = next((name for name, at in reversed(starts) if at <= call.start_s), starts[0][0])
+
     def in_phase(self, phase: str) -> list[CallRecord]:
         return [call for call in self.calls if call.phase == phase]
 
+    def of_client(self, client: str) -> list[CallRecord]:
+        return [call for call in self.calls if call.client == client]
+
     def summary(self) -> dict[str, dict[str, object]]:
-        """Per phase: calls by status, p99 TTFT, and requests finished per replica."""
-        rows = {}
+        """Per phase: requests finished per replica, and per client the calls by status and the p99 TTFT."""
+        rows: dict[str, dict[str, object]] = {}
         for phase in PHASES:
-            calls = self.in_phase(phase)
-            codes: dict[str, int] = {}
-            for call in calls:
-                codes[call.code] = codes.get(call.code, 0) + 1
-            ttfts = [call.ttft_s for call in calls if call.ttft_s is not None]
-            rows[phase] = {
-                "calls": codes,
-                "p99_ttft_s": round(float(np.percentile(ttfts, 99)), 3) if ttfts else None,
-                "served_per_replica": self.served.get(phase, []),
-            }
+            row: dict[str, object] = {"served_per_replica": self.served.get(phase, [])}
+            for client in sorted({call.client for call in self.calls}):
+                calls = [call for call in self.in_phase(phase) if call.client == client]
+                ttfts = [call.ttft_s for call in calls if call.ttft_s is not None]
+                row[client] = {
+                    "calls": dict(Counter(call.code for call in calls)),
+                    "p99_ttft_s": round(float(np.percentile(ttfts, 99)), 3) if ttfts else None,
+                }
+            rows[phase] = row
         return rows
 
 
 async def replica_change(
     model_args: list[str],
     log_dir: Path,
+    loads: Sequence[Load],
     num_replicas: int = 3,
-    concurrency: int = 6,
-    max_new_tokens: int = 16,
     steady_s: float = 3.0,
     down_s: float = 2.0,
     back_s: float = 4.0,
@@ -160,7 +248,7 @@ async def replica_change(
 
     A phase lasts its `*_s`, and then until the replicas it is about each served `min_served` requests in
     it (every one while steady, the others while one is down, the restarted one once back), so that a
-    slow machine still shows each step.
+    slow machine still shows each step. `loads` (`PythonLoad`, `NodeLoad`) run all at once.
     """
     args = [*model_args, "--host", "127.0.0.1", "--grace-period-s", str(grace_period_s)]
     replicas = [Replica(i, args, log_dir) for i in range(num_replicas)]
@@ -169,83 +257,58 @@ async def replica_change(
     with ThreadPoolExecutor(num_replicas) as pool:
         list(pool.map(Replica.start, replicas))
     target = "ipv4:" + ",".join(replica.address for replica in replicas)
-    options = [*replica_options(), ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
-    phase = ["steady"]
     marks: list[list[int]] = []  # requests served per replica at each phase's start, and at the end
+    starts: list[tuple[str, float]] = []  # each phase's name and start (wall clock)
     done = asyncio.Event()
+
+    async def scraper() -> None:
+        while not done.is_set():
+            await asyncio.to_thread(lambda: [replica.scrape() for replica in replicas])
+            await asyncio.sleep(SCRAPE_EVERY_S)
+
+    async def next_phase(name: str) -> None:
+        await asyncio.to_thread(lambda: [replica.scrape() for replica in replicas])
+        marks.append([replica.served() for replica in replicas])
+        starts.append((name, time.time()))
+        log.info("%s: served per replica %s", name or "end", marks[-1])
+
+    def served_since(index: int) -> int:
+        return replicas[index].served() - marks[-1][index]
+
+    async def until(min_s: float, *indices: int) -> None:
+        """At least `min_s`, then until each replica of `indices` served `min_served` more."""
+        await asyncio.sleep(min_s)
+        deadline = time.monotonic() + PHASE_TIMEOUT_S
+        while any(served_since(i) < min_served for i in indices) and time.monotonic() < deadline:
+            await asyncio.sleep(SCRAPE_EVERY_S)
+
+    others = [i for i in range(num_replicas) if i != result.stopped]
+    scraping = asyncio.ensure_future(scraper())
     try:
-        async with AsyncTextGenClient(target, timeout=60, retry=RetryPolicy(), options=options) as client:
-            await _wait_all_ready(client, len(replicas))
-
-            async def caller() -> None:
-                while not done.is_set():
-                    result.calls.append(await _one_call(client, phase[0], max_new_tokens))
-
-            async def scraper() -> None:
-                while not done.is_set():
-                    await asyncio.to_thread(lambda: [replica.scrape() for replica in replicas])
-                    await asyncio.sleep(SCRAPE_EVERY_S)
-
-            async def next_phase(name: str) -> None:
-                await asyncio.to_thread(lambda: [replica.scrape() for replica in replicas])
-                marks.append([replica.served() for replica in replicas])
-                log.info(
-                    "%s: %d calls so far, served per replica %s", name or "end", len(result.calls), marks[-1]
-                )
-                phase[0] = name
-
-            def served_since(index: int) -> int:
-                return replicas[index].served() - marks[-1][index]
-
-            async def until(min_s: float, *indices: int) -> None:
-                """At least `min_s`, then until each replica of `indices` served `min_served` more."""
-                await asyncio.sleep(min_s)
-                deadline = time.monotonic() + PHASE_TIMEOUT_S
-                while any(served_since(i) < min_served for i in indices) and time.monotonic() < deadline:
-                    await asyncio.sleep(SCRAPE_EVERY_S)
-
-            others = [i for i in range(num_replicas) if i != result.stopped]
-            await next_phase("steady")
-            tasks = [asyncio.ensure_future(caller()) for _ in range(concurrency)]
-            tasks.append(asyncio.ensure_future(scraper()))
-            await until(steady_s, *range(num_replicas))
-            await next_phase("draining")
-            stopped.sigterm()
-            result.exit_code = await asyncio.to_thread(stopped.wait_exit, grace_period_s + 30)
-            await next_phase("down")
-            await until(down_s, *others)
-            await next_phase("back")
-            await asyncio.to_thread(stopped.start)
-            await until(back_s, result.stopped)
-            done.set()
-            await asyncio.gather(*tasks)
-            await next_phase("")
+        await next_phase("steady")
+        for load in loads:
+            await load.start(target)
+        await until(steady_s, *range(num_replicas))
+        await next_phase("draining")
+        stopped.sigterm()
+        result.exit_code = await asyncio.to_thread(stopped.wait_exit, grace_period_s + 30)
+        await next_phase("down")
+        await until(down_s, *others)
+        await next_phase("back")
+        await asyncio.to_thread(stopped.start)
+        await until(back_s, result.stopped)
+        for load in loads:
+            result.calls += await load.stop()
+        await next_phase("")
     finally:
         done.set()
+        await scraping
         for replica in replicas:
             replica.stop()
+    result.assign_phases(starts)
     for name, before, after in zip(PHASES, marks[:-1], marks[1:], strict=True):
         result.served[name] = [a - b for a, b in zip(after, before, strict=True)]
     return result
-
-
-async def _wait_all_ready(client: AsyncTextGenClient, num_replicas: int) -> None:
-    """Make a few calls, so that the channel has connected to (and health-checked) every replica."""
-    for _ in range(2 * num_replicas):
-        await client.generate("warm", max_new_tokens=1)
-
-
-async def _one_call(client: AsyncTextGenClient, phase: str, max_new_tokens: int) -> CallRecord:
-    start = time.monotonic()
-    ttft, tokens = None, 0
-    try:
-        async for chunk in client.stream("Once upon a time", max_new_tokens=max_new_tokens, ignore_eos=True):
-            if ttft is None:
-                ttft = time.monotonic() - start
-            tokens += len(chunk.tokens)
-    except grpc.aio.AioRpcError as error:
-        return CallRecord(phase, error.code().name, tokens, ttft)
-    return CallRecord(phase, "OK", tokens, ttft)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -258,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steady-s", type=float, default=10.0)
     parser.add_argument("--down-s", type=float, default=5.0)
     parser.add_argument("--back-s", type=float, default=10.0)
+    parser.add_argument("--clients", nargs="+", choices=list(LOADS), default=["python"],
+                        help="the load's clients, each with --concurrency streams")  # fmt: skip
     parser.add_argument("--log-dir", type=Path, default=Path("bench/results/replicas"))
     args = parser.parse_args(argv)
     model_args = ["--device", "cpu"] + (["--model", args.model] if args.model else [])
@@ -266,11 +331,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             model_args,
             args.log_dir,
             num_replicas=args.replicas,
-            concurrency=args.concurrency,
-            max_new_tokens=args.max_new_tokens,
             steady_s=args.steady_s,
             down_s=args.down_s,
             back_s=args.back_s,
+            loads=[LOADS[client](args.concurrency, args.max_new_tokens) for client in args.clients],
         )
     )
     summary = {"stopped_replica": result.stopped, "exit_code": result.exit_code, "phases": result.summary()}

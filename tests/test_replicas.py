@@ -1,25 +1,29 @@
 """Replicas that lose nothing: three `python -m service` processes (tiny random-weight models) behind one
-round_robin channel under steady load; one is sent SIGTERM and started again (bench/replicas.py)."""
+round_robin channel per client, the Python client's and Node.js's (where node is installed), under steady
+load; one replica is sent SIGTERM and started again (bench/replicas.py)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
-from bench.replicas import ReplicaChange, replica_change
+from bench.replicas import NODE_EXAMPLE, NodeLoad, PythonLoad, ReplicaChange, replica_change
 from bench.stress_process import server_args
 
 MAX_NEW_TOKENS = 8
+HAS_NODE = shutil.which("node") is not None and (NODE_EXAMPLE / "node_modules" / "@grpc" / "grpc-js").exists()
 
 
 @pytest.fixture(scope="module")
 async def change(tiny_model_dir, tmp_path_factory) -> ReplicaChange:
     model_args = server_args(str(tiny_model_dir("llama")))
     model_args = model_args[: model_args.index("--host")] + ["--num-kv-blocks", "256"]
+    loads = [PythonLoad(2, MAX_NEW_TOKENS)] + ([NodeLoad(2, MAX_NEW_TOKENS)] if HAS_NODE else [])
     return await replica_change(
         model_args,
         tmp_path_factory.mktemp("replicas"),
-        concurrency=4,
-        max_new_tokens=MAX_NEW_TOKENS,
+        loads,
         steady_s=1,
         down_s=1,
         back_s=1,
@@ -27,12 +31,24 @@ async def change(tiny_model_dir, tmp_path_factory) -> ReplicaChange:
     )
 
 
-def test_every_request_completes_while_a_replica_leaves_and_returns(change):
-    failed = [call for call in change.calls if call.code != "OK" or call.tokens != MAX_NEW_TOKENS]
+def failed(calls) -> list:
+    return [call for call in calls if call.code != "OK" or call.tokens != MAX_NEW_TOKENS]
+
+
+def test_every_python_request_completes_while_a_replica_leaves_and_returns(change):
+    calls = change.of_client("python")
 
     assert change.exit_code == 0
-    assert all(change.in_phase(phase) for phase in ("steady", "down", "back"))
-    assert failed == []
+    assert {call.phase for call in calls} >= {"steady", "down", "back"}
+    assert failed(calls) == []
+
+
+@pytest.mark.skipif(not HAS_NODE, reason="node or examples/node's dependencies (make node-deps) are missing")
+def test_every_node_request_completes_while_a_replica_leaves_and_returns(change):
+    calls = change.of_client("node")
+
+    assert {call.phase for call in calls} >= {"steady", "down", "back"}
+    assert failed(calls) == []
 
 
 def test_every_replica_serves_under_steady_load(change):
