@@ -5,11 +5,14 @@ load; one replica is sent SIGTERM and started again (bench/replicas.py)."""
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 
 from bench.replicas import NODE_EXAMPLE, NodeLoad, PythonLoad, ReplicaChange, replica_change
 from bench.stress_process import server_args
+from client import TextGenClient, replica_options
+from service.server import NOT_SERVING, SERVICE_NAME, SERVING
 
 MAX_NEW_TOKENS = 8
 HAS_NODE = shutil.which("node") is not None and (NODE_EXAMPLE / "node_modules" / "@grpc" / "grpc-js").exists()
@@ -64,3 +67,26 @@ def test_the_other_replicas_take_the_stopped_ones_share(change):
 
 def test_the_restarted_replica_gets_traffic_once_serving(change):
     assert change.served["back"][change.stopped] > 0, change.served
+
+
+def test_replica_options_send_no_calls_to_a_replica_whose_health_is_not_serving(start_server):
+    # Which replica answered shows in the tokens of a request that leaves max_new_tokens to the server.
+    serving, leaving = start_server(default_max_new_tokens=3), start_server(default_max_new_tokens=5)
+    target = f"ipv4:{serving.target},{leaving.target}"
+
+    with TextGenClient(target, timeout=30, options=replica_options()) as client:
+
+        def answered_by(num_calls: int) -> set[int]:
+            calls = (client.generate("Hi", ignore_eos=True) for _ in range(num_calls))
+            return {result.usage.completion_tokens for result in calls}
+
+        before = answered_by(8)
+        leaving.run(leaving.server.health.set(SERVICE_NAME, NOT_SERVING))
+        try:
+            time.sleep(0.5)  # the client's health watch hears it
+            after = answered_by(8)
+        finally:
+            leaving.run(leaving.server.health.set(SERVICE_NAME, SERVING))
+
+    assert before == {3, 5}
+    assert after == {3}
