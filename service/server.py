@@ -177,9 +177,12 @@ async def serve(config: ServerConfig) -> None:
     try:
         await server.load()
         await stop.wait()  # a signal during loading acts once the engine is up, so it shuts down cleanly
-    finally:
-        await server.retire()
-        await asyncio.to_thread(telemetry.shutdown)  # exports the last spans and metrics
+    except BaseException:
+        await server.drain()  # the model failed to load: nothing was served, an orderly stop
+        await asyncio.to_thread(telemetry.shutdown)
+        raise
+    await server.retire()
+    await asyncio.to_thread(telemetry.shutdown)  # exports the last spans and metrics
     log.info("stopped")
     _exit()
 
