@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTO_STAMP := protos/.generated
 
-.PHONY: install proto serve test lint example bench bench-prefix bench-engine bench-sweep bench-llamacpp stress clean
+.PHONY: install proto serve test lint example bench bench-prefix bench-engine bench-sweep bench-llamacpp bench-gpu bench-replicas stress clean
 
 install: $(STAMP)
 
@@ -42,9 +42,19 @@ proto-missing:
 serve: install proto
 	$(PY) -m service
 
+# The Dockerfiles (hadolint) and the Kubernetes manifests: each kustomization rendered by kubectl's built-in
+# kustomize and every resource validated against the Kubernetes 1.37 schemas, offline (README: Deploy).
+K8S_KUSTOMIZATIONS := deploy/k8s/base deploy/k8s/cuda
+
 lint: install proto
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/buf lint
+	$(VENV)/bin/hadolint deploy/Dockerfile deploy/Dockerfile.cuda
+	@rendered=$$(mktemp) && for k in $(K8S_KUSTOMIZATIONS); do \
+		echo "kustomize + kubernetes-validate: $$k"; \
+		$(VENV)/bin/kubectl kustomize $$k > $$rendered && \
+		$(VENV)/bin/kubernetes-validate --strict --quiet $$rendered || { rm -f $$rendered; exit 1; }; \
+	done; rm -f $$rendered
 
 # The Node.js example's dependencies, for its test; skipped where npm is absent.
 node-deps: $(NODE_EXAMPLE)/node_modules/.package-lock.json
@@ -81,6 +91,18 @@ bench-sweep: install proto
 # or more on 2 cores); `--quick` checks the setup. Flags: BENCH_ARGS="--help".
 bench-llamacpp: install proto
 	$(PY) -m bench.peer_llamacpp $(BENCH_ARGS)
+
+# The engine on a CUDA GPU in one run (about 8 minutes at most on an H100 / H200): the CUDA tests, decode
+# step times with and without CUDA graphs, and throughput against transformers' generate. It installs
+# nothing: on a GPU machine whose python3 holds torch, triton and transformers, it runs as it is (without
+# .venv); BENCH_ARGS="--smoke" runs tiny shapes on the CPU. Flags: BENCH_ARGS="--help".
+bench-gpu:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m bench.gpu $(BENCH_ARGS)
+
+# Replicas that lose nothing: 3 servers (the default model) behind one round_robin channel, one SIGTERMed
+# under load and started again; requests per replica and p99 TTFT per phase. Flags: BENCH_ARGS="--help".
+bench-replicas: install proto
+	$(PY) -m bench.replicas $(BENCH_ARGS)
 
 # Reliability under load: one row per scenario (a few minutes on 2 idle CPU cores); the 20-minute soak
 # runs with STRESS_ARGS="--soak-minutes 20". Flags: STRESS_ARGS="--help".

@@ -42,14 +42,17 @@ def wait_serving(target: str, timeout_s: float, process: subprocess.Popen | None
 class ServerProcess:
     """`python -m service --port P *args`, as a context manager that waits for it to be ready.
 
+    `port`: the one to listen on (a restarted replica keeps its address); default: a free one.
     The server's output goes to `log_path`; the with-block's exit sends SIGTERM and waits for a clean drain.
     """
 
-    def __init__(self, args: list[str], log_path: Path, startup_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, startup_timeout_s: float = 600.0, port: int | None = None
+    ) -> None:
         self.args = args
         self.log_path = log_path
         self.startup_timeout_s = startup_timeout_s
-        self.port = free_port()
+        self.port = port or free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 

@@ -1,7 +1,7 @@
 """Python client for textgen.v1: `TextGenClient`, `AsyncTextGenClient`, typed results, and a CLI."""
 
 from client.aio import AsyncTextGenClient
-from client.channel import tls_credentials
+from client.channel import replica_options, tls_credentials
 from client.params import GenerateParams
 from client.results import (
     Completion,
@@ -33,5 +33,6 @@ __all__ = [
     "TokenizeResult",
     "TopLogprob",
     "Usage",
+    "replica_options",
     "tls_credentials",
 ]

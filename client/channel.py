@@ -3,6 +3,7 @@ credentials from PEM files, and the metadata that carries an API key."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,3 +47,14 @@ def api_key_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     """The metadata that sends `api_key` (None: $TEXTGEN_API_KEY) with a call; empty without a key."""
     key = os.environ.get("TEXTGEN_API_KEY") if api_key is None else api_key
     return (("authorization", f"Bearer {key}"),) if key else ()
+
+
+def replica_options(health_service: str = "textgen.v1.TextGenerationService") -> list[tuple[str, str]]:
+    """Channel options for a target with many replicas (`dns:///textgen:50051`, `ipv4:a:p,b:p`): calls
+    spread over every address (round_robin), and over those whose health service says SERVING only, so a
+    replica that is loading or draining gets no new calls."""
+    config = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": health_service},
+    }
+    return [("grpc.service_config", json.dumps(config))]

@@ -65,6 +65,7 @@ class EngineConfig:
     model_impl: str = "auto"  # lean code for the Llama family where supported, else transformers' modeling
     prefix_caching: bool = True  # share the KV blocks of prompt prefixes computed before
     max_n: int = MAX_N  # the most completions one request may ask for
+    cuda_graphs: bool = True  # on CUDA, decode steps replay a graph per batch-size bucket (lean code, triton)
 
 
 @dataclass(slots=True)
@@ -393,6 +394,8 @@ def _build_core(config: EngineConfig, observer: EngineObserver) -> EngineCore:
         config.prefill_chunk_tokens,
         config.model_impl,
     )
+    if config.cuda_graphs:
+        runner.capture_decode_graphs(config.batch.max_batch_size, _max_context_len(runner, config))
     scheduler = make_scheduler(
         config.scheduling,
         SchedulerConfig(config.batch, config.max_decode_stall_ms, config.prefix_caching),

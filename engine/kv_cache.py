@@ -74,6 +74,12 @@ class BlockAllocator:
             block_table.append(block)
         return True
 
+    def reserve(self) -> int:
+        """Take one free block out of the pool for good (the pool is one block smaller from now on)."""
+        assert self._free, "no free block to reserve"
+        self.num_blocks -= 1
+        return self._free.pop()
+
     def free(self, block_table: list[int]) -> None:
         """Release every block of `block_table` and empty it; blocks nobody holds any more become free.
 

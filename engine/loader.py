@@ -108,23 +108,34 @@ def load(
     path = default_model_dir() if model is None else Path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME)
-    hf_model.to(device).eval()
+    name = DEFAULT_MODEL_NAME if model is None else Path(model).name
+    loaded = loaded_model(hf_model.to(device), tokenizer, name, weight_format)
+    loaded.gguf_path = default_gguf_path() if model is None else None
+    return loaded
+
+
+def loaded_model(
+    hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, weight_format: str = "native"
+) -> LoadedModel:
+    """A model already on its device and in its dtype (say, random weights for a benchmark), for the runner;
+    `weight_format` as resolved."""
+    if hf_model.config._attn_implementation != ATTENTION_NAME:
+        hf_model.set_attn_implementation(ATTENTION_NAME)
+    hf_model.eval()
     config = hf_model.config.get_text_config()
-    vocab_size = int(hf_model.get_output_embeddings().weight.shape[0])
     num_heads = config.num_attention_heads
     return LoadedModel(
         model=hf_model,
         tokenizer=tokenizer,
-        name=DEFAULT_MODEL_NAME if model is None else Path(model).name,
-        device=device,
-        dtype=dtype,
+        name=name,
+        device=hf_model.device,
+        dtype=hf_model.dtype,
         weight_format=weight_format,
         max_context_len=int(getattr(config, "max_position_embeddings", 0) or config.n_positions),
-        vocab_size=vocab_size,
+        vocab_size=int(hf_model.get_output_embeddings().weight.shape[0]),
         num_layers=config.num_hidden_layers,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
-        gguf_path=default_gguf_path() if model is None else None,
     )
 
 

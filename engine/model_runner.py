@@ -8,13 +8,16 @@ attention is `engine.attention.paged_attention`, which reads and writes the page
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from engine import loader
 from engine.attention import PrefillSegment, StepContext, resolve_decode_backend
+from engine.decode_graphs import DecodeBatch, DecodeGraphs, decode_buckets
 from engine.models import build_forward
+from engine.models.llama import LlamaModel
 from engine.sampler import FAILED, SamplingBatch, prompt_logprobs, sample, top_logprobs
 from engine.step import PositionLogprobs, Step, StepOutput, StepRow
 from engine.structured import allowed_tokens
@@ -22,6 +25,8 @@ from engine.structured import allowed_tokens
 # A prefill step's tokens go through the model in forward passes of at most this many tokens on the
 # CPU, so that each pass's activations stay in the caches (README, "CPU dtype, weights and attention").
 CPU_PREFILL_CHUNK_TOKENS = 512
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -52,7 +57,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: str | None,
+        model: str | loader.LoadedModel | None,
         device: str = "auto",
         dtype: str = "auto",
         num_kv_blocks: int = 0,
@@ -62,13 +67,14 @@ class ModelRunner:
         prefill_chunk_tokens: int = -1,
         model_impl: str = "auto",
     ) -> None:
-        resolved_device = loader.resolve_device(device)
-        resolved_dtype = loader.resolve_dtype(dtype, resolved_device)
+        preloaded = isinstance(model, loader.LoadedModel)  # keeps its own device, dtype and weights
+        resolved_device = model.device if preloaded else loader.resolve_device(device)
+        resolved_dtype = model.dtype if preloaded else loader.resolve_dtype(dtype, resolved_device)
         # Before loading, so that a backend that cannot run here fails fast.
         self.attention_backend, self._decode_attention = resolve_decode_backend(
             attention_backend, resolved_device, resolved_dtype
         )
-        loaded = loader.load(model, resolved_device, resolved_dtype, weight_format)
+        loaded = model if preloaded else loader.load(model, resolved_device, resolved_dtype, weight_format)
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
         self.device, self.dtype, self.weight_format = loaded.device, loaded.dtype, loaded.weight_format
         self.max_context_len, self.vocab_size = loaded.max_context_len, loaded.vocab_size
@@ -81,6 +87,39 @@ class ModelRunner:
             prefill_chunk_tokens = CPU_PREFILL_CHUNK_TOKENS if self.device.type == "cpu" else 0
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self._generators: dict[int, torch.Generator] = {}  # by sequence id, for sampled (not greedy) rows
+        self._decode_graphs: DecodeGraphs | None = None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps replay CUDA graphs."""
+        return self._decode_graphs is not None and self._decode_graphs.captured
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self, max_batch_size: int, max_context_len: int) -> bool:
+        """On CUDA, capture a CUDA graph of the decode step per batch-size bucket; whether it did.
+
+        Only the lean model code is captured, and only with a decode backend that reads just the blocks
+        a sequence holds (triton): the torch backend gathers every row's table, as wide as the longest
+        context the graph may meet.
+        """
+        if self.device.type != "cuda":
+            return False
+        if self.model_impl != "lean" or self.attention_backend != "triton":
+            log.info("decode runs eagerly: CUDA graphs need the lean model code and the triton backend")
+            return False
+        self.pad_decode_batches(max_batch_size, max_context_len, capture=True)
+        return True
+
+    @torch.inference_mode()
+    def pad_decode_batches(self, max_batch_size: int, max_context_len: int, capture: bool = False) -> None:
+        """Run decode steps of up to `max_batch_size` rows padded to batch-size buckets on static buffers,
+        replayed from CUDA graphs with `capture` (else eagerly, as on the CPU). Lean model code only."""
+        assert isinstance(self._model_forward, LlamaModel), "padded decode runs the lean model code"
+        self._model_forward.complete_rope(max_context_len)
+        self._decode_graphs = DecodeGraphs(
+            self._model_forward, self.kv_cache, self._decode_attention, decode_buckets(max_batch_size),
+            max_context_len, capture,
+        )  # fmt: skip
 
     @property
     def allocator(self):
@@ -157,6 +196,9 @@ class ModelRunner:
 
     def _forward(self, inputs: list[StepInput], is_prefill: bool) -> torch.Tensor:
         """One forward pass over `inputs` packed into one row; logits of the rows that need them."""
+        graphs = self._decode_graphs
+        if not is_prefill and graphs is not None and len(inputs) <= graphs.max_batch_size:
+            return graphs.run(self._decode_batch(inputs))
         device = self.device
         packed = self._pack(inputs, is_prefill)
         slot_mapping = torch.tensor(packed.slots, device=device)
@@ -184,14 +226,26 @@ class ModelRunner:
             packed.positions.extend(range(item.start_pos, num_context))
             packed.slots.extend(table[p // bs] * bs + p % bs for p in range(item.start_pos, num_context))
             if is_prefill:
-                context = [table[p // bs] * bs + p % bs for p in range(num_context)] if item.start_pos else []
-                context_slots = torch.tensor(context, device=self.device)
+                context_slots = None  # a sequence's first chunk: its keys are its new tokens
+                if item.start_pos:
+                    context = [table[p // bs] * bs + p % bs for p in range(num_context)]
+                    context_slots = torch.tensor(context, device=self.device)
                 packed.segments.append(PrefillSegment(start, start + n, num_context, context_slots))
             if item.all_logits:
                 packed.logit_rows.extend(range(start, start + n))
             elif item.needs_logits:
                 packed.logit_rows.append(start + n - 1)
         return packed
+
+    def _decode_batch(self, inputs: list[StepInput]) -> DecodeBatch:
+        bs = self.block_size
+        return DecodeBatch(
+            token_ids=[item.token_ids[0] for item in inputs],
+            positions=[item.start_pos for item in inputs],
+            slots=[item.block_table[item.start_pos // bs] * bs + item.start_pos % bs for item in inputs],
+            block_tables=[item.block_table for item in inputs],
+            logit_rows=[i for i, item in enumerate(inputs) if item.needs_logits],
+        )
 
     def _decode_tables(self, inputs: list[StepInput]) -> tuple[torch.Tensor, torch.Tensor]:
         """Block tables padded to the longest, and the context lengths (the new token included)."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,6 +29,8 @@ log = logging.getLogger("service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGenerationService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# After the engine stops, how long the calls it failed get to send their status before the server stops.
+FAILED_CALLS_END_S = 2.0
 
 
 class Server:
@@ -97,18 +101,28 @@ class Server:
         )
 
     async def drain(self) -> None:
-        """Stop taking requests, give in-flight ones the grace period to finish, then stop everything."""
+        """`retire()`, then stop the gRPC server, in-process: gRPC answers calls that arrive while it stops
+        CANCELLED, which is why `python -m service` exits instead (`_exit`)."""
+        await self.retire()
+        await self._server.stop(grace=None)
+        log.info("stopped")
+
+    async def retire(self) -> None:
+        """Stop taking requests, give in-flight ones the grace period to finish, then stop the engine.
+
+        The gRPC server keeps answering meanwhile and after: health NOT_SERVING, every new call UNAVAILABLE
+        (DRAINING). `serve()` then ends the process with the server still up (`_exit` says why).
+        """
         await self.health.enter_graceful_shutdown()
         if self.engine is not None:
             self.engine.stop_accepting()
         grace = self.config.grace_period_s
         log.info("draining: %d requests in flight, %g s grace", self.servicer.num_in_flight, grace)
         if not await self.servicer.wait_idle(grace):
-            log.warning("grace period over: cancelling %d requests", self.servicer.num_in_flight)
-        await self._server.stop(grace=None)
+            log.warning("grace period over: %d requests in flight fail", self.servicer.num_in_flight)
         if self.engine is not None:
-            await asyncio.to_thread(self.engine.shutdown)
-        log.info("stopped")
+            await asyncio.to_thread(self.engine.shutdown)  # fails what is left: UNAVAILABLE (DRAINING)
+        await self.servicer.wait_idle(FAILED_CALLS_END_S)
 
     def reload(self) -> None:
         """Re-read the API key file and the TLS files (SIGHUP); one that fails to load changes nothing."""
@@ -151,7 +165,7 @@ def exposure_warnings(config: ServerConfig) -> list[str]:
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run a server until SIGTERM or SIGINT, then drain it."""
+    """Run a server until SIGTERM or SIGINT, then drain it and exit the process."""
     telemetry = Telemetry.from_env(config.metrics_port, config.host.strip("[]"))  # OTEL_* variables
     server = Server(config, telemetry)
     await server.start()
@@ -163,9 +177,28 @@ async def serve(config: ServerConfig) -> None:
     try:
         await server.load()
         await stop.wait()  # a signal during loading acts once the engine is up, so it shuts down cleanly
-    finally:
-        await server.drain()
-        await asyncio.to_thread(telemetry.shutdown)  # exports the last spans and metrics
+    except BaseException:
+        await server.drain()  # the model failed to load: nothing was served, an orderly stop
+        await asyncio.to_thread(telemetry.shutdown)
+        raise
+    await server.retire()
+    await asyncio.to_thread(telemetry.shutdown)  # exports the last spans and metrics
+    log.info("stopped")
+    _exit()
+
+
+def _exit() -> NoReturn:
+    """End the process at once, 0, its gRPC server still answering UNAVAILABLE.
+
+    The kernel closes the connections, so a call that arrives in the last instant fails UNAVAILABLE, which
+    clients retry on another replica. Either orderly way ends such a call CANCELLED, which no retry policy
+    retries: gRPC's stop refuses calls that reach it before its GOAWAY reaches their client that way, and
+    `asyncio.run`'s clean-up cancels the handlers still running (tests/test_service_drain.py).
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -137,6 +137,14 @@ class ServingMetrics(EngineObserver):
             "{block}",
             "KV-cache blocks by state (used, free)",
         )
+        # One number per replica that gateways read to pick the least loaded one; the exporter adds no
+        # `_ratio` for the unit "1", so the name carries it.
+        meter.create_observable_gauge(
+            "textgen.kv_cache.usage_ratio",
+            [lambda _: [Observation(1 - engine.num_free_kv_blocks / engine.num_kv_blocks)]],
+            "1",
+            "Fraction of the KV-cache blocks in use, 0 to 1",
+        )
 
     def request_admitted(self, seq: Sequence) -> None:
         self._prefix_queries.add(seq.num_tokens)

@@ -177,3 +177,73 @@ def test_paged_attention_outside_a_step_fails_loudly(rng):
     q, k, v = random_qkv(2, rng)
     with pytest.raises(AssertionError, match="outside an engine step"):
         paged_attention(LAYER, q[None], k[None], v[None], attention_mask=None)
+
+
+# ---- one SDPA call per prefill step (varlen prefill; what CUDA runs) --------------------------------------
+
+PREFILL_SHAPES = {  # (block tables, first position, new tokens) of each sequence -> the plan's shape
+    "padded": ([[0, 1], [2, 3], [4]], [0, 0, 0], [6, 5, 3]),
+    "masked, new only": ([[0, 1, 2, 3], [5], [6]], [0, 0, 0], [14, 1, 2]),
+    "masked, from the cache": ([[0, 1, 2], [4, 5]], [5, 0], [4, 7]),
+}
+
+
+def prefill_shape(kv_cache, rng, tables, starts, lengths):
+    """Cache the sequences' earlier tokens; return the step's context, its new q, k, v, and the references."""
+    sequences = [random_qkv(start + n, rng) for start, n in zip(starts, lengths, strict=True)]
+    for table, start, (_, k, v) in zip(tables, starts, sequences, strict=True):
+        if start:
+            write_context(kv_cache, table, k[:, :start], v[:, :start])
+    pairs = list(zip(sequences, starts, strict=True))
+    new = [torch.cat([s[i][:, start:] for s, start in pairs], dim=1) for i in range(3)]
+    references = [reference(*s)[start:] for s, start in pairs]
+    return prefill_context(kv_cache, tables, starts, lengths), new, references
+
+
+@pytest.mark.parametrize("shape", PREFILL_SHAPES)
+def test_prefill_in_one_sdpa_call_equals_causal_attention_per_sequence(kv_cache, rng, monkeypatch, shape):
+    tables, starts, lengths = PREFILL_SHAPES[shape]
+    context, (q, k, v), references = prefill_shape(kv_cache, rng, tables, starts, lengths)
+    k_cache, v_cache = kv_cache.layer(LAYER.layer_idx)
+    k_cache[:, context.slot_mapping], v_cache[:, context.slot_mapping] = k, v  # as `attend` does first
+    plan = attention.plan_prefill(context.segments, context.slot_mapping, torch.float32, one_call=True)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    out = attention.prefill_attention(q, k, v, k_cache, v_cache, plan, None)
+    assert len(calls) == 1
+    row = 0
+    for n, expected in zip(lengths, references, strict=True):
+        torch.testing.assert_close(out[row : row + n], expected, rtol=0, atol=1e-5)
+        row += n
+
+
+@pytest.mark.parametrize("shape", PREFILL_SHAPES)
+def test_prefill_on_the_cpu_calls_sdpa_once_per_sequence(kv_cache, rng, monkeypatch, shape):
+    tables, starts, lengths = PREFILL_SHAPES[shape]
+    context, new, references = prefill_shape(kv_cache, rng, tables, starts, lengths)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    out = run_step(context, *new)
+    assert len(calls) == len(lengths)
+    torch.testing.assert_close(out, torch.cat(references), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "padded", "masked"),
+    [("padded", True, False), ("masked, new only", False, True), ("masked, from the cache", False, True)],
+)
+def test_prefill_plan_pads_new_sequences_of_similar_length_and_masks_the_rest(shape, padded, masked):
+    tables, starts, lengths = PREFILL_SHAPES[shape]
+    context = prefill_context(None, tables, starts, lengths)
+    plan = attention.plan_prefill(context.segments, context.slot_mapping, torch.float32, one_call=True)
+    assert (plan.padded_rows is not None, plan.mask is not None) == (padded, masked)
+    assert (plan.context_slots is not None) == (shape == "masked, from the cache")
+
+
+def test_prefill_mask_lets_a_query_see_its_own_sequences_earlier_keys_only():
+    context = prefill_context(None, [[0], [1]], starts=[2, 0], lengths=[2, 2])
+    plan = attention.plan_prefill(context.segments, context.slot_mapping, torch.float32, one_call=True)
+    seen = (plan.mask == 0).int().tolist()  # rows: a's tokens at positions 2, 3; b's at 0, 1
+    assert seen == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 1]]

@@ -101,3 +101,16 @@ def test_engine_with_a_kernel_backend_gives_the_torch_backends_tokens(tiny_model
         finally:
             engine.shutdown()
     assert outputs[backend] == outputs["torch"]
+
+
+def test_triton_kernel_in_bfloat16_matches_the_torch_path_in_float32():
+    kernel, device = kernel_for("triton")
+    rng = torch.Generator().manual_seed(2)
+    k_cache, v_cache = torch.randn(2, 2, 16 * 16, 64, generator=rng).to(torch.bfloat16)
+    tables = torch.tensor([[3, 9, 1], [0, 0, 0], [15, 4, 7]])
+    lens = torch.tensor([40, 5, 48])
+    q = torch.randn(3, 8, 64, generator=rng).to(torch.bfloat16)
+    expected = torch_decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens, 16, 0.125)
+    got = kernel(*(t.to(device) for t in (q, k_cache, v_cache, tables, lens)), 16, 0.125)
+    assert got.dtype == torch.bfloat16  # the sums are float32 inside: only the output is rounded
+    torch.testing.assert_close(got.cpu().float(), expected, rtol=1e-2, atol=1e-2)

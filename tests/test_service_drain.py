@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.server import ServerProcess
+from bench.stress_process import server_args
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
+NUM_DRAIN_CONNECTIONS = 4
 
 
 def start_service(model_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -82,3 +87,42 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_zero(tiny_model_dir, t
     assert draining_health == health_pb2.HealthCheckResponse.NOT_SERVING
     assert late_code == grpc.StatusCode.UNAVAILABLE
     assert "draining: 1 requests in flight" in log
+
+
+async def test_new_calls_get_unavailable_through_the_end_of_a_drain(tiny_model_dir, tmp_path):
+    """Calls keep arriving, on several connections, until the process has exited; the drain's last
+    instants (the last request finishes, the server stops) must answer them UNAVAILABLE, never CANCELLED."""
+    args = server_args(str(tiny_model_dir("llama")), "--grace-period-s", "60")
+    with ServerProcess(args, tmp_path / "server.log") as server:
+        channels = [grpc.aio.insecure_channel(server.target) for _ in range(NUM_DRAIN_CONNECTIONS)]
+        stubs = [textgen_pb2_grpc.TextGenerationServiceStub(channel) for channel in channels]
+        in_flight = stubs[0].GenerateStream(
+            pb.GenerateRequest(
+                prompt="Once", stopping=pb.StoppingCriteria(max_new_tokens=60, ignore_eos=True)
+            ),
+            timeout=60,
+        )
+        streamed = [await in_flight.read()]
+        server.process.send_signal(signal.SIGTERM)
+        exited = asyncio.ensure_future(asyncio.to_thread(server.process.wait, 60))
+
+        async def keep_calling(stub) -> list[str]:
+            codes = []
+            while not exited.done():
+                try:
+                    await stub.Generate(pb.GenerateRequest(prompt="late"), timeout=10)
+                    codes.append("OK")
+                except grpc.aio.AioRpcError as error:
+                    codes.append(error.code().name)
+            return codes
+
+        late = await asyncio.gather(*(keep_calling(stub) for stub in stubs for _ in range(4)))
+        while (message := await in_flight.read()) is not grpc.aio.EOF:
+            streamed.append(message)
+        for channel in channels:
+            await channel.close()
+    codes = Counter(code for codes in late for code in codes)
+
+    assert await exited == 0
+    assert streamed[-1].usage.completion_tokens == 60
+    assert set(codes) == {"UNAVAILABLE"}, codes

@@ -127,6 +127,15 @@ def test_gauges_show_the_queue_the_batch_and_the_kv_cache(traffic):
     assert after.value("textgen_kv_cache_blocks", state="free") == total
 
 
+def test_kv_cache_usage_ratio_is_the_fraction_of_blocks_in_use(traffic):
+    during, after = traffic.during, traffic.after
+    used = during.value("textgen_kv_cache_blocks", state="used")
+    total = during.value("textgen_kv_cache_blocks")
+
+    assert 0 < during.value("textgen_kv_cache_usage_ratio") == pytest.approx(used / total)
+    assert after.value("textgen_kv_cache_usage_ratio") == 0
+
+
 def test_the_endpoint_also_serves_process_metrics(traffic):
     assert traffic.after.value("process_resident_memory_bytes") > 0
 

@@ -4,10 +4,11 @@ The model runner sets a `StepContext` before each forward pass; every attention 
 its new keys and values into the paged KV cache and attends over each sequence's cached context.
 All sequences of a step are packed into one row of tokens (batch size 1, no padding).
 
-Prefill attention is torch's SDPA (`torch_backend`). Decode attention has backends behind one
-interface, `DecodeAttention`: `torch_backend` (gathers the blocks; any device), `cpu_backend` (a C
-kernel) and `triton_backend` (CUDA). `resolve_decode_backend` picks one once, at start-up; the triton
-module is imported only when it is picked.
+Prefill attention is torch's SDPA (`torch_backend`): one call per layer for all of a step's sequences
+on CUDA, one per sequence on the CPU.
+Decode attention has backends behind one interface, `DecodeAttention`: `torch_backend` (gathers the
+blocks; any device), `cpu_backend` (a C kernel) and `triton_backend` (CUDA). `resolve_decode_backend`
+picks one once, at start-up; the triton module is imported only when it is picked.
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ import torch
 from transformers import AttentionInterface
 
 from engine.attention import cpu_backend, torch_backend
-from engine.attention.torch_backend import PrefillSegment, prefill_attention
+from engine.attention.torch_backend import PrefillPlan, PrefillSegment, plan_prefill, prefill_attention
 from engine.kv_cache import KVCache
 
 __all__ = [
     "ATTENTION_BACKENDS",
     "ATTENTION_NAME",
     "DecodeAttention",
+    "PrefillPlan",
     "PrefillSegment",
     "StepContext",
+    "plan_prefill",
+    "prefill_attention",
     "attend",
     "paged_attention",
     "resolve_decode_backend",
@@ -92,6 +96,7 @@ class StepContext:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's key and value go
     is_prefill: bool
     segments: list[PrefillSegment] | None = None  # prefill only
+    prefill_plan: PrefillPlan | None = None  # prefill only: made from `segments` by the first layer
     block_tables: torch.Tensor | None = None  # decode only: [batch, max_blocks] block ids, padded
     context_lens: torch.Tensor | None = None  # decode only: [batch] tokens of context, the new one included
     decode_attention: DecodeAttention = torch_backend.paged_decode_attention  # as resolved at start-up
@@ -138,7 +143,10 @@ def attend(
     k_cache[:, ctx.slot_mapping] = key.to(k_cache.dtype)
     v_cache[:, ctx.slot_mapping] = value.to(v_cache.dtype)
     if ctx.is_prefill:
-        return prefill_attention(query, key, value, k_cache, v_cache, ctx.segments, scaling)
+        if ctx.prefill_plan is None:
+            one_call = query.device.type != "cpu"  # see PrefillPlan: a call per sequence is cheaper there
+            ctx.prefill_plan = plan_prefill(ctx.segments, ctx.slot_mapping, query.dtype, one_call)
+        return prefill_attention(query, key, value, k_cache, v_cache, ctx.prefill_plan, scaling)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return ctx.decode_attention(
         query.transpose(0, 1), k_cache, v_cache, ctx.block_tables, ctx.context_lens,

@@ -34,7 +34,8 @@ typedef struct {
     int64_t n, k, format;
 } Matrix;
 
-#define GROUP 8 /* blocks whose scales convert together */
+#define GROUP 8    /* blocks whose scales convert together */
+#define PREFETCH 4 /* tiles ahead that rows_direct asks the memory for */
 
 static inline int64_t block_bytes(int64_t format) { return format == Q4_1 ? 20 : 34; }
 static inline int64_t value_bytes(int64_t format) { return format == Q4_1 ? 16 : 32; }
@@ -160,9 +161,13 @@ static inline float finish(__m256 acc, __m256 mins, const Matrix *w, int64_t n, 
 static inline __attribute__((always_inline)) void rows_direct(const Activations *x, int64_t rows, const Matrix *w,
                                                              float *y, int64_t ldy, int accumulate, int64_t n0,
                                                              int64_t count, int64_t format) {
-    const int64_t blocks = w->k / BLOCK, vb = value_bytes(format);
+    const int64_t blocks = w->k / BLOCK, vb = value_bytes(format), tile_bytes = TILE * blocks * block_bytes(format);
     Row row[TILE];
     for (int64_t r = 0; r < count; r++) row[r] = matrix_row(w, n0 + r);
+    /* Each block's share of a tile PREFETCH tiles ahead is asked for now: the weights are read once, from
+     * memory, and the hardware prefetcher alone starts too late in these short runs. */
+    const char *ahead = (const char *)row[0].q + PREFETCH * tile_bytes;
+    const int64_t share = tile_bytes / blocks;
     for (int64_t b = 0; b < rows; b++) {
         const float *xd = x->d + b * blocks, *xs = x->s + b * blocks;
         const int8_t *xq = x->q + b * blocks * BLOCK;
@@ -177,6 +182,8 @@ static inline __attribute__((always_inline)) void rows_direct(const Activations 
             }
             for (int64_t j = 0; j < size; j++) {
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (g + j) * BLOCK));
+                _mm_prefetch(ahead + (g + j) * share, _MM_HINT_T0);
+                _mm_prefetch(ahead + (g + j) * share + 64, _MM_HINT_T0);
                 for (int64_t r = 0; r < count; r++) {
                     const __m256 dot = block_isum(weight_values(row[r].q + (g + j) * vb, format), xv, format);
                     acc[r] = add_block(acc[r], dot, scales[r], j);
@@ -197,6 +204,9 @@ static inline __attribute__((always_inline)) void rows_tiled(const Activations *
                                                             float *y, int64_t ldy, int accumulate, int64_t n0,
                                                             int64_t count, int64_t format) {
     const int64_t blocks = w->k / BLOCK, vb = value_bytes(format), groups = (blocks + GROUP - 1) / GROUP;
+    const int64_t tile_bytes = TILE * blocks * block_bytes(format);
+    const char *ahead = (const char *)matrix_row(w, n0).q + PREFETCH * tile_bytes;
+    for (int64_t at = 0; at < tile_bytes; at += 64) _mm_prefetch(ahead + at, _MM_HINT_T0); /* as rows_direct */
     __m256i q[TILE][blocks];
     __m256 wd[TILE][groups], wm[TILE][groups];
     for (int64_t r = 0; r < count; r++) {

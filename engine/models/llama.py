@@ -70,6 +70,7 @@ class LlamaModel:
         self._inv_freq = rotary.inv_freq.float()
         self._rope_scaling = float(rotary.attention_scaling)
         self._cos = self._sin = torch.empty(0, self.head_dim, device=self.embed.device)
+        self._rope_complete = False
         self._decode = QuantizedDecode(self) if QuantizedDecode.supports(self) else None
 
     def __call__(
@@ -114,16 +115,25 @@ class LlamaModel:
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [tokens, 1, head_dim] (contiguous) at `positions`, from a table grown as needed."""
-        needed = int(positions.max()) + 1
-        if needed > self._cos.shape[0]:
-            size = max(needed, 2 * self._cos.shape[0], 256)
-            steps = torch.arange(size, device=self._inv_freq.device, dtype=torch.float32)
-            freqs = steps[:, None] * self._inv_freq[None, :]  # as transformers: one product each, in float32
-            emb = torch.cat((freqs, freqs), dim=-1)
-            dtype = self.embed.dtype
-            self._cos = (emb.cos() * self._rope_scaling).to(dtype)
-            self._sin = (emb.sin() * self._rope_scaling).to(dtype)
+        if not self._rope_complete:
+            needed = int(positions.max()) + 1
+            if needed > self._cos.shape[0]:
+                self._grow_rope(max(needed, 2 * self._cos.shape[0], 256))
         return self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
+
+    def complete_rope(self, max_positions: int) -> None:
+        """Build the table for every position below `max_positions` now: `rope` then never reads the
+        positions on the host, which a CUDA graph being captured cannot do."""
+        self._grow_rope(max(max_positions, self._cos.shape[0]))
+        self._rope_complete = True
+
+    def _grow_rope(self, size: int) -> None:
+        steps = torch.arange(size, device=self._inv_freq.device, dtype=torch.float32)
+        freqs = steps[:, None] * self._inv_freq[None, :]  # as transformers: one product each, in float32
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dtype = self.embed.dtype
+        self._cos = (emb.cos() * self._rope_scaling).to(dtype)
+        self._sin = (emb.sin() * self._rope_scaling).to(dtype)
 
 
 def _layer(layer, make_linear: LinearFactory) -> _Layer:

@@ -8,24 +8,9 @@
 "use strict";
 
 const fs = require("node:fs");
-const path = require("node:path");
 const { parseArgs } = require("node:util");
 const grpc = require("@grpc/grpc-js");
-const protoLoader = require("@grpc/proto-loader");
-
-const PROTO_ROOT = path.resolve(__dirname, "..", "..", "protos");
-
-function loadService() {
-  const definition = protoLoader.loadSync("textgen/v1/textgen.proto", {
-    includeDirs: [PROTO_ROOT],
-    keepCase: true, // field names as in the proto: max_new_tokens, finish_reason
-    longs: String, // uint64 seed
-    enums: String, // finish_reason as "FINISH_REASON_EOS"
-    defaults: true,
-    oneofs: true,
-  });
-  return grpc.loadPackageDefinition(definition).textgen.v1.TextGenerationService;
-}
+const { loadService } = require("./textgen");
 
 function buildRequest(options, prompt) {
   const request = {

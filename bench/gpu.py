@@ -1,0 +1,325 @@
+"""`make bench-gpu`: the engine on one CUDA GPU, in one run that fits 8 minutes on an H100 / H200.
+
+1. The CUDA tests (`tests/test_cuda.py`, marker `cuda`) on the GPU.
+2. The copy rate: a large device-to-device copy, bytes read plus bytes written per second.
+3. Decode steps of random-weight Llama-3.2-1B and Llama-3-8B shapes at batch 1 / 8 / 64 (each sequence
+   `--context` tokens in): the runner's step time with the torch and triton decode backends run eagerly
+   and with triton replayed from CUDA graphs, and the fraction of the copy rate a step reaches (weight
+   and KV bytes read per step, over the step time, over the copy rate).
+4. Throughput: 64 requests at once through the engine and through transformers' `generate` (one static
+   batch), Llama-3.2-1B shapes.
+
+Nothing is downloaded: the models are built from configs in code (`bench.random_model`). `--smoke` runs
+the same steps with tiny shapes on the CPU (the test suite checks the script end to end so); without
+CUDA the "graphs" rows run the same padded static buffers eagerly. Every number comes from this run and
+is saved as JSON beside the printed tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.report import environment, markdown_table, to_json
+from bench.workload import WorkloadConfig, make_workload
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(slots=True, frozen=True)
+class Plan:
+    """What one run measures."""
+
+    device: str
+    dtype: torch.dtype
+    shapes: tuple[str, ...]
+    batches: tuple[int, ...]
+    context: int  # tokens of each sequence before its timed decode steps
+    warmup_steps: int
+    timed_steps: int
+    throughput_shape: str
+    num_requests: int
+    prompt_len: float
+    output_len: float
+    copy_bytes: int
+    run_tests: bool
+    engine_backends: tuple[str, ...]  # decode backends of the throughput runs
+
+
+def full_plan() -> Plan:
+    return Plan(
+        device="cuda", dtype=torch.bfloat16, shapes=("llama-3.2-1b", "llama-3-8b"), batches=(1, 8, 64),
+        context=512, warmup_steps=5, timed_steps=30, throughput_shape="llama-3.2-1b", num_requests=64,
+        prompt_len=128, output_len=128, copy_bytes=1 << 30, run_tests=True,
+        engine_backends=("torch", "triton"),
+    )  # fmt: skip
+
+
+def smoke_plan() -> Plan:
+    return Plan(
+        device="cpu", dtype=torch.float32, shapes=("tiny",), batches=(1, 2), context=24, warmup_steps=1,
+        timed_steps=2, throughput_shape="tiny", num_requests=4, prompt_len=12, output_len=6,
+        copy_bytes=1 << 24, run_tests=False, engine_backends=("torch",),  # Triton's interpreter is slow
+    )  # fmt: skip
+
+
+@dataclass(slots=True)
+class DecodeRow:
+    shape: str
+    mode: str  # "torch eager", "triton eager", "triton graphs" ("triton padded" without CUDA)
+    batch: int
+    step_ms: float
+    bytes_per_step: int
+    copy_fraction: float
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_rate(plan: Plan) -> float:
+    """Bytes read plus written per second by a device-to-device copy of `plan.copy_bytes` (median of 10)."""
+    src = torch.randint(0, 255, (plan.copy_bytes,), dtype=torch.uint8, device=plan.device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        synchronize(plan.device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(plan.device)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return 2 * plan.copy_bytes / statistics.median(times)
+
+
+def run_tests() -> dict:
+    """The CUDA tests, in a child process (no conftest: the GPU image lacks the server's dependencies)."""
+    command = [sys.executable, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider", "-m", "cuda",
+               "tests/test_cuda.py"]  # fmt: skip
+    start = time.perf_counter()
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as timeout:
+        print(f"{timeout.stdout or ''}{timeout.stderr or ''}"[-4000:], flush=True)
+        seconds = time.perf_counter() - start
+        return {"returncode": None, "summary": "timed out after 300 s", "seconds": seconds}
+    summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
+    print(result.stdout[-4000:] + result.stderr[-2000:], flush=True)
+    return {"returncode": result.returncode, "summary": summary, "seconds": time.perf_counter() - start}
+
+
+def decode_rows(plan: Plan, shape: str, rate: float) -> list[DecodeRow]:
+    """Step times of every mode and batch for `shape`, one model built per backend."""
+    from bench.random_model import kv_bytes_per_token, parameter_bytes, random_model
+    from engine.model_runner import ModelRunner
+
+    max_context = plan.context + plan.warmup_steps + plan.timed_steps + 16
+    rows = []
+    for backend in ("torch", "triton"):
+        loaded = random_model(shape, torch.device(plan.device), plan.dtype, max_context)
+        blocks = max(plan.batches) * -(-max_context // 16) + 16
+        runner = ModelRunner(loaded, num_kv_blocks=blocks, attention_backend=backend, model_impl="lean")
+        for padded in (False, True) if backend == "triton" else (False,):
+            mode = f"{backend} eager"
+            if padded:
+                mode = f"{backend} graphs"
+                if not runner.capture_decode_graphs(max(plan.batches), max_context):
+                    runner.pad_decode_batches(max(plan.batches), max_context)  # no CUDA: same buffers
+                    mode = f"{backend} padded"
+            for batch in plan.batches:
+                step_s = time_decode(runner, plan, batch)
+                weights = parameter_bytes(shape, plan.dtype)
+                mean_context = plan.context + (plan.warmup_steps + plan.timed_steps) / 2
+                kv = int(batch * mean_context * kv_bytes_per_token(shape, plan.dtype))
+                fraction = (weights + kv) / step_s / rate
+                rows.append(DecodeRow(shape, mode, batch, step_s * 1e3, weights + kv, fraction))
+                print(f"{shape} {mode} batch {batch}: {step_s * 1e3:.3f} ms, {fraction:.1%} of the copy rate",
+                      flush=True)  # fmt: skip
+        del runner, loaded
+        free_memory()
+    return rows
+
+
+def time_decode(runner, plan: Plan, batch: int) -> float:
+    """Median seconds of a decode step of `batch` sequences (the runner's whole step, host work included)."""
+    from engine.model_runner import StepInput
+
+    rng = np.random.default_rng(batch)
+    vocab = runner.vocab_size
+    total = plan.context + plan.warmup_steps + plan.timed_steps
+    inputs = []
+    for _ in range(batch):
+        table: list[int] = []
+        assert runner.allocator.allocate(table, total)
+        inputs.append(StepInput(rng.integers(3, vocab, plan.context).tolist(), 0, table))
+    runner.run(inputs, is_prefill=True)
+    times = []
+    for step in range(plan.warmup_steps + plan.timed_steps):
+        position = plan.context + step
+        steps = [StepInput([int(rng.integers(3, vocab))], position, s.block_table) for s in inputs]
+        synchronize(plan.device)
+        start = time.perf_counter()
+        runner.run(steps, is_prefill=False)
+        synchronize(plan.device)
+        if step >= plan.warmup_steps:
+            times.append(time.perf_counter() - start)
+    for item in inputs:
+        runner.allocator.free(item.block_table)
+    return statistics.median(times)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def throughput_rows(plan: Plan) -> list[dict]:
+    """`plan.num_requests` requests at once through the engine (both backends) and transformers' generate."""
+    from transformers import AutoModelForCausalLM
+
+    from bench import hf_generate
+    from bench.engine_throughput import run_engine
+    from bench.random_model import save_random_model
+    from engine.batching import BatchConfig
+    from engine.engine import Engine, EngineConfig
+
+    workload = WorkloadConfig(
+        num_requests=plan.num_requests, request_rate=math.inf, prompt_len_mean=plan.prompt_len,
+        output_len_mean=plan.output_len, seed=0,
+    )  # fmt: skip
+    specs = make_workload(workload)
+    rng = np.random.default_rng(0)
+    output_lens = [s.output_len for s in specs]
+    max_context = max(s.prompt_len + s.output_len for s in specs) + 16
+    dtype_name = str(plan.dtype).removeprefix("torch.")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_random_model(plan.throughput_shape, Path(tmp), torch.device(plan.device), plan.dtype,
+                                 max_context)  # fmt: skip
+        free_memory()
+        prompts = [rng.integers(3, 100, s.prompt_len).tolist() for s in specs]
+        for backend in plan.engine_backends:
+            config = EngineConfig(
+                model=str(path), device=plan.device, dtype=dtype_name, attention_backend=backend,
+                batch=BatchConfig(max_batch_size=plan.num_requests, max_batch_tokens=8192),
+                num_kv_blocks=plan.num_requests * -(-max_context // 16) + 16,
+            )  # fmt: skip
+            engine = Engine(config)
+            engine.start()
+            try:
+                graphs = engine.model_runner.cuda_graphs
+                result = run_engine(engine, prompts, output_lens)
+            finally:
+                engine.shutdown()
+            label = f"textgen engine, {backend} decode" + (", CUDA graphs" if graphs else ", eager")
+            rows.append(_throughput_row(label, result))
+            del engine
+            free_memory()
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=plan.dtype).to(plan.device).eval()
+        hf_generate.generate_static_batch(hf_model, [prompts[0]] * 2, 4, 0)
+        result = hf_generate.run_static_batches(hf_model, prompts, output_lens, len(prompts), 0)
+        rows.append(_throughput_row(f"transformers generate (static batch {len(prompts)})", result))
+        del hf_model
+        free_memory()
+    return rows
+
+
+def _throughput_row(label: str, result) -> dict:
+    row = {"system": label, **result.to_dict()}
+    print(f"{label}: {result.output_throughput:.1f} output tok/s", flush=True)
+    return row
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
+    parser.add_argument("--skip-tests", action="store_true", help="leave out the CUDA tests")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json", help="JSON file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    plan = smoke_plan() if args.smoke else full_plan()
+    if plan.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: `python -m bench.gpu --smoke` runs tiny shapes on the CPU")
+    if plan.device == "cpu":  # Triton's interpreter is chosen when triton is first imported: not yet
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    report: dict = {"plan": {**asdict(plan), "dtype": str(plan.dtype)}}
+    report["environment"] = environment(load_before)
+    if plan.device == "cuda":
+        report["environment"]["gpu"] = torch.cuda.get_device_name()
+    report["errors"] = {}
+
+    def attempt(name: str, step: Callable[[], object]) -> object:
+        try:
+            return step()
+        except Exception as error:  # a failed step must not cost the later ones their device time
+            traceback.print_exc()
+            report["errors"][name] = repr(error)
+            free_memory()
+            return None
+
+    if plan.run_tests and not args.skip_tests:
+        report["tests"] = attempt("tests", run_tests)
+    report["copy_rate_bytes_per_s"] = rate = copy_rate(plan)
+    print(f"device-to-device copy: {rate / 1e9:.1f} GB/s (read + write)", flush=True)
+    report["decode"] = []
+    for shape in plan.shapes:
+        rows = attempt(f"decode {shape}", lambda shape=shape: decode_rows(plan, shape, rate)) or []
+        report["decode"] += [asdict(row) for row in rows]
+    report["throughput"] = attempt("throughput", lambda: throughput_rows(plan)) or []
+    report["seconds"] = time.perf_counter() - started
+    report["environment"]["load_average_after"] = os.getloadavg()[0]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(to_json(report))
+    print_report(report)
+    print(f"\nsaved {args.out}")
+    if report["errors"]:
+        raise SystemExit(f"failed: {', '.join(report['errors'])}")
+    return report
+
+
+def print_report(report: dict) -> None:
+    plan, env = report["plan"], report["environment"]
+    where = env.get("gpu") or f"CPU ({env['cpu_count']} cores)"
+    print(f"\n{where}, torch {env['torch']}, {plan['dtype']}; {report['seconds']:.0f} s in all")
+    if report.get("tests"):
+        print(f"CUDA tests: {report['tests']['summary']} (exit code {report['tests']['returncode']})")
+    for name, error in report["errors"].items():
+        print(f"FAILED {name}: {error}")
+    print(f"device-to-device copy: {report['copy_rate_bytes_per_s'] / 1e9:.1f} GB/s (read + write)\n")
+    headers = ["shape", "decode", "batch", "step ms", "MB read per step", "of the copy rate"]
+    rows = [
+        [r["shape"], r["mode"], r["batch"], f"{r['step_ms']:.3f}", f"{r['bytes_per_step'] / 1e6:.4g}",
+         f"{r['copy_fraction']:.1%}"]
+        for r in report["decode"]
+    ]  # fmt: skip
+    print(markdown_table(headers, rows))
+    print()
+    headers = ["system", "time s", "output tok/s", "req/s"]
+    rows = [[r["system"], r["duration_s"], r["output_throughput"], r["request_throughput"]]
+            for r in report["throughput"]]  # fmt: skip
+    print(markdown_table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()
