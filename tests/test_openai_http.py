@@ -20,6 +20,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from bench.loadgen import run_load
+from bench.openai_client import OpenAIHttpClient
+from bench.workload import RequestSpec
 from engine.batching import BatchConfig
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc
@@ -537,3 +540,17 @@ def test_the_http_port_flag_and_its_environment_variable(monkeypatch):
     assert parse_config(["--http-port", "8080"]).http_port == 8080
     monkeypatch.setenv("TEXTGEN_HTTP_PORT", "0")
     assert parse_config([]).http_port == 0
+
+
+# ---- the load generator's HTTP client ------------------------------------------------------------------
+
+
+async def test_the_load_generator_counts_every_token_over_http(http_server):
+    specs = [RequestSpec(i, 0.0, 4, 5 + i, "") for i in range(3)]
+
+    result = await run_load(
+        OpenAIHttpClient(base_url(http_server)), specs, [[7, 8, 9, 10]] * 3, progress=False
+    )
+
+    assert all(t.ok for t in result.traces), [t.error for t in result.traces]
+    assert [t.output_tokens for t in result.traces] == [5, 6, 7]
