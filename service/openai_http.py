@@ -97,6 +97,8 @@ class OpenAIFront:
     async def _answer_errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
+        except ConnectionResetError:
+            raise  # the client went away, mid-stream perhaps: there is no one to answer
         except web.HTTPException as error:
             if error.status < 400:
                 raise

@@ -443,6 +443,24 @@ async def test_health_and_generation_are_503_while_draining(server_config):
     assert health_answer["error"]["type"] == "service_unavailable"
 
 
+async def test_a_drain_lets_a_stream_in_flight_finish(server_config):
+    server = start_http_server(server_config, grace_period_s=60.0)
+    body = {"prompt": PROMPT, "max_tokens": 50, "ignore_eos": True, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    url = f"{base_url(server)}/v1/completions"
+    async with aiohttp.ClientSession() as session, session.post(url, json=body) as response:
+        first = await response.content.readuntil(b"\n\n")
+        stopped = asyncio.create_task(asyncio.to_thread(server.stop))
+        rest = (await response.read()).decode()
+    await stopped
+
+    events = [first.decode(), *rest.split("\n\n")]
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events if e.startswith("data: {")]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 50
+    assert rest.rstrip().endswith("data: [DONE]")
+
+
 # ---- API keys and TLS ----------------------------------------------------------------------------
 
 
