@@ -329,6 +329,17 @@ async def test_the_request_id_header_is_the_engine_request_id_and_is_echoed(http
     assert answer_headers["x-request-id"] == "my-request-1"
 
 
+async def test_a_request_id_in_flight_is_409(http_server):
+    url, headers = f"{base_url(http_server)}/v1/completions", {"X-Request-Id": "twice"}
+    body = {"prompt": PROMPT, "max_tokens": LONG, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as session, session.post(url, json=body, headers=headers) as first:
+        await first.content.readuntil(b"\n\n")
+        status, answer, _ = await post(url, {"prompt": PROMPT}, headers)
+
+    assert status == 409
+    assert_openai_error(answer, "already_exists")
+
+
 async def test_the_timeout_header_is_a_deadline_504_that_frees_the_kv_blocks(http_server, wait_until_idle):
     body = {"prompt": PROMPT, "max_tokens": LONG, "ignore_eos": True}
 
@@ -516,6 +527,31 @@ async def test_with_tls_the_http_front_speaks_https_with_the_same_certificate(se
         server.stop()
 
     assert secure == 200
+
+
+async def test_with_mtls_the_http_front_refuses_a_client_without_a_certificate(server_config, tmp_path):
+    ca, client_ca = trustme.CA(), trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(tmp_path / "server.pem")
+    client_ca.cert_pem.write_to_path(tmp_path / "clients-ca.pem")
+    pem = str(tmp_path / "server.pem")
+    server = start_http_server(server_config, tls=TlsFiles(pem, pem, str(tmp_path / "clients-ca.pem")))
+    anonymous = ssl.create_default_context()
+    ca.configure_trust(anonymous)
+    known = ssl.create_default_context()
+    ca.configure_trust(known)
+    client_ca.issue_cert("client@example.com").configure_cert(known)
+    url = f"{base_url(server, 'https')}/health"
+    try:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.ClientError):
+                async with session.get(url, ssl=anonymous) as response:
+                    await response.read()
+            async with session.get(url, ssl=known) as response:
+                known_status = response.status
+    finally:
+        server.stop()
+
+    assert known_status == 200
 
 
 # ---- traces --------------------------------------------------------------------------------------
