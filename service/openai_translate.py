@@ -120,8 +120,8 @@ def parse_request(endpoint: str, body: object, limits: RequestLimits) -> OpenAIR
     """
     if not isinstance(body, dict):
         raise InvalidArgument([("body", "must be a JSON object")])
-    fields = _Fields(body)
-    request = OpenAIRequest(endpoint, fields.string("model"), _sampling(fields), _stopping(fields, endpoint))
+    fields = _Fields(body, endpoint)
+    request = OpenAIRequest(endpoint, fields.string("model"), _sampling(fields), _stopping(fields))
     request.params.update(
         {"stopping.max_new_tokens": fields.max_tokens_name, "stopping.stop_sequences": "stop"}
     )
@@ -150,11 +150,11 @@ class _Fields:
     JSON null is the same as leaving a parameter out.
     """
 
-    def __init__(self, body: dict) -> None:
+    def __init__(self, body: dict, endpoint: str) -> None:
         self.body = body
         self.violations: list[Violation] = []
-        chat_name = body.get("max_completion_tokens") is not None  # chat's newer name wins, as at OpenAI
-        self.max_tokens_name = "max_completion_tokens" if chat_name else "max_tokens"
+        newer = endpoint == CHAT and body.get("max_completion_tokens") is not None  # it wins, as at OpenAI
+        self.max_tokens_name = "max_completion_tokens" if newer else "max_tokens"
 
     def get(self, name: str, kinds: type | tuple[type, ...], rule: str) -> object | None:
         value = self.body.get(name)
@@ -169,6 +169,8 @@ class _Fields:
 
     def number(self, name: str, default: float) -> float:
         value = self.get(name, (int, float), "a number")
+        if isinstance(value, int) and abs(value) > 2**53:  # JSON integers have no bound; floats do
+            value = math.inf  # out of every range: the engine's rule names it
         return default if value is None else float(value)
 
     def integer(self, name: str, default: int, minimum: int, maximum: int) -> int:
@@ -205,7 +207,7 @@ def _sampling(fields: _Fields) -> SamplingParams:
     )
 
 
-def _stopping(fields: _Fields, endpoint: str) -> StoppingParams:
+def _stopping(fields: _Fields) -> StoppingParams:
     """Null max tokens is the server's default (`--default-max-new-tokens`), shortened to fit the context."""
     name = fields.max_tokens_name
     max_tokens = fields.integer(name, 0, 1, 2**31 - 1)

@@ -231,6 +231,11 @@ def test_chat_logprobs_are_refused_by_name(client, model):
 INVALID_BODIES = {
     "temperature < 0": ("completions", {"prompt": PROMPT, "temperature": -1}, "temperature"),
     "top_p = 0": ("completions", {"prompt": PROMPT, "top_p": 0}, "top_p"),
+    "a temperature past any float": (
+        "completions",
+        {"prompt": PROMPT, "temperature": 10**400},
+        "temperature",
+    ),
     "top_k not an integer": ("completions", {"prompt": PROMPT, "top_k": "many"}, "top_k"),
     "max_tokens over the limit": ("completions", {"prompt": PROMPT, "max_tokens": 5000}, "max_tokens"),
     "max_tokens 0": ("completions", {"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
