@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import ssl
+import time
 
 import aiohttp
 import grpc
@@ -376,26 +377,57 @@ async def test_a_full_queue_is_429_with_retry_after(server_config):
     assert all(a["usage"]["completion_tokens"] == 64 for s, a, _ in results if s == 200)
 
 
-async def test_a_client_that_disconnects_mid_stream_cancels_its_request_and_frees_its_kv_blocks(
-    server_config, wait_until_idle
-):
+@pytest.fixture(scope="module")
+def traced(server_config):
+    """A server whose spans go to an in-memory exporter of its own: (the server, the exporter)."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     server = start_http_server(server_config, Telemetry(tracer_provider=provider))
-    body = {"prompt": PROMPT, "max_tokens": LONG, "ignore_eos": True, "stream": True}
-    try:
-        url = f"{base_url(server)}/v1/completions"
-        async with aiohttp.ClientSession() as session, session.post(url, json=body) as response:
-            for _ in range(3):
-                await response.content.readuntil(b"\n\n")
-            assert server.engine.num_free_kv_blocks < server.engine.num_kv_blocks
-            response.close()  # drop the connection mid-stream
-        await asyncio.to_thread(wait_until_idle, server.engine)
-    finally:
-        server.stop()
+    yield server, exporter
+    server.stop()
 
-    (request,) = [s for s in exporter.get_finished_spans() if s.name.startswith("text_completion ")]
+
+def request_span(exporter: InMemorySpanExporter, request_id: str):
+    """The `text_completion` span of the request `request_id`, once it has ended."""
+    deadline = time.monotonic() + 10
+    while True:
+        spans = exporter.get_finished_spans()
+        found = [s for s in spans if s.attributes.get("textgen.request.id") == request_id]
+        if found or time.monotonic() > deadline:
+            (span,) = found
+            return span
+        time.sleep(0.01)
+
+
+async def test_a_client_that_disconnects_mid_stream_cancels_its_request_and_frees_its_kv_blocks(
+    traced, wait_until_idle
+):
+    server, exporter = traced
+    body = {"prompt": PROMPT, "max_tokens": LONG, "ignore_eos": True, "stream": True}
+    url, headers = f"{base_url(server)}/v1/completions", {"X-Request-Id": "gone-mid-stream"}
+    async with aiohttp.ClientSession() as session, session.post(url, json=body, headers=headers) as response:
+        for _ in range(3):
+            await response.content.readuntil(b"\n\n")
+        assert server.engine.num_free_kv_blocks < server.engine.num_kv_blocks
+        response.close()  # drop the connection mid-stream
+    await asyncio.to_thread(wait_until_idle, server.engine)
+
+    request = await asyncio.to_thread(request_span, exporter, "gone-mid-stream")
+    assert request.attributes["error.type"] == "cancelled"
+    assert request.attributes["gen_ai.usage.output_tokens"] < LONG
+
+
+async def test_a_client_that_gives_up_before_its_answer_cancels_its_request(traced, wait_until_idle):
+    server, exporter = traced
+    body = {"prompt": PROMPT, "max_tokens": LONG, "ignore_eos": True}
+    url, headers = f"{base_url(server)}/v1/completions", {"X-Request-Id": "gone-early"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as session:
+        with pytest.raises(TimeoutError):
+            await session.post(url, json=body, headers=headers)
+    await asyncio.to_thread(wait_until_idle, server.engine)
+
+    request = await asyncio.to_thread(request_span, exporter, "gone-early")
     assert request.attributes["error.type"] == "cancelled"
     assert request.attributes["gen_ai.usage.output_tokens"] < LONG
 
@@ -562,28 +594,21 @@ async def test_with_mtls_the_http_front_refuses_a_client_without_a_certificate(s
 # ---- traces --------------------------------------------------------------------------------------
 
 
-async def test_the_http_span_is_the_parent_of_the_request_spans(server_config):
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    server = start_http_server(server_config, Telemetry(tracer_provider=provider))
-    try:
-        with provider.get_tracer("test").start_as_current_span("caller") as caller:
-            headers: dict[str, str] = {}
-            propagate.inject(headers)
-            body = {"prompt": PROMPT, "max_tokens": 4, "ignore_eos": True}
-            status, _, _ = await post(f"{base_url(server)}/v1/completions", body, headers)
-    finally:
-        server.stop()  # ends every span
-    trace_id = caller.get_span_context().trace_id
-    spans = [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
+async def test_the_http_span_is_the_parent_of_the_request_spans(traced):
+    server, exporter = traced
+    with TracerProvider().get_tracer("test").start_as_current_span("caller") as caller:
+        headers = {"X-Request-Id": "traced-1"}
+        propagate.inject(headers)
+        body = {"prompt": PROMPT, "max_tokens": 4, "ignore_eos": True}
+        status, _, _ = await post(f"{base_url(server)}/v1/completions", body, headers)
+    request = await asyncio.to_thread(request_span, exporter, "traced-1")
+    spans = [s for s in exporter.get_finished_spans() if s.context.trace_id == request.context.trace_id]
 
     (http_span,) = [s for s in spans if s.kind is SpanKind.SERVER]
     assert status == 200
     assert http_span.name == "POST /v1/completions"
     assert http_span.parent.span_id == caller.get_span_context().span_id
     assert http_span.attributes["http.response.status_code"] == 200
-    (request,) = [s for s in spans if s.name.startswith("text_completion ")]
     assert request.parent.span_id == http_span.context.span_id
     phases = [s for s in spans if s.parent and s.parent.span_id == request.context.span_id]
     phases.sort(key=lambda s: s.start_time)
