@@ -125,7 +125,7 @@ class InProcessServer:
             engine.num_running,
             engine.num_free_kv_blocks,
             engine.num_kv_blocks,
-            self.server.servicer.num_in_flight,
+            self.server.generations.num_in_flight,
         )
 
     async def settle(self, timeout_s: float = 10.0) -> tuple[EngineState, float]:

@@ -3,6 +3,8 @@
 Starts each server configuration in turn (continuous batching, sequential, static batching), replays the
 same seeded workload against each over gRPC, then runs the same requests offline through transformers'
 `generate` in static batches. Prints a results table and a table of ratios; writes JSON to bench/results/.
+The `continuous-http` setup is the default server driven through its OpenAI-compatible HTTP front:
+`--setups continuous,continuous-http --no-offline` measures that front's overhead against gRPC.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from bench.loadgen import (
     workload_config,
 )
 from bench.metrics import Summary
+from bench.openai_client import OpenAIHttpClient
 from bench.report import environment, load_note, markdown_table, to_json
-from bench.server import ServerProcess
+from bench.server import ServerProcess, free_port
 from bench.workload import RequestSpec, make_workload
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -36,16 +39,18 @@ OFFLINE = "transformers generate"
 
 @dataclass(slots=True, frozen=True)
 class ServerSetup:
-    """A named server configuration: the flags given to `python -m service`."""
+    """A named server configuration: the flags given to `python -m service`, and the front the load uses."""
 
     name: str
     args: tuple[str, ...]
+    http: bool = False  # the OpenAI-compatible HTTP front (`/v1/completions`) instead of gRPC
 
 
 SETUPS = {
     "continuous": ServerSetup("continuous", ()),
     "sequential": ServerSetup("sequential", ("--max-batch-size", "1")),
     "static": ServerSetup("static", ("--scheduling", "static")),
+    "continuous-http": ServerSetup("continuous-http", (), http=True),
 }
 
 
@@ -64,14 +69,21 @@ def run_setup(
     sees the same token ids.
     """
     args = ["--host", "127.0.0.1", *setup.args, *server_args]
+    http_port = free_port()
+    if setup.http:
+        args += ["--http-port", str(http_port)]
     with ServerProcess(args, log_dir / f"server-{setup.name}.log") as server:
         if prompts is None:
             prompts = asyncio.run(tokenize_prompts(server.target, runs[0][1]))
-        asyncio.run(warm_up(server.target, prompts[0]))
+
+        def target() -> str | OpenAIHttpClient:
+            return OpenAIHttpClient(f"http://127.0.0.1:{http_port}") if setup.http else server.target
+
+        asyncio.run(warm_up(target(), prompts[0]))
         results = [
             asyncio.run(
                 run_load(
-                    server.target,
+                    target(),
                     specs,
                     prompts,
                     concurrency,

@@ -56,6 +56,7 @@ class ServerConfig:
     grace_period_s: float = 30.0
     log_level: str = "INFO"
     metrics_port: int = 9464  # Prometheus /metrics; 0: none (README: Observability)
+    http_port: int | None = None  # the OpenAI-compatible HTTP front; None: off, 0: a free port
     max_request_bytes: int = 4 * 1024 * 1024  # the largest request message gRPC receives
     max_metadata_bytes: int = 8 * 1024  # a call's headers
     max_connection_age_s: float = 300.0  # then GOAWAY: clients reconnect, spread over replicas; 0: never
@@ -133,6 +134,9 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     _flag(server, "grace-period-s", 30.0, "on SIGTERM, seconds in-flight requests get to finish "
           "before they are cancelled", type=float)  # fmt: skip
     _flag(server, "log-level", "INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    _flag(server, "http-port", None, "also serve the OpenAI-compatible HTTP API (/v1/completions, "
+          "/v1/chat/completions, /v1/models, /health) on this port, same engine and keys; unset: off; "
+          "0 picks a free one", type=int)  # fmt: skip
     _flag(server, "metrics-port", 9464, "port of the Prometheus /metrics endpoint; 0 turns it off "
           "(traces and OTLP metrics: the standard OTEL_* variables)", type=int)  # fmt: skip
 
@@ -210,6 +214,8 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     for name, minimum in _MINIMUMS.items():
         if getattr(args, name) < minimum:
             parser.error(f"--{name.replace('_', '-')} must be at least {minimum}")
+    if args.http_port is not None and args.http_port < 0:
+        parser.error("--http-port must be at least 0")
     if args.default_max_new_tokens > args.max_new_tokens_limit:
         parser.error("--default-max-new-tokens must not exceed --max-new-tokens-limit")
     if bool(args.tls_cert_file) != bool(args.tls_key_file):
@@ -227,6 +233,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         grace_period_s=args.grace_period_s,
         log_level=args.log_level,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
         max_request_bytes=args.max_request_bytes,
         max_metadata_bytes=args.max_metadata_bytes,
         max_connection_age_s=args.max_connection_age_s,

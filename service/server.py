@@ -19,7 +19,9 @@ from engine.engine import Engine
 from protos.textgen.v1 import textgen_pb2 as pb
 from service.auth import ApiKeyInterceptor, ApiKeys
 from service.config import ServerConfig, grpc_server_options, parse_config
+from service.generations import Generations
 from service.handlers import add_servicer_to_server
+from service.openai_http import OpenAIFront
 from service.servicer import TextGenerationServicer
 from service.tls import ServerCertificates
 from telemetry.server import Telemetry
@@ -34,22 +36,29 @@ FAILED_CALLS_END_S = 2.0
 
 
 class Server:
-    """One gRPC server around one engine, which it owns: health, reflection, load, drain, reload.
+    """One gRPC server around one engine, which it owns: health, reflection, load, drain, reload; with
+    `http_port` set, the OpenAI-compatible HTTP front too, on the same engine.
 
     Health is NOT_SERVING from `start()` until `load()` has loaded and warmed the model, SERVING
-    after, and NOT_SERVING again from the moment `drain()` begins.
+    after, and NOT_SERVING again from the moment `drain()` begins (HTTP: /health 503, 200, 503).
     """
 
     def __init__(self, config: ServerConfig, telemetry: Telemetry | None = None) -> None:
         self.config = config
         self.telemetry = telemetry or Telemetry()  # tracing and metrics; default: off
-        self.servicer = TextGenerationServicer(config)
+        self.generations = Generations()  # the engine as both fronts see it
+        self.servicer = TextGenerationServicer(config, self.generations)
         self.health = health.aio.HealthServicer()
         self.engine: Engine | None = None
         self.port = 0
         keyed = bool(config.api_keys or config.api_key_file)
         self.api_keys = ApiKeys(config.api_keys, config.api_key_file) if keyed else None
         self.certificates = ServerCertificates(config.tls) if config.tls is not None else None
+        self.http: OpenAIFront | None = None
+        if config.http_port is not None:
+            ssl_context = self.certificates.ssl_context if self.certificates is not None else None
+            tracer_provider = self.telemetry.tracer_provider
+            self.http = OpenAIFront(config, self.generations, self.api_keys, tracer_provider, ssl_context)
         interceptors = self.telemetry.server_interceptors()
         if self.api_keys is not None:
             interceptors.append(ApiKeyInterceptor(self.api_keys))  # after tracing: refused calls get spans
@@ -73,6 +82,9 @@ class Server:
             self.port = self._server.add_secure_port(self.config.address, self.certificates.credentials)
         await self._server.start()
         log.info("listening on %s:%d", self.config.host, self.port)
+        if self.http is not None:
+            http_port = await self.http.start()
+            log.info("OpenAI-compatible HTTP API on %s:%d", self.config.host, http_port)
         for warning in exposure_warnings(self.config):
             log.warning("serving on %s:%d %s", self.config.host, self.port, warning)
         return self.port
@@ -85,7 +97,7 @@ class Server:
             self.engine = engine  # owned from here: drain() shuts it down even if start() fails
             await asyncio.to_thread(engine.start)
         self.engine = engine
-        self.servicer.attach(engine)
+        self.generations.attach(engine)
         self.telemetry.attach(engine)
         await self._set_health(SERVING)
         info = engine.model_info
@@ -105,6 +117,8 @@ class Server:
         CANCELLED, which is why `python -m service` exits instead (`_exit`)."""
         await self.retire()
         await self._server.stop(grace=None)
+        if self.http is not None:
+            await self.http.stop()
         log.info("stopped")
 
     async def retire(self) -> None:
@@ -114,15 +128,14 @@ class Server:
         (DRAINING). `serve()` then ends the process with the server still up (`_exit` says why).
         """
         await self.health.enter_graceful_shutdown()
-        if self.engine is not None:
-            self.engine.stop_accepting()
+        self.generations.stop_accepting()
         grace = self.config.grace_period_s
-        log.info("draining: %d requests in flight, %g s grace", self.servicer.num_in_flight, grace)
-        if not await self.servicer.wait_idle(grace):
-            log.warning("grace period over: %d requests in flight fail", self.servicer.num_in_flight)
+        log.info("draining: %d requests in flight, %g s grace", self.generations.num_in_flight, grace)
+        if not await self.generations.wait_idle(grace):
+            log.warning("grace period over: %d requests in flight fail", self.generations.num_in_flight)
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)  # fails what is left: UNAVAILABLE (DRAINING)
-        await self.servicer.wait_idle(FAILED_CALLS_END_S)
+        await self.generations.wait_idle(FAILED_CALLS_END_S)
 
     def reload(self) -> None:
         """Re-read the API key file and the TLS files (SIGHUP); one that fails to load changes nothing."""

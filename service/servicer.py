@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import context as otel_context
@@ -23,46 +19,19 @@ from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
 from service import translate
 from service.config import MIN_CLIENT_PING_INTERVAL_S, ServerConfig
+from service.generations import Generations
 from service.status import InvalidArgument, NotReady, abort
 from service.validation import check_generate_request, check_tokenize_request
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-# Threads that tokenize and render chat templates, so that a long prompt never stalls the event loop (README:
-# Flags). Tokenizers only: all torch work stays on the engine's loop thread (README: CPU dtype, ...).
-NUM_TOKENIZER_THREADS = 2
-
 
 class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
-    """Serves textgen.v1 from one engine, attached once it is loaded; until then calls get UNAVAILABLE."""
+    """Serves textgen.v1 from the shared engine; until it is attached calls get UNAVAILABLE."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, generations: Generations) -> None:
         self._config = config
-        self._engine: Engine | None = None
-        self._limits: RequestLimits | None = None
-        self._tokenizer_threads = ThreadPoolExecutor(NUM_TOKENIZER_THREADS, thread_name_prefix="tokenizer")
-        self._num_in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def attach(self, engine: Engine) -> None:
-        """Serve from `engine`, which is loaded and started."""
-        self._limits = engine.limits
-        self._engine = engine
-
-    @property
-    def num_in_flight(self) -> int:
-        return self._num_in_flight
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no generation is in flight, at most `timeout_s`; whether that happened."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+        self._generations = generations
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -87,7 +56,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
         try:
-            engine, limits = self._ready()
+            engine, limits = self._generations.ready()
         except NotReady as e:
             await abort(context, e)
         info = engine.model_info
@@ -115,9 +84,9 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
         try:
-            engine, limits = self._ready()
+            engine, limits = self._generations.ready()
             check_tokenize_request(request, limits)
-            return await self._off_loop(self._tokenize, engine, request)
+            return await self._generations.off_loop(self._tokenize, engine, request)
         except Exception as e:
             await abort(context, e)
 
@@ -129,43 +98,21 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
             ids = cls._apply_chat_template(engine, request.chat)
         return pb.TokenizeResponse(ids=ids, pieces=[engine.decode([i]) for i in ids])
 
-    async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
-        """`function(*args)` on a tokenizer thread, so that the event loop serves other calls meanwhile."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizer_threads, functools.partial(function, *args))
-
-    def _ready(self) -> tuple[Engine, RequestLimits]:
-        if self._engine is None or self._limits is None:
-            raise NotReady("the model is loading; retry shortly")
-        return self._engine, self._limits
-
     async def _events(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[GenerationEvent]:
-        """Submit `request` and yield its engine events; however the call ends, the engine request ends.
-
-        The engine owns request ids: a duplicate in flight is refused there, and closing `events` (which
-        cancels the request if it has not finished) frees the id at once.
-        """
-        engine, limits = self._ready()
+        """Submit `request` and yield its engine events; however the call ends, the engine request ends."""
+        engine, limits = self._generations.ready()
         generation_request = await self._generation_request(engine, limits, request, context)
         try:
             if (response_format := generation_request.sampling.response_format) is not None:
                 # Compiled (and cached) on a worker thread, so a big schema stalls neither loop.
-                await self._off_loop(engine.compile_response_format, response_format)
-            events = engine.submit(generation_request)
-        except InvalidRequestError as e:
-            raise translate.invalid_argument(e, request.WhichOneof("input")) from e
-        self._num_in_flight += 1
-        self._idle.clear()
-        try:
-            async with contextlib.aclosing(events):
+                await self._generations.off_loop(engine.compile_response_format, response_format)
+            async with contextlib.aclosing(self._generations.events(generation_request)) as events:
                 async for event in events:
                     yield event
-        finally:
-            self._num_in_flight -= 1
-            if not self._num_in_flight:
-                self._idle.set()
+        except InvalidRequestError as e:
+            raise translate.invalid_argument(e, request.WhichOneof("input")) from e
 
     async def _generation_request(
         self,
@@ -178,9 +125,9 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         check_generate_request(request, limits)
         kind = request.WhichOneof("input")
         if kind == "prompt":
-            prompt_ids = await self._off_loop(engine.tokenize, request.prompt)
+            prompt_ids = await self._generations.off_loop(engine.tokenize, request.prompt)
         elif kind == "chat":
-            prompt_ids = await self._off_loop(self._apply_chat_template, engine, request.chat)
+            prompt_ids = await self._generations.off_loop(self._apply_chat_template, engine, request.chat)
         else:
             prompt_ids = list(request.input_ids.ids)
         remaining = context.time_remaining()

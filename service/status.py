@@ -61,6 +61,10 @@ class Unauthenticated(Exception):
     """The call carries no API key, or one the server does not accept (service/auth.py)."""
 
 
+class ModelNotFound(Exception):
+    """The request names a model this server does not serve (the OpenAI HTTP front's `model`)."""
+
+
 # Each error's status code and google.rpc.ErrorInfo reason (README: Status codes); the first match wins.
 _STATUSES: list[tuple[type[BaseException], int, str]] = [
     (PromptTooLong, code_pb2.INVALID_ARGUMENT, "PROMPT_TOO_LONG"),
@@ -75,6 +79,7 @@ _STATUSES: list[tuple[type[BaseException], int, str]] = [
     (NotReady, code_pb2.UNAVAILABLE, "MODEL_LOADING"),
     (DuplicateRequestError, code_pb2.ALREADY_EXISTS, "ALREADY_EXISTS"),
     (Unauthenticated, code_pb2.UNAUTHENTICATED, "UNAUTHENTICATED"),
+    (ModelNotFound, code_pb2.NOT_FOUND, "MODEL_NOT_FOUND"),
     (RequestFailedError, code_pb2.INTERNAL, "ENGINE_FAULT"),
 ]
 _UNEXPECTED = (code_pb2.INTERNAL, "INTERNAL")
@@ -86,9 +91,14 @@ def _pack(message) -> any_pb2.Any:
     return detail
 
 
+def classify(error: BaseException) -> tuple[int, str]:
+    """`error`'s google.rpc code and ErrorInfo reason."""
+    return next(((c, r) for cls, c, r in _STATUSES if isinstance(error, cls)), _UNEXPECTED)
+
+
 def to_status(error: BaseException) -> status_pb2.Status:
     """The google.rpc.Status for `error`: its code, a message, an ErrorInfo, and BadRequest or RetryInfo."""
-    code, reason = next(((c, r) for cls, c, r in _STATUSES if isinstance(error, cls)), _UNEXPECTED)
+    code, reason = classify(error)
     error_info = _pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
     if (code, reason) == _UNEXPECTED:
         log.exception("unexpected error", exc_info=error)

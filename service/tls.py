@@ -2,7 +2,8 @@
 
 `reload()` re-reads the files (on SIGHUP). grpc asks for the certificates at every new connection's TLS
 handshake, on its own threads; a reload changes what connections made after it get, and connections
-already open keep theirs, with their calls in flight.
+already open keep theirs, with their calls in flight. The OpenAI HTTP front's `ssl.SSLContext` is loaded
+from the same files and reloaded with them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class ServerCertificates:
         self.credentials = grpc.dynamic_ssl_server_credentials(
             _read(files), self._fetch, require_client_authentication=files.client_ca_file is not None
         )
+        self.ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # the HTTP front's
+        if files.client_ca_file is not None:
+            self.ssl_context.verify_mode = ssl.CERT_REQUIRED
+        self._load_ssl_context()
 
     def reload(self) -> None:
         """Re-read the files for connections made from now on.
@@ -47,6 +52,14 @@ class ServerCertificates:
         configuration = _read(self.files)
         with self._lock:
             self._pending = configuration
+        self._load_ssl_context()
+
+    def _load_ssl_context(self) -> None:
+        """Load the files (checked by `_read`) into `ssl_context`: new connections get them. A reload adds the
+        client CA file's certificates to those already trusted."""
+        self.ssl_context.load_cert_chain(self.files.cert_file, self.files.key_file)
+        if self.files.client_ca_file is not None:
+            self.ssl_context.load_verify_locations(self.files.client_ca_file)
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """grpc's fetcher, called at each handshake: a new configuration once after a reload, else None."""

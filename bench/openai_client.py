@@ -1,0 +1,70 @@
+"""A load-generator client for textgen's OpenAI-compatible HTTP front: `/v1/completions` streamed as SSE.
+
+One aiohttp session per run (kept-alive connections, as the gRPC client keeps one channel), so that the
+two fronts are compared at the same load with the same connection reuse. Each chunk carries one engine
+event, so one token; an event whose token ended inside a UTF-8 character sends no chunk, and the usage chunk
+at the end (`stream_options.include_usage`) settles the count.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Self
+
+import aiohttp
+
+from bench.loadgen import Chunk, StreamError
+
+
+def completion_request(ids: Sequence[int], output_len: int) -> dict:
+    """The benchmark request: the prompt's token ids, greedy, exactly `output_len` new tokens, streamed."""
+    return {
+        "prompt": list(ids),
+        "max_tokens": output_len,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+class OpenAIHttpClient:
+    """textgen's `/v1/completions` stream as a `StreamingClient` of the load generator."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._session is not None
+        await self._session.close()
+
+    async def stream(self, ids: Sequence[int], output_len: int, timeout_s: float) -> AsyncIterator[Chunk]:
+        assert self._session is not None, "use the client as an async context manager"
+        url, body = f"{self.base_url}/v1/completions", completion_request(ids, output_len)
+        tokens = 0
+        try:
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
+            async with self._session.post(url, json=body, timeout=timeout) as response:
+                if response.status != 200:
+                    raise StreamError(f"HTTP {response.status}: {(await response.text())[:500]}")
+                async for line in response.content:
+                    data = line.removeprefix(b"data: ").strip()
+                    if not line.startswith(b"data: ") or data == b"[DONE]":
+                        continue
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise StreamError(f"{chunk['error']['code']}: {chunk['error']['message']}")
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                        yield Chunk(usage["completion_tokens"] - tokens, usage["prompt_tokens"])
+                    elif chunk["choices"]:
+                        tokens += 1
+                        yield Chunk(1)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise StreamError(f"{type(error).__name__}: {error}") from error

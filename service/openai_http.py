@@ -1,0 +1,302 @@
+"""The OpenAI-compatible HTTP front: `/v1/completions`, `/v1/chat/completions`, `/v1/models` and `/health`.
+
+aiohttp serves it in the server's own event loop, beside grpc.aio, on the same engine
+(service/generations.py): the same admission, priorities, deadlines, API keys, drain and telemetry. Errors
+are classified once for both fronts (service/status.py) and answered with OpenAI's error body
+(service/openai_translate.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
+
+from engine.engine import Engine
+from engine.errors import EngineStoppedError, InvalidRequestError
+from engine.request import GenerationEvent, GenerationRequest
+from service import openai_translate as openai
+from service.auth import ApiKeys, bearer_token
+from service.config import ServerConfig
+from service.generations import Generations
+from service.status import InvalidArgument, MalformedRequest, ModelNotFound, Unauthenticated
+from service.validation import MAX_REQUEST_ID_LENGTH
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Probes carry no secrets and health tells nothing, as on gRPC (service/auth.py).
+OPEN_PATHS = ("/health",)
+REQUEST_ID_HEADER = "X-Request-Id"  # the engine's request id, echoed; made when absent
+TIMEOUT_HEADER = "X-Request-Timeout"  # seconds: the request's deadline, as a gRPC call's timeout
+_MISSING_KEY = "this server needs an API key: send the header 'Authorization: Bearer <key>'"
+_INVALID_KEY = "the API key is not valid"
+
+
+class OpenAIFront:
+    """The HTTP server of the OpenAI API, listening from `start()` to `stop()`."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        generations: Generations,
+        api_keys: ApiKeys | None = None,
+        tracer_provider: TracerProvider | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        assert config.http_port is not None
+        self._config = config
+        self._generations = generations
+        self._api_keys = api_keys
+        self._ssl_context = ssl_context
+        self.port = 0
+        middlewares = [self._answer_errors, self._authenticate]
+        if tracer_provider is not None:
+            middlewares.insert(0, _tracing(tracer_provider.get_tracer("textgen.http")))
+        app = web.Application(middlewares=middlewares, client_max_size=config.max_request_bytes)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        # A client that goes away cancels its handler, and so its engine request; no log line per request.
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+
+    async def start(self) -> int:
+        """Listen on the configured host and `http_port`; returns the bound port."""
+        await self._runner.setup()
+        host = self._config.host.strip("[]")
+        site = web.TCPSite(
+            self._runner,
+            None if host in ("::", "0.0.0.0") else host,  # None: every interface, IPv4 and IPv6
+            self._config.http_port,
+            ssl_context=self._ssl_context,
+            reuse_port=False,
+        )
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self.port
+
+    async def stop(self) -> None:
+        """Close the port and every connection; requests still running are cancelled."""
+        await self._runner.cleanup()
+
+    # ---- middlewares ------------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _answer_errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ConnectionResetError:
+            raise  # the client went away, mid-stream perhaps: there is no one to answer
+        except web.HTTPException as error:
+            if error.status < 400:
+                raise
+            return _error(openai.http_error_response(error.status, error.reason))
+        except Exception as error:
+            return _error(openai.error_response(error))
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._api_keys is not None and request.path not in OPEN_PATHS:
+            token = bearer_token(("authorization", v) for v in request.headers.getall("Authorization", []))
+            if not self._api_keys.accepts(token):
+                raise Unauthenticated(_MISSING_KEY if token is None else _INVALID_KEY)
+        return await handler(request)
+
+    # ---- endpoints --------------------------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        """200 while serving; 503 while the model loads (code `model_loading`) or the server drains."""
+        self._generations.ready()
+        if not self._generations.serving:
+            raise EngineStoppedError("the server is shutting down")
+        return web.json_response({"status": "ok"})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        engine, _ = self._generations.ready()
+        info = engine.model_info
+        model = {
+            "id": info.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "textgen",
+            "max_model_len": info.max_context_len,
+        }
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, openai.COMPLETION)
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, openai.CHAT)
+
+    async def _generate(self, http_request: web.Request, endpoint: str) -> web.StreamResponse:
+        engine, limits = self._generations.ready()
+        request = openai.parse_request(endpoint, await _json_body(http_request), limits)
+        name = engine.model_info.name
+        if request.model not in (None, name):
+            raise ModelNotFound(f"the model {request.model!r} does not exist: this server serves {name!r}")
+        request_id = _request_id(http_request)
+        generation_request = GenerationRequest(
+            prompt_ids=await self._prompt_ids(engine, request),
+            sampling=request.sampling,
+            stopping=request.stopping,
+            priority=request.priority,
+            request_id=request_id,
+            deadline=_deadline(http_request),
+            trace_context=otel_context.get_current(),  # holds the HTTP span: the engine's spans go under it
+        )
+        prefix = "cmpl-" if endpoint == openai.COMPLETION else "chatcmpl-"
+        header = openai.ResponseHeader(prefix + request_id, name, endpoint)
+        async with contextlib.aclosing(self._generations.events(generation_request)) as events:
+            try:
+                first = await anext(events)  # refusals and queue-time failures: still a status of their own
+            except InvalidRequestError as e:
+                raise request.invalid_argument(e) from e
+            headers = {REQUEST_ID_HEADER: request_id}
+            if request.stream:
+                return await _stream(http_request, headers, header, request.include_usage, first, events)
+            collected = [first] + [event async for event in events]
+            return web.json_response(openai.response(header, collected), headers=headers)
+
+    async def _prompt_ids(self, engine: Engine, request: openai.OpenAIRequest) -> list[int]:
+        """The request's input as token ids, tokenized or templated off the event loop."""
+        if request.prompt_ids is not None:
+            return request.prompt_ids
+        if request.prompt is not None:
+            return await self._generations.off_loop(engine.tokenize, request.prompt)
+        messages = [{"role": m.role, "content": m.content} for m in request.messages or ()]
+        try:
+            return await self._generations.off_loop(engine.apply_chat_template, messages)
+        except InvalidRequestError as e:  # the model has no chat template
+            raise request.invalid_argument(e) from e
+        except Exception as e:  # the template rejects the conversation (roles, order): the client's to fix
+            raise InvalidArgument([("messages", f"the model's chat template rejected them: {e}")]) from e
+
+
+async def _stream(
+    http_request: web.Request,
+    headers: dict[str, str],
+    header: openai.ResponseHeader,
+    include_usage: bool,
+    first: GenerationEvent,
+    events: AsyncIterator[GenerationEvent],
+) -> web.StreamResponse:
+    """Server-sent events, one `data:` line of JSON per chunk, then `data: [DONE]`.
+
+    A failure after the status line has gone out (a deadline, an engine fault) is sent as one more event
+    holding OpenAI's error body, which the `openai` client raises.
+    """
+    response = web.StreamResponse(
+        headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(http_request)
+    event, is_first = first, True
+    try:
+        while True:
+            for chunk in openai.chunks(header, event, is_first, include_usage):
+                await response.write(_event(chunk))
+            is_first = False
+            if event.finished:
+                break
+            event = await anext(events)
+    except ConnectionResetError:
+        raise  # the client went away: nothing more to send
+    except Exception as error:
+        answer = openai.error_response(error)
+        http_request[_STREAM_ERROR] = answer.status, answer.body["error"]["code"]
+        await response.write(_event(answer.body))
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+def _event(data: dict) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _error(answer: openai.ErrorResponse) -> web.Response:
+    return web.json_response(answer.body, status=answer.status, headers=answer.headers)
+
+
+async def _json_body(request: web.Request) -> object:
+    try:
+        return json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise MalformedRequest(f"the body is not JSON: {e}") from e
+
+
+def _request_id(request: web.Request) -> str:
+    request_id = request.headers.get(REQUEST_ID_HEADER, "")
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidArgument([(REQUEST_ID_HEADER, f"must be at most {MAX_REQUEST_ID_LENGTH} characters")])
+    return request_id or uuid.uuid4().hex
+
+
+def _deadline(request: web.Request) -> float | None:
+    """The `time.monotonic()` instant given by the timeout header; None without one."""
+    value = request.headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return None
+    try:
+        timeout_s = float(value)
+    except ValueError:
+        timeout_s = float("nan")
+    if not 0 < timeout_s < float("inf"):
+        raise InvalidArgument([(TIMEOUT_HEADER, f"must be a positive number of seconds, got {value!r}")])
+    return time.monotonic() + timeout_s
+
+
+# ---- tracing --------------------------------------------------------------------------------------------
+
+_STREAM_ERROR = "textgen.stream_error"  # (status, code) of an error sent inside a stream, for its span
+
+
+def _tracing(tracer: trace.Tracer):
+    """A server span per request, the child of the caller's W3C trace context (`traceparent` header), with
+    HTTP's semantic-convention attributes; headers (the API key among them) are never recorded."""
+
+    @web.middleware
+    async def traced(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else ""
+        attributes = {
+            "http.request.method": request.method,
+            "http.route": route,
+            "url.path": request.path,
+            "url.scheme": request.scheme,
+            "user_agent.original": request.headers.get("User-Agent", ""),
+            "client.address": request.remote or "",
+        }
+        with tracer.start_as_current_span(
+            f"{request.method} {route}".rstrip(),
+            propagate.extract(request.headers),
+            SpanKind.SERVER,
+            attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                response = await handler(request)
+            except asyncio.CancelledError:  # the client closed the connection
+                span.set_attribute("error.type", "cancelled")
+                span.set_status(Status(StatusCode.ERROR, "the client closed the connection"))
+                raise
+            span.set_attribute("http.response.status_code", response.status)
+            status, error_type = request.get(_STREAM_ERROR, (response.status, str(response.status)))
+            if status >= 500:  # 4xx is the client's doing: not an error of the server (HTTP conventions)
+                span.set_attribute("error.type", error_type)
+                span.set_status(Status(StatusCode.ERROR, error_type))
+            return response
+
+    return traced

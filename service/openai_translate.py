@@ -1,0 +1,433 @@
+"""OpenAI's HTTP API to and from the engine: request bodies in, responses, stream chunks and errors out.
+
+A body is checked for its JSON shape here (types, known parameters); the engine's own rules
+(`engine/limits.py`: sampling ranges, stop sequences, sizes) are applied to it unchanged, with their field
+paths renamed to OpenAI's parameters. Every parameter the engine cannot honour is refused, never ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from google.rpc import code_pb2
+
+from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.limits import RequestLimits, Violation, input_size_violations, parameter_violations
+from engine.request import FinishReason, GenerationEvent, SamplingParams, StoppingParams
+from service.status import (
+    InvalidArgument,
+    ModelNotFound,
+    PromptTooLong,
+    classify,
+    retry_pushback_ms,
+    to_status,
+)
+
+COMPLETION, CHAT = "completion", "chat"
+MAX_SEED = 2**64  # the proto's uint64: both fronts take the same seeds
+MAX_PRIORITY = 2**31  # the proto's int32
+
+# Parameters of both endpoints; `user` is accepted and ignored. The last five are vendor extensions (as
+# vLLM takes them), sent by the `openai` client as `extra_body`.
+_COMMON = {
+    "model", "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
+    "n", "logprobs", "stream", "stream_options", "user",
+    "top_k", "min_p", "repetition_penalty", "ignore_eos", "priority",
+}  # fmt: skip
+_PARAMETERS = {
+    COMPLETION: _COMMON | {"prompt"},
+    CHAT: _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format"},
+}
+_FINISH_REASONS = {
+    FinishReason.LENGTH: "length",
+    FinishReason.EOS: "stop",
+    FinishReason.STOP_SEQUENCE: "stop",
+}
+
+
+# ---- parameters the engine does not serve yet ------------------------------------------------------------
+# `n` > 1, log-probabilities and `response_format` are being added to the engine; until then each is
+# accepted only at its default value. Wire them here (and in the responses below) when the engine has them.
+def _not_yet_supported(body: dict) -> list[Violation]:
+    defaults = {
+        "n": (None, 1),
+        "logprobs": (None, False),  # chat: a bool; completions: an int, where 0 would still mean "send some"
+        "top_logprobs": (None,),
+        "response_format": (None, {"type": "text"}),
+    }
+    return [
+        (name, "is not supported by this server yet: leave it out")
+        for name, allowed in defaults.items()
+        if name in body and not any(_same(body[name], value) for value in allowed)
+    ]
+
+
+def _same(value: object, default: object) -> bool:
+    return type(value) is type(default) and value == default  # JSON 1 is not true, nor 0 false
+
+
+@dataclass(slots=True)
+class ChatMessage:
+    """One message of a chat body, its content as text."""
+
+    role: str
+    content: str
+
+
+@dataclass(slots=True)
+class OpenAIRequest:
+    """What one `/v1/completions` or `/v1/chat/completions` body asks of the engine.
+
+    The input is one of `prompt` (text), `prompt_ids` (token ids) and `messages` (a chat).
+    """
+
+    endpoint: str  # COMPLETION or CHAT
+    model: str | None
+    sampling: SamplingParams
+    stopping: StoppingParams
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    priority: int = 0
+    stream: bool = False
+    include_usage: bool = False
+    params: dict[str, str] = field(default_factory=dict)  # engine field -> the parameter the body named
+
+    def param(self, engine_field: str) -> str:
+        """The body's parameter for an engine field path (`sampling.top_p`, `prompt_ids[3]`, ...)."""
+        name, bracket, index = engine_field.partition("[")
+        if name in self.params:
+            return self.params[name] + (f"[{index}" if bracket else "")
+        return name.removeprefix("sampling.").removeprefix("stopping.")
+
+    def violations(self, violations: Sequence[Violation]) -> list[Violation]:
+        """Engine `violations` with their fields named as the body's parameters."""
+        return [(self.param(path), description) for path, description in violations]
+
+    def invalid_argument(self, error: InvalidRequestError) -> InvalidArgument:
+        """The engine's refusal of this request, naming the body's parameters."""
+        kind = PromptTooLong if isinstance(error, PromptTooLongError) else InvalidArgument
+        return kind(self.violations(error.violations))
+
+
+def parse_request(endpoint: str, body: object, limits: RequestLimits) -> OpenAIRequest:
+    """The engine's view of a request `body`; raises `InvalidArgument` naming every bad parameter.
+
+    An input over a size limit is refused first, for that alone (`PromptTooLong`), as on gRPC.
+    """
+    if not isinstance(body, dict):
+        raise InvalidArgument([("body", "must be a JSON object")])
+    fields = _Fields(body, endpoint)
+    request = OpenAIRequest(endpoint, fields.string("model"), _sampling(fields), _stopping(fields))
+    request.params.update(
+        {"stopping.max_new_tokens": fields.max_tokens_name, "stopping.stop_sequences": "stop"}
+    )
+    request.priority = fields.integer("priority", 0, -MAX_PRIORITY, MAX_PRIORITY - 1)
+    request.stream = fields.boolean("stream", False)
+    request.include_usage = _include_usage(fields, request.stream)
+    if endpoint == COMPLETION:
+        _prompt(fields, request)
+    else:
+        _messages(fields, request)
+    size_violations = _input_size_violations(request, limits)
+    if size_violations:
+        raise PromptTooLong(size_violations)
+    unknown = sorted(set(body) - _PARAMETERS[endpoint])
+    violations = [(name, "is not a parameter this server supports") for name in unknown]
+    violations += _not_yet_supported(body) + fields.violations
+    violations += request.violations(parameter_violations(request.sampling, request.stopping, limits))
+    if violations:
+        raise InvalidArgument(violations)
+    return request
+
+
+class _Fields:
+    """Typed reads of a body's parameters; a wrong type is recorded in `violations`, the default returned.
+
+    JSON null is the same as leaving a parameter out.
+    """
+
+    def __init__(self, body: dict, endpoint: str) -> None:
+        self.body = body
+        self.violations: list[Violation] = []
+        newer = endpoint == CHAT and body.get("max_completion_tokens") is not None  # it wins, as at OpenAI
+        self.max_tokens_name = "max_completion_tokens" if newer else "max_tokens"
+
+    def get(self, name: str, kinds: type | tuple[type, ...], rule: str) -> object | None:
+        value = self.body.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+            value = None  # JSON true is not a number
+        if not isinstance(value, kinds):
+            self.violations.append((name, f"must be {rule}"))
+            return None
+        return value
+
+    def number(self, name: str, default: float) -> float:
+        value = self.get(name, (int, float), "a number")
+        if isinstance(value, int) and abs(value) > 2**53:  # JSON integers have no bound; floats do
+            value = math.inf  # out of every range: the engine's rule names it
+        return default if value is None else float(value)
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int) -> int:
+        value = self.get(name, int, "an integer")
+        if value is not None and not minimum <= value <= maximum:
+            self.violations.append((name, f"must be in [{minimum}, {maximum}], got {value}"))
+            return default
+        return default if value is None else value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.get(name, bool, "true or false")
+        return default if value is None else value
+
+    def string(self, name: str) -> str | None:
+        return self.get(name, str, "a string")
+
+
+def _sampling(fields: _Fields) -> SamplingParams:
+    """OpenAI's defaults: temperature 1 and top_p 1 (textgen's gRPC default is greedy)."""
+    top_k = fields.integer("top_k", 0, -1, 2**31 - 1)
+    seed = fields.get("seed", int, "an integer")
+    if seed is not None and not 0 <= seed < MAX_SEED:
+        fields.violations.append(("seed", f"must be in [0, 2^64), got {seed}"))
+        seed = None
+    return SamplingParams(
+        temperature=fields.number("temperature", 1.0),
+        top_k=max(top_k, 0),  # vLLM's -1 is textgen's 0: off
+        top_p=fields.number("top_p", 1.0),
+        min_p=fields.number("min_p", 0.0),
+        repetition_penalty=fields.number("repetition_penalty", 1.0),
+        frequency_penalty=fields.number("frequency_penalty", 0.0),
+        presence_penalty=fields.number("presence_penalty", 0.0),
+        seed=seed,
+    )
+
+
+def _stopping(fields: _Fields) -> StoppingParams:
+    """Null max tokens is the server's default (`--default-max-new-tokens`), shortened to fit the context."""
+    name = fields.max_tokens_name
+    max_tokens = fields.integer(name, 0, 1, 2**31 - 1)
+    stop = fields.get("stop", (str, list), "a string or a list of strings")
+    if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
+        fields.violations.append(("stop", "must be a string or a list of strings"))
+        stop = None
+    stop_sequences = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    return StoppingParams(max_tokens, stop_sequences, fields.boolean("ignore_eos", False))
+
+
+def _include_usage(fields: _Fields, stream: bool) -> bool:
+    options = fields.get("stream_options", dict, "an object")
+    if options is None:
+        return False
+    if not stream:
+        fields.violations.append(("stream_options", "is only allowed with stream: true"))
+        return False
+    unknown = sorted(set(options) - {"include_usage"})
+    fields.violations += [(f"stream_options.{name}", "is not supported") for name in unknown]
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        fields.violations.append(("stream_options.include_usage", "must be true or false"))
+    return include_usage is True
+
+
+def _prompt(fields: _Fields, request: OpenAIRequest) -> None:
+    """A prompt is text or token ids, alone or as a list of one: one prompt per request."""
+    prompt = fields.body.get("prompt")
+    request.params.update({"prompt_ids": "prompt", "prompt": "prompt"})
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+        request.params.update({"prompt_ids": "prompt[0]", "prompt": "prompt[0]"})
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    elif isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+        request.prompt_ids = prompt
+    elif prompt is None:
+        fields.violations.append(("prompt", "is required"))
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        fields.violations.append(("prompt", "must be one prompt: this server takes one per request"))
+    else:
+        fields.violations.append(("prompt", "must be a string or token ids, or a list of one of them"))
+    if request.prompt == "" or request.prompt_ids == []:
+        fields.violations.append((request.params["prompt"], "must not be empty"))
+
+
+def _messages(fields: _Fields, request: OpenAIRequest) -> None:
+    """Messages of a `role` and a `content`: text, or a list of text parts, which are joined."""
+    messages = fields.get("messages", list, "a list of messages")
+    request.params.update({"prompt_ids": "messages", "messages": "messages", "chat": "messages"})
+    if not messages:
+        fields.violations.append(("messages", "must not be empty" if messages == [] else "is required"))
+        return
+    request.messages = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            fields.violations.append((f"messages[{i}]", "must be an object with a role and a content"))
+            continue
+        role, content = message.get("role"), _content(message.get("content"))
+        unknown = sorted(set(message) - {"role", "content"})
+        fields.violations += [(f"messages[{i}].{name}", "is not supported") for name in unknown]
+        if not isinstance(role, str) or not role:
+            fields.violations.append((f"messages[{i}].role", "must be a non-empty string"))
+        if content is None:
+            fields.violations.append((f"messages[{i}].content", "must be a string or a list of text parts"))
+        request.messages.append(ChatMessage(role if isinstance(role, str) else "", content or ""))
+
+
+def _content(content: object) -> str | None:
+    """A message's content as text; None when it is neither text nor a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    return None
+
+
+def _input_size_violations(request: OpenAIRequest, limits: RequestLimits) -> list[Violation]:
+    if request.prompt is not None:
+        violations = input_size_violations(limits, prompt=request.prompt)
+    elif request.prompt_ids is not None:
+        violations = input_size_violations(limits, num_prompt_ids=len(request.prompt_ids))
+    elif request.messages is not None:
+        violations = input_size_violations(limits, messages=request.messages)
+    else:
+        return []
+    return request.violations(violations)
+
+
+# ---- responses ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ResponseHeader:
+    """What every response and chunk of one request repeats."""
+
+    id: str
+    model: str
+    endpoint: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def fields(self, chunk: bool) -> dict:
+        if self.endpoint == COMPLETION:
+            kind = "text_completion"
+        else:
+            kind = "chat.completion.chunk" if chunk else "chat.completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+
+def usage(event: GenerationEvent) -> dict:
+    return {
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "total_tokens": event.prompt_tokens + event.completion_tokens,
+    }
+
+
+def response(header: ResponseHeader, events: Sequence[GenerationEvent]) -> dict:
+    """The whole answer of a request that was not streamed, from all of its events."""
+    last = events[-1]
+    assert last.finished
+    text = "".join(e.text for e in events)
+    choice: dict = {"index": 0}
+    if header.endpoint == COMPLETION:
+        choice["text"] = text
+    else:
+        choice["message"] = {"role": "assistant", "content": text}
+    choice.update({"logprobs": None, "finish_reason": _FINISH_REASONS[last.finish_reason]})
+    return {**header.fields(chunk=False), "choices": [choice], "usage": usage(last)}
+
+
+def chunks(header: ResponseHeader, event: GenerationEvent, first: bool, include_usage: bool) -> list[dict]:
+    """The stream chunks of one engine event: none for an event without text that ends nothing.
+
+    A chat's first chunk carries the assistant's role; with `include_usage`, every chunk has `usage: null`
+    and one more chunk, without choices, carries the usage after the last.
+    """
+    finish_reason = _FINISH_REASONS[event.finish_reason] if event.finished else None
+    if not (event.text or finish_reason or (first and header.endpoint == CHAT)):
+        return []
+    choice: dict = {"index": 0}
+    if header.endpoint == COMPLETION:
+        choice["text"] = event.text
+    else:
+        choice["delta"] = {"role": "assistant", "content": event.text} if first else {"content": event.text}
+    choice.update({"logprobs": None, "finish_reason": finish_reason})
+    chunk = {**header.fields(chunk=True), "choices": [choice]}
+    if not include_usage:
+        return [chunk]
+    chunk["usage"] = None
+    if not event.finished:
+        return [chunk]
+    return [chunk, {**header.fields(chunk=True), "choices": [], "usage": usage(event)}]
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+
+# The HTTP status for each google.rpc code the server's errors map to (service/status.py); 499 is the
+# de-facto "client closed request" (nginx), which only logs and spans ever see.
+HTTP_STATUS = {
+    code_pb2.INVALID_ARGUMENT: 400,
+    code_pb2.UNAUTHENTICATED: 401,
+    code_pb2.NOT_FOUND: 404,
+    code_pb2.ALREADY_EXISTS: 409,
+    code_pb2.RESOURCE_EXHAUSTED: 429,
+    code_pb2.CANCELLED: 499,
+    code_pb2.INTERNAL: 500,
+    code_pb2.UNAVAILABLE: 503,
+    code_pb2.DEADLINE_EXCEEDED: 504,
+}
+# OpenAI's error `type` for each status.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "cancelled",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+@dataclass(slots=True)
+class ErrorResponse:
+    """An error as OpenAI sends it: an HTTP status, headers and `{"error": {message, type, param, code}}`."""
+
+    status: int
+    body: dict
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def error_response(error: BaseException) -> ErrorResponse:
+    """The answer to `error`, classified once for both fronts (service/status.py).
+
+    `code` is the gRPC ErrorInfo reason in lower case (`queue_full`, `model_loading`, ...); `param` names
+    the first bad parameter; a full queue adds `Retry-After` in whole seconds.
+    """
+    code, reason = classify(error)
+    status = to_status(error)  # a bounded message; an unexpected error is logged, with its traceback
+    http_status = HTTP_STATUS[code]
+    param = "model" if isinstance(error, ModelNotFound) else None
+    if isinstance(error, InvalidArgument):
+        param = error.violations[0][0] or None
+    body = _error_body(http_status, status.message, param, reason.lower())
+    pushback_ms = retry_pushback_ms(status)
+    headers = {"Retry-After": str(max(1, math.ceil(pushback_ms / 1000)))} if pushback_ms is not None else {}
+    return ErrorResponse(http_status, body, headers)
+
+
+def http_error_response(status: int, message: str) -> ErrorResponse:
+    """The answer to an error of the HTTP layer itself: unknown path, method not allowed, body too large."""
+    return ErrorResponse(status, _error_body(status, message, None, None))
+
+
+def _error_body(status: int, message: str, param: str | None, code: str | None) -> dict:
+    error_type = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
