@@ -106,7 +106,8 @@ class Runs:
 
 def run_textgen(runs: Runs, server_args: Sequence[str], log_dir: Path) -> tuple[list[LoadResult], dict]:
     """Start `python -m service` on loopback, replay every scenario against it, stop it."""
-    args = ["--host", "127.0.0.1", *server_args]
+    # Prefix caching off, as llama.cpp's cache_prompt: both compute every prompt in full.
+    args = ["--host", "127.0.0.1", "--no-prefix-caching", *server_args]
     record: dict = {
         "command": ["python", "-m", "service", *args],
         "load_average_at_start": os.getloadavg()[0],
@@ -193,7 +194,7 @@ def notes(gguf: Path, records: dict[str, dict], env: dict) -> list[str]:
     """What a reader of the table needs to know: the model, the request settings, the ratios, the load."""
     lines = [
         f"model: {gguf.name} (llama.cpp runs its blocks as they are; textgen its default flags)",
-        "the same prompt token ids to both, greedy, EOS ignored; llama.cpp with cache_prompt off",
+        "the same prompt token ids to both, greedy, EOS ignored; no prefix caching (llama.cpp: cache_prompt off)",
         "textgen / llama.cpp: above 1x textgen is faster in output tok/s, slower in TTFT and TPOT",
         "load average at each server's start: "
         + ", ".join(f"{name} {r['load_average_at_start']:.1f}" for name, r in records.items()),
