@@ -463,10 +463,11 @@ class StreamState:
         if event.finished:
             self.prompt_tokens = event.prompt_tokens
             self.completion_tokens += event.completion_tokens
-        if not (event.text or event.tokens or finish_reason or (first and header.endpoint == CHAT)):
+        logprobs = self.request.logprobs and bool(event.tokens)  # tokens whose text is held back have some
+        if not (event.text or logprobs or finish_reason or (first and header.endpoint == CHAT)):
             return []
         choice = _choice(header, event.index, event.text, chunk=True, first=first)
-        logprobs = self.request.logprobs and (event.tokens or header.endpoint == COMPLETION)
+        logprobs = logprobs or (self.request.logprobs and header.endpoint == COMPLETION)
         choice["logprobs"] = _logprobs_of(header.endpoint, event.tokens, offset) if logprobs else None
         choice["finish_reason"] = finish_reason
         chunk = {**header.fields(chunk=True), "choices": [choice]}
