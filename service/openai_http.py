@@ -156,7 +156,13 @@ class OpenAIFront:
             request_id=request_id,
             deadline=_deadline(http_request),
             trace_context=otel_context.get_current(),  # holds the HTTP span: the engine's spans go under it
+            n=request.n,
         )
+        if (response_format := request.sampling.response_format) is not None:
+            try:  # compiled (and cached) on a worker thread, so a big schema stalls neither loop
+                await self._generations.off_loop(engine.compile_response_format, response_format)
+            except InvalidRequestError as e:
+                raise request.invalid_argument(e) from e
         prefix = "cmpl-" if endpoint == openai.COMPLETION else "chatcmpl-"
         header = openai.ResponseHeader(prefix + request_id, name, endpoint)
         async with contextlib.aclosing(self._generations.events(generation_request)) as events:
@@ -166,9 +172,10 @@ class OpenAIFront:
                 raise request.invalid_argument(e) from e
             headers = {REQUEST_ID_HEADER: request_id}
             if request.stream:
-                return await _stream(http_request, headers, header, request.include_usage, first, events)
+                state = openai.StreamState(request)
+                return await _stream(http_request, headers, header, state, first, events)
             collected = [first] + [event async for event in events]
-            return web.json_response(openai.response(header, collected), headers=headers)
+            return web.json_response(openai.response(header, request, collected), headers=headers)
 
     async def _prompt_ids(self, engine: Engine, request: openai.OpenAIRequest) -> list[int]:
         """The request's input as token ids, tokenized or templated off the event loop."""
@@ -189,7 +196,7 @@ async def _stream(
     http_request: web.Request,
     headers: dict[str, str],
     header: openai.ResponseHeader,
-    include_usage: bool,
+    state: openai.StreamState,
     first: GenerationEvent,
     events: AsyncIterator[GenerationEvent],
 ) -> web.StreamResponse:
@@ -202,15 +209,14 @@ async def _stream(
         headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(http_request)
-    event, is_first = first, True
     try:
-        while True:
-            for chunk in openai.chunks(header, event, is_first, include_usage):
+        for chunk in state.chunks(header, first):
+            await response.write(_event(chunk))
+        async for event in events:  # every completion's, interleaved; the iterator ends after the last
+            for chunk in state.chunks(header, event):
                 await response.write(_event(chunk))
-            is_first = False
-            if event.finished:
-                break
-            event = await anext(events)
+        if state.request.include_usage:
+            await response.write(_event(state.usage_chunk(header)))
     except ConnectionResetError:
         raise  # the client went away: nothing more to send
     except Exception as error:

@@ -7,6 +7,7 @@ paths renamed to OpenAI's parameters. Every parameter the engine cannot honour i
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -15,8 +16,21 @@ from dataclasses import dataclass, field
 from google.rpc import code_pb2
 
 from engine.errors import InvalidRequestError, PromptTooLongError
-from engine.limits import RequestLimits, Violation, input_size_violations, parameter_violations
-from engine.request import FinishReason, GenerationEvent, SamplingParams, StoppingParams
+from engine.limits import (
+    MAX_TOP_LOGPROBS,
+    RequestLimits,
+    Violation,
+    input_size_violations,
+    parameter_violations,
+)
+from engine.request import (
+    FinishReason,
+    GenerationEvent,
+    ResponseFormat,
+    SamplingParams,
+    StoppingParams,
+    TokenInfo,
+)
 from service.status import (
     InvalidArgument,
     ModelNotFound,
@@ -29,44 +43,27 @@ from service.status import (
 COMPLETION, CHAT = "completion", "chat"
 MAX_SEED = 2**64  # the proto's uint64: both fronts take the same seeds
 MAX_PRIORITY = 2**31  # the proto's int32
+MIN_LOGPROB = -9999.0  # JSON has no -Infinity: an impossible token's log-probability is this (as vLLM)
 
-# Parameters of both endpoints; `user` is accepted and ignored. The last five are vendor extensions (as
+# Parameters of both endpoints; `user` is accepted and ignored. The last line's are vendor extensions (as
 # vLLM takes them), sent by the `openai` client as `extra_body`.
 _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
-    "n", "logprobs", "stream", "stream_options", "user",
+    "n", "logprobs", "stream", "stream_options", "user", "response_format",
     "top_k", "min_p", "repetition_penalty", "ignore_eos", "priority",
+    "guided_json", "guided_regex", "guided_choice", "structured_outputs",
 }  # fmt: skip
 _PARAMETERS = {
-    COMPLETION: _COMMON | {"prompt"},
-    CHAT: _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format"},
+    COMPLETION: _COMMON | {"prompt", "echo"},
+    CHAT: _COMMON | {"messages", "max_completion_tokens", "top_logprobs"},
 }
 _FINISH_REASONS = {
     FinishReason.LENGTH: "length",
     FinishReason.EOS: "stop",
     FinishReason.STOP_SEQUENCE: "stop",
 }
-
-
-# ---- parameters the engine does not serve yet ------------------------------------------------------------
-# `n` > 1, log-probabilities and `response_format` are being added to the engine; until then each is
-# accepted only at its default value. Wire them here (and in the responses below) when the engine has them.
-def _not_yet_supported(body: dict) -> list[Violation]:
-    defaults = {
-        "n": (None, 1),
-        "logprobs": (None, False),  # chat: a bool; completions: an int, where 0 would still mean "send some"
-        "top_logprobs": (None,),
-        "response_format": (None, {"type": "text"}),
-    }
-    return [
-        (name, "is not supported by this server yet: leave it out")
-        for name, allowed in defaults.items()
-        if name in body and not any(_same(body[name], value) for value in allowed)
-    ]
-
-
-def _same(value: object, default: object) -> bool:
-    return type(value) is type(default) and value == default  # JSON 1 is not true, nor 0 false
+# vLLM's structured-output parameters: `guided_*` at the top level, or the keys of `structured_outputs`.
+_GUIDED = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice"}
 
 
 @dataclass(slots=True)
@@ -94,6 +91,8 @@ class OpenAIRequest:
     priority: int = 0
     stream: bool = False
     include_usage: bool = False
+    n: int = 1
+    logprobs: bool = False  # report each token's log-probability (and `sampling.top_logprobs` alternatives)
     params: dict[str, str] = field(default_factory=dict)  # engine field -> the parameter the body named
 
     def param(self, engine_field: str) -> str:
@@ -128,6 +127,9 @@ def parse_request(endpoint: str, body: object, limits: RequestLimits) -> OpenAIR
     request.priority = fields.integer("priority", 0, -MAX_PRIORITY, MAX_PRIORITY - 1)
     request.stream = fields.boolean("stream", False)
     request.include_usage = _include_usage(fields, request.stream)
+    request.n = fields.integer("n", 1, 1, limits.max_n)
+    _logprobs(fields, request)
+    request.sampling.response_format = _response_format(fields, request)
     if endpoint == COMPLETION:
         _prompt(fields, request)
     else:
@@ -137,7 +139,7 @@ def parse_request(endpoint: str, body: object, limits: RequestLimits) -> OpenAIR
         raise PromptTooLong(size_violations)
     unknown = sorted(set(body) - _PARAMETERS[endpoint])
     violations = [(name, "is not a parameter this server supports") for name in unknown]
-    violations += _not_yet_supported(body) + fields.violations
+    violations += fields.violations
     violations += request.violations(parameter_violations(request.sampling, request.stopping, limits))
     if violations:
         raise InvalidArgument(violations)
@@ -217,6 +219,94 @@ def _stopping(fields: _Fields) -> StoppingParams:
         stop = None
     stop_sequences = (stop,) if isinstance(stop, str) else tuple(stop or ())
     return StoppingParams(max_tokens, stop_sequences, fields.boolean("ignore_eos", False))
+
+
+def _logprobs(fields: _Fields, request: OpenAIRequest) -> None:
+    """Completions: `logprobs`, the number of alternatives per token (0 is the chosen token's alone); chat:
+    `logprobs: true`, with `top_logprobs` alternatives, which alone is refused (as OpenAI does)."""
+    if request.endpoint == COMPLETION:
+        count = fields.integer("logprobs", -1, 0, MAX_TOP_LOGPROBS)
+        request.logprobs = count >= 0
+        request.sampling.top_logprobs = max(count, 0)
+        request.params["sampling.top_logprobs"] = "logprobs"
+        if fields.boolean("echo", False):
+            fields.violations.append(("echo", "is not supported: the answer holds the completion alone"))
+        return
+    request.logprobs = fields.boolean("logprobs", False)
+    request.sampling.top_logprobs = fields.integer("top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+    request.params["sampling.top_logprobs"] = "top_logprobs"
+    if fields.body.get("top_logprobs") is not None and not request.logprobs:
+        fields.violations.append(("top_logprobs", "needs logprobs: true"))
+
+
+def _response_format(fields: _Fields, request: OpenAIRequest) -> ResponseFormat | None:
+    """OpenAI's `response_format` (`json_schema`, `json_object`, `text`) or vLLM's guided fields: at most one.
+
+    Each engine field of the format is named as the parameter it came from, so that a schema or regex that
+    does not compile is a 400 naming it.
+    """
+    given: list[tuple[str, str, object]] = []  # (parameter, kind: json | regex | choice, value)
+    response_format = fields.get("response_format", dict, "an object")
+    if response_format is not None:
+        given += _openai_response_format(fields, response_format)
+    for kind, name in _GUIDED.items():
+        if fields.body.get(name) is not None:
+            given.append((name, kind, fields.body[name]))
+    structured = fields.get("structured_outputs", dict, "an object")
+    for name in sorted(structured or ()):
+        if name in _GUIDED:
+            given.append((f"structured_outputs.{name}", name, structured[name]))
+        else:
+            fields.violations.append((f"structured_outputs.{name}", "is not supported"))
+    if len(given) > 1:
+        names = ", ".join(name for name, _, _ in given)
+        fields.violations.append((given[1][0], f"only one structured output is allowed, got {names}"))
+        return None
+    if not given:
+        return None
+    name, kind, value = given[0]
+    engine_field = {"json": "json_schema", "regex": "regex", "choice": "choice.choices"}[kind]
+    request.params["sampling.response_format"] = name
+    request.params[f"sampling.response_format.{engine_field}"] = name
+    if kind == "json":
+        if isinstance(value, str):  # vLLM's guided_json may be the schema's JSON text
+            return ResponseFormat(json_schema=value)
+        if not isinstance(value, dict | bool):
+            fields.violations.append((name, "must be a JSON schema (an object)"))
+            return None
+        return ResponseFormat(json_schema=json.dumps(value))
+    if kind == "regex":
+        if not isinstance(value, str):
+            fields.violations.append((name, "must be a string"))
+            return None
+        return ResponseFormat(regex=value)
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        fields.violations.append((name, "must be a list of strings"))
+        return None
+    return ResponseFormat(choice=tuple(value))
+
+
+def _openai_response_format(fields: _Fields, value: dict) -> list[tuple[str, str, object]]:
+    """`{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`; `{"type": "json_object"}`: any
+    JSON object; `{"type": "text"}`: no constraint."""
+    kind = value.get("type")
+    if kind == "text":
+        return []
+    if kind == "json_object":
+        return [("response_format", "json", {"type": "object"})]
+    if kind != "json_schema":
+        fields.violations.append(("response_format.type", "must be one of json_schema, json_object or text"))
+        return []
+    json_schema = value.get("json_schema")
+    if not isinstance(json_schema, dict):
+        fields.violations.append(("response_format.json_schema", "must be an object with a schema"))
+        return []
+    unknown = sorted(set(json_schema) - {"name", "description", "schema", "strict"})
+    fields.violations += [(f"response_format.json_schema.{name}", "is not supported") for name in unknown]
+    schema = json_schema.get("schema")
+    if schema is None:  # OpenAI's schema is optional: none is any JSON
+        schema = {}
+    return [("response_format.json_schema.schema", "json", schema)]
 
 
 def _include_usage(fields: _Fields, stream: bool) -> bool:
@@ -320,50 +410,119 @@ class ResponseHeader:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
 
-def usage(event: GenerationEvent) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {
-        "prompt_tokens": event.prompt_tokens,
-        "completion_tokens": event.completion_tokens,
-        "total_tokens": event.prompt_tokens + event.completion_tokens,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
 
 
-def response(header: ResponseHeader, events: Sequence[GenerationEvent]) -> dict:
-    """The whole answer of a request that was not streamed, from all of its events."""
-    last = events[-1]
-    assert last.finished
-    text = "".join(e.text for e in events)
-    choice: dict = {"index": 0}
-    if header.endpoint == COMPLETION:
-        choice["text"] = text
-    else:
-        choice["message"] = {"role": "assistant", "content": text}
-    choice.update({"logprobs": None, "finish_reason": _FINISH_REASONS[last.finish_reason]})
-    return {**header.fields(chunk=False), "choices": [choice], "usage": usage(last)}
+def response(header: ResponseHeader, request: OpenAIRequest, events: Sequence[GenerationEvent]) -> dict:
+    """The whole answer of a request that was not streamed, from all of its events: a choice per
+    completion, in index order, and the usage of them all (the prompt counted once)."""
+    by_index: dict[int, list[GenerationEvent]] = {}
+    for event in events:
+        by_index.setdefault(event.index, []).append(event)
+    choices, completion_tokens = [], 0
+    for index in sorted(by_index):
+        completion = by_index[index]
+        last = completion[-1]
+        assert last.finished
+        choice = _choice(header, index, "".join(e.text for e in completion), chunk=False, first=True)
+        tokens = [token for e in completion for token in e.tokens]
+        choice["logprobs"] = _logprobs_of(header.endpoint, tokens, 0) if request.logprobs else None
+        choice["finish_reason"] = _FINISH_REASONS[last.finish_reason]
+        choices.append(choice)
+        completion_tokens += last.completion_tokens
+    prompt_tokens = by_index[min(by_index)][-1].prompt_tokens
+    total = usage(prompt_tokens, completion_tokens)
+    return {**header.fields(chunk=False), "choices": choices, "usage": total}
 
 
-def chunks(header: ResponseHeader, event: GenerationEvent, first: bool, include_usage: bool) -> list[dict]:
-    """The stream chunks of one engine event: none for an event without text that ends nothing.
+@dataclass(slots=True)
+class StreamState:
+    """What a streamed answer keeps between events: which choices have begun, how far into its tokens' text
+    each is (completions' `text_offset`), and the usage so far."""
 
-    A chat's first chunk carries the assistant's role; with `include_usage`, every chunk has `usage: null`
-    and one more chunk, without choices, carries the usage after the last.
-    """
-    finish_reason = _FINISH_REASONS[event.finish_reason] if event.finished else None
-    if not (event.text or finish_reason or (first and header.endpoint == CHAT)):
-        return []
-    choice: dict = {"index": 0}
-    if header.endpoint == COMPLETION:
-        choice["text"] = event.text
-    else:
-        choice["delta"] = {"role": "assistant", "content": event.text} if first else {"content": event.text}
-    choice.update({"logprobs": None, "finish_reason": finish_reason})
-    chunk = {**header.fields(chunk=True), "choices": [choice]}
-    if not include_usage:
+    request: OpenAIRequest
+    text_offsets: dict[int, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def chunks(self, header: ResponseHeader, event: GenerationEvent) -> list[dict]:
+        """The stream chunks of one engine event: none for an event without text that ends nothing.
+
+        Each choice's first chunk (in a chat) carries the assistant's role; with `include_usage` every chunk
+        has `usage: null`, and `usage_chunk` follows the last.
+        """
+        first = event.index not in self.text_offsets
+        offset = self.text_offsets.get(event.index, 0)
+        self.text_offsets[event.index] = offset + sum(len(t.text) for t in event.tokens)
+        finish_reason = _FINISH_REASONS[event.finish_reason] if event.finished else None
+        if event.finished:
+            self.prompt_tokens = event.prompt_tokens
+            self.completion_tokens += event.completion_tokens
+        logprobs = self.request.logprobs and bool(event.tokens)  # tokens whose text is held back have some
+        if not (event.text or logprobs or finish_reason or (first and header.endpoint == CHAT)):
+            return []
+        choice = _choice(header, event.index, event.text, chunk=True, first=first)
+        logprobs = logprobs or (self.request.logprobs and header.endpoint == COMPLETION)
+        choice["logprobs"] = _logprobs_of(header.endpoint, event.tokens, offset) if logprobs else None
+        choice["finish_reason"] = finish_reason
+        chunk = {**header.fields(chunk=True), "choices": [choice]}
+        if self.request.include_usage:
+            chunk["usage"] = None
         return [chunk]
-    chunk["usage"] = None
-    if not event.finished:
-        return [chunk]
-    return [chunk, {**header.fields(chunk=True), "choices": [], "usage": usage(event)}]
+
+    def usage_chunk(self, header: ResponseHeader) -> dict:
+        """The last chunk with `include_usage`: no choices, the usage of every completion."""
+        return {
+            **header.fields(chunk=True),
+            "choices": [],
+            "usage": usage(self.prompt_tokens, self.completion_tokens),
+        }
+
+
+def _choice(header: ResponseHeader, index: int, text: str, chunk: bool, first: bool) -> dict:
+    if header.endpoint == COMPLETION:
+        return {"index": index, "text": text}
+    if not chunk:
+        return {"index": index, "message": {"role": "assistant", "content": text}}
+    return {"index": index, "delta": {"role": "assistant", "content": text} if first else {"content": text}}
+
+
+def _logprob(value: float) -> float:
+    return value if value >= MIN_LOGPROB else MIN_LOGPROB  # NaN too: it fails the comparison
+
+
+def _logprobs_of(endpoint: str, tokens: Sequence[TokenInfo], text_offset: int) -> dict:
+    """A choice's `logprobs`: the legacy completions shape (parallel lists, alternatives as {text: logprob},
+    `text_offset` into the choice's text), or chat's `content` list of tokens with their bytes."""
+    if endpoint == CHAT:
+        return {
+            "content": [
+                {
+                    **_chat_token(t.text, t.logprob),
+                    "top_logprobs": [_chat_token(a.text, a.logprob) for a in t.top_logprobs],
+                }
+                for t in tokens
+            ]
+        }
+    offsets = []
+    for t in tokens:
+        offsets.append(text_offset)
+        text_offset += len(t.text)
+    return {
+        "tokens": [t.text for t in tokens],
+        "token_logprobs": [_logprob(t.logprob) for t in tokens],
+        "top_logprobs": [{a.text: _logprob(a.logprob) for a in t.top_logprobs} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def _chat_token(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": _logprob(logprob), "bytes": list(text.encode())}
 
 
 # ---- errors ------------------------------------------------------------------------------------------------

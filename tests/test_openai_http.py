@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import ssl
 import time
 
 import aiohttp
 import grpc
+import jsonschema
 import openai
 import pytest
 import trustme
@@ -200,31 +202,213 @@ def test_seeded_sampling_with_vendor_fields_is_reproducible(client, model):
     assert sample() == sample()
 
 
-@pytest.mark.parametrize(
-    "params, param",
-    [
-        ({"n": 2}, "n"),
-        ({"logprobs": 1}, "logprobs"),
-        ({"extra_body": {"response_format": {"type": "json_object"}}}, "response_format"),
-    ],
-    ids=["n", "logprobs", "response_format"],
-)
-def test_parameters_the_engine_does_not_serve_yet_are_refused_by_name(client, model, params, param):
-    with pytest.raises(openai.BadRequestError) as error:
-        client.completions.create(model=model, prompt=PROMPT, max_tokens=2, **params)
+# ---- n, log-probabilities and structured output ------------------------------------------------------
 
-    assert error.value.param == param
-    assert error.value.code == "invalid_argument"
+SMALL_SCHEMA = {  # bounded, so that even the random-weight model completes it well within the budget
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 6}, "ok": {"type": "boolean"}},
+    "required": ["name", "ok"],
+    "additionalProperties": False,
+}
 
 
-def test_chat_logprobs_are_refused_by_name(client, model):
+def sampled_texts(client, model, seed: int, n: int) -> list[str]:
+    completion = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=6, seed=seed, n=n, extra_body={"ignore_eos": True}
+    )
+    assert [c.index for c in completion.choices] == list(range(n))
+    return [c.text for c in completion.choices]
+
+
+def test_n_completions_are_indexed_and_completion_i_is_seed_plus_i(client, model):
+    texts = sampled_texts(client, model, seed=11, n=3)
+
+    assert texts == [sampled_texts(client, model, seed=11 + i, n=1)[0] for i in range(3)]
+
+
+def test_n_completions_count_every_completion_in_the_usage(client, model):
+    completion = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=5, n=3, seed=1, extra_body={"ignore_eos": True}
+    )
+
+    assert completion.usage.completion_tokens == 15
+    assert all(c.finish_reason == "length" for c in completion.choices)
+
+
+def test_streamed_n_completions_carry_their_index_and_match_the_unstreamed(client, model):
+    messages = [{"role": "user", "content": "Hi"}]
+    params = {"model": model, "messages": messages, "max_tokens": 6, "n": 3, "seed": 5}
+    params["extra_body"] = {"ignore_eos": True}
+    whole = client.chat.completions.create(**params)
+
+    chunks = list(
+        client.chat.completions.create(**params, stream=True, stream_options={"include_usage": True})
+    )
+
+    *content, usage = chunks
+    by_index: dict[int, list] = {}
+    for chunk in content:
+        (choice,) = chunk.choices
+        by_index.setdefault(choice.index, []).append(choice)
+    assert sorted(by_index) == [0, 1, 2]
+    for index, choices in by_index.items():
+        assert choices[0].delta.role == "assistant"
+        assert "".join(c.delta.content for c in choices) == whole.choices[index].message.content
+        assert [c.finish_reason for c in choices][-1] == "length"
+    assert usage.usage.completion_tokens == 18 == whole.usage.completion_tokens
+
+
+def test_completion_logprobs_are_grpc_top_logprobs(client, model, stub):
+    grpc_response = stub.Generate(
+        pb.GenerateRequest(
+            prompt=PROMPT, stopping=pb.StoppingCriteria(max_new_tokens=6, ignore_eos=True), top_logprobs=3
+        ),
+        timeout=30,
+    )
+
+    completion = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, logprobs=3, **GREEDY)
+
+    logprobs = completion.choices[0].logprobs
+    assert logprobs.tokens == [t.text for t in grpc_response.tokens]
+    assert logprobs.token_logprobs == pytest.approx([t.logprob for t in grpc_response.tokens], abs=1e-5)
+    assert [list(top) for top in logprobs.top_logprobs] == [
+        [a.text for a in t.top_logprobs] for t in grpc_response.tokens
+    ]
+    for top, token in zip(logprobs.top_logprobs, grpc_response.tokens, strict=True):
+        assert list(top.values()) == pytest.approx([a.logprob for a in token.top_logprobs], abs=1e-5)
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(6)]
+
+
+def test_streamed_completion_logprobs_match_the_unstreamed(client, model):
+    params = {"model": model, "prompt": PROMPT, "max_tokens": 6, "logprobs": 2, **GREEDY}
+    whole = client.completions.create(**params).choices[0].logprobs
+
+    chunks = list(client.completions.create(**params, stream=True))
+
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == whole.tokens
+    assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == whole.text_offset
+
+
+def test_chat_logprobs_are_the_content_tokens_with_their_bytes_and_alternatives(client, model):
+    completion = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=5,
+        logprobs=True,
+        top_logprobs=2,
+        **GREEDY,
+    )
+
+    choice = completion.choices[0]
+    content = choice.logprobs.content
+    assert "".join(t.token for t in content) == choice.message.content
+    for token in content:
+        assert token.bytes == list(token.token.encode()) and token.logprob <= 0
+        assert len(token.top_logprobs) == 2
+        assert token.top_logprobs[0].logprob == pytest.approx(token.logprob, abs=1e-5)  # greedy: the best
+
+
+def test_chat_top_logprobs_without_logprobs_is_refused(client, model):
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "Hi"}], logprobs=True, top_logprobs=2
+            model=model, messages=[{"role": "user", "content": "Hi"}], top_logprobs=2
         )
 
-    assert error.value.param == "logprobs"
-    assert "top_logprobs" in error.value.message
+    assert error.value.param == "top_logprobs"
+
+
+def test_json_schema_output_validates_against_the_schema(client, model):
+    response_format = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SMALL_SCHEMA}}
+
+    completion = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "A pet as JSON"}],
+        max_tokens=160,
+        seed=3,
+        response_format=response_format,
+    )
+
+    jsonschema.validate(json.loads(completion.choices[0].message.content), SMALL_SCHEMA)
+    assert completion.choices[0].finish_reason == "stop"
+
+
+def test_json_object_is_constrained_to_any_json_object(client, model, http_server, monkeypatch):
+    # An unbounded object: the random-weight model never closes it, so what is checked is the constraint.
+    compiled = []
+    compile_response_format = http_server.engine.compile_response_format
+    monkeypatch.setattr(
+        http_server.engine,
+        "compile_response_format",
+        lambda response_format: compiled.append(response_format) or compile_response_format(response_format),
+    )
+
+    completion = client.completions.create(
+        model=model,
+        prompt="JSON:",
+        max_tokens=8,
+        temperature=0,
+        extra_body={"response_format": {"type": "json_object"}},
+    )
+
+    assert [json.loads(f.json_schema) for f in compiled] == [{"type": "object"}]
+    assert completion.choices[0].text.startswith("{")
+
+
+def test_guided_choice_output_is_one_of_the_choices(client, model):
+    choices = ["yes", "no", "maybe"]
+
+    completion = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=10, n=3, seed=2, extra_body={"guided_choice": choices}
+    )
+
+    assert all(c.text in choices for c in completion.choices)
+
+
+def test_guided_regex_output_matches_the_regex(client, model):
+    completion = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=20, seed=1, extra_body={"guided_regex": "[a-z]{2,5}-[0-9]{2}"}
+    )
+
+    assert re.fullmatch("[a-z]{2,5}-[0-9]{2}", completion.choices[0].text)
+
+
+BAD_FORMATS = {
+    "a schema that does not compile": (
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "nonsense"}},
+            }
+        },
+        "response_format.json_schema.schema",
+    ),
+    "a regex that does not compile": ({"guided_regex": "a(b"}, "guided_regex"),
+    "no choices": ({"guided_choice": []}, "guided_choice"),
+    "an unknown response_format type": ({"response_format": {"type": "xml"}}, "response_format.type"),
+    "two formats": ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    "echo": ({"echo": True}, "echo"),
+    "logprobs over 20": ({"logprobs": 21}, "logprobs"),
+    "n over --max-n": ({"n": 17}, "n"),
+}
+
+
+@pytest.mark.parametrize("fields, param", BAD_FORMATS.values(), ids=BAD_FORMATS.keys())
+async def test_a_bad_n_logprobs_or_format_is_400_naming_the_parameter(http_server, fields, param):
+    status, answer, _ = await post(f"{base_url(http_server)}/v1/completions", {"prompt": PROMPT, **fields})
+
+    assert status == 400
+    assert_openai_error(answer, "invalid_argument", param)
+
+
+def test_response_format_text_is_no_constraint(client, model):
+    plain = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, **GREEDY)
+
+    text = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=6, temperature=0,
+        extra_body={"ignore_eos": True, "response_format": {"type": "text"}},
+    )  # fmt: skip
+
+    assert text.choices[0].text == plain.choices[0].text
 
 
 # ---- errors over raw HTTP ------------------------------------------------------------------------
