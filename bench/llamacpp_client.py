@@ -28,7 +28,7 @@ def completion_request(ids: Sequence[int], output_len: int) -> dict:
         "ignore_eos": True,
         "temperature": 0.0,
         "top_k": 1,
-        "cache_prompt": False,  # textgen runs with --no-prefix-caching here: both compute every prompt in full
+        "cache_prompt": False,  # textgen runs with --no-prefix-caching here: both compute every prompt
         "stream": True,
     }
 

@@ -194,7 +194,7 @@ def notes(gguf: Path, records: dict[str, dict], env: dict) -> list[str]:
     """What a reader of the table needs to know: the model, the request settings, the ratios, the load."""
     lines = [
         f"model: {gguf.name} (llama.cpp runs its blocks as they are; textgen its default flags)",
-        "the same prompt token ids to both, greedy, EOS ignored; no prefix caching (llama.cpp: cache_prompt off)",
+        "the same prompt token ids to both, greedy, EOS ignored; no prefix cache on either (no cache_prompt)",
         "textgen / llama.cpp: above 1x textgen is faster in output tok/s, slower in TTFT and TPOT",
         "load average at each server's start: "
         + ", ".join(f"{name} {r['load_average_at_start']:.1f}" for name, r in records.items()),

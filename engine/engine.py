@@ -50,7 +50,7 @@ class EngineConfig:
     dtype: str = "auto"
     batch: BatchConfig = field(default_factory=BatchConfig)
     max_queue_size: int = 1024
-    num_kv_blocks: int = 0  # 0: sized from free memory (CUDA) or 1 GiB (CPU)
+    num_kv_blocks: int = 0  # 0: sized from free memory (CUDA), or 1 GiB or 64 full contexts (CPU)
     kv_block_size: int = 16
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 4096

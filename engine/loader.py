@@ -141,7 +141,7 @@ def loaded_model(
 
 def allocate_kv_cache(loaded: LoadedModel, num_blocks: int, block_size: int) -> KVCache:
     """The KV cache for `loaded`: `num_blocks` blocks of `block_size` tokens, or when `num_blocks` <= 0
-    as many as fit in 80% of the free CUDA memory, or in 1 GiB on the CPU."""
+    as many as fit in 80% of the free CUDA memory, or on the CPU in 1 GiB or 64 full contexts, the less."""
     if num_blocks <= 0:
         per_block = KVCache.bytes_per_block(
             loaded.num_layers, block_size, loaded.num_kv_heads, loaded.head_dim, loaded.dtype
@@ -149,8 +149,8 @@ def allocate_kv_cache(loaded: LoadedModel, num_blocks: int, block_size: int) -> 
         if loaded.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(loaded.device)
             budget = int(free * 0.8)  # leave room for activations and CUDA graphs
-        else:
-            budget = 1 << 30  # 1 GiB: enough for many concurrent sequences of a small model
+        else:  # 1 GiB (many concurrent sequences of a small model), or what 64 full contexts hold if less
+            budget = min(1 << 30, 64 * loaded.max_context_len * per_block // block_size)
         num_blocks = max(1, budget // per_block)
     return KVCache(
         loaded.num_layers, num_blocks, block_size, loaded.num_kv_heads, loaded.head_dim, loaded.dtype,

@@ -172,7 +172,7 @@ def _batch_flags(parser: argparse.ArgumentParser) -> None:
 def _kv_flags(parser: argparse.ArgumentParser) -> None:
     kv = parser.add_argument_group("KV cache")
     _flag(kv, "num-kv-blocks", 0, "KV-cache blocks to preallocate; 0 sizes the pool automatically "
-          "(80%% of free GPU memory on cuda, 1 GiB on cpu)", type=int)  # fmt: skip
+          "(80%% of free GPU memory on cuda; cpu: 1 GiB or 64 full contexts, less)", type=int)  # fmt: skip
     _flag(kv, "kv-block-size", 16, "tokens per KV-cache block", type=int)
     caching = os.environ.get("TEXTGEN_PREFIX_CACHING", "1").lower() not in ("0", "false", "no", "off")
     kv.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=caching,
