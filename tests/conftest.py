@@ -86,6 +86,17 @@ def smollm2_engine(smollm2_dir):
     engine.shutdown()
 
 
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir):
+    """A started engine on the tiny llama (256 KV blocks), one per test module."""
+    engine = Engine(
+        EngineConfig(model=str(tiny_model_dir("llama")), device="cpu", dtype="float32", num_kv_blocks=256)
+    )
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
 # ---- server fixtures (service/client) ---------------------------------------------------------------------
 # A real grpc.aio server on a free port, in a background thread with its own event loop, so that tests can
 # use both the blocking and the asyncio client against it.

@@ -82,17 +82,6 @@ def test_prompt_logprobs_match_a_transformers_forward(exact_engine, hf_model):
 
 
 @pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir):
-    config = EngineConfig(
-        model=str(tiny_model_dir("llama")), device="cpu", dtype="float32", num_kv_blocks=256
-    )
-    engine = Engine(config)
-    engine.start()
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
 def chunked_engine(tiny_model_dir):
     """Prompts prefilled over several steps of 8 tokens, each step in forward passes of 3."""
     config = EngineConfig(

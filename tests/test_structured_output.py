@@ -14,7 +14,6 @@ import pytest
 
 from client import AsyncTextGenClient, TextGenClient
 from client.cli import main as cli_main
-from engine.engine import Engine, EngineConfig
 from engine.errors import InvalidRequestError
 from engine.request import FinishReason, ResponseFormat, SamplingParams, StoppingParams
 from protos.textgen.v1 import textgen_pb2 as pb
@@ -45,14 +44,8 @@ def constrained(params: SamplingParams, **response_format) -> SamplingParams:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    config = EngineConfig(
-        model=str(tiny_model_dir("llama")), device="cpu", dtype="float32", num_kv_blocks=256
-    )
-    engine = Engine(config)
-    engine.start()
-    yield engine
-    engine.shutdown()
+def engine(tiny_engine):
+    return tiny_engine
 
 
 ALL_SAMPLINGS = [SamplingParams(), sampled(1), sampled(2), SamplingParams(temperature=0.7, top_p=0.9, seed=3)]
