@@ -36,7 +36,7 @@ from engine.request import (
 )
 from engine.scheduler import SchedulerConfig, make_scheduler
 from engine.sequence import Sequence
-from engine.structured import GrammarCompiler
+from engine.structured import GRAMMAR_STEP_BUDGET_MS, GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class EngineConfig:
     prefix_caching: bool = True  # share the KV blocks of prompt prefixes computed before
     max_n: int = MAX_N  # the most completions one request may ask for
     cuda_graphs: bool = True  # on CUDA, decode steps replay a graph per batch-size bucket (lean code, triton)
+    grammar_step_budget_ms: float = GRAMMAR_STEP_BUDGET_MS  # a row's grammar later than this fails alone
 
 
 @dataclass(slots=True)
@@ -316,7 +317,10 @@ class Engine:
             finally:
                 ready.set()
             self._go.wait()
-            self._loop()
+            try:
+                self._loop()
+            finally:
+                built[0].runner.close()
 
         self._thread = threading.Thread(target=main, name="textgen-engine", daemon=True)
         self._thread.start()
@@ -393,6 +397,7 @@ def _build_core(config: EngineConfig, observer: EngineObserver) -> EngineCore:
         config.weight_format,
         config.prefill_chunk_tokens,
         config.model_impl,
+        config.grammar_step_budget_ms,
     )
     if config.cuda_graphs:
         runner.capture_decode_graphs(config.batch.max_batch_size, _max_context_len(runner, config))

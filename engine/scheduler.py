@@ -30,6 +30,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
 from engine.batching import BatchConfig, BatchRequest, ContinuousBatcher
+from engine.errors import EngineError
 from engine.kv_cache import BlockAllocator, block_hashes
 from engine.observer import EngineObserver
 from engine.request import FinishReason
@@ -60,7 +61,7 @@ class StepResult:
     done), and sequences whose row could not be sampled."""
 
     sampled: list[tuple[Sequence, int, float]] = field(default_factory=list)
-    failed: list[tuple[Sequence, str]] = field(default_factory=list)
+    failed: list[tuple[Sequence, str | EngineError]] = field(default_factory=list)
 
 
 class Scheduler:

@@ -168,13 +168,13 @@ class OpenAIFront:
         async with contextlib.aclosing(self._generations.events(generation_request)) as events:
             try:
                 first = await anext(events)  # refusals and queue-time failures: still a status of their own
+                headers = {REQUEST_ID_HEADER: request_id}
+                if request.stream:
+                    state = openai.StreamState(request)
+                    return await _stream(http_request, headers, header, state, first, events)
+                collected = [first] + [event async for event in events]  # a grammar may fail on the way
             except InvalidRequestError as e:
                 raise request.invalid_argument(e) from e
-            headers = {REQUEST_ID_HEADER: request_id}
-            if request.stream:
-                state = openai.StreamState(request)
-                return await _stream(http_request, headers, header, state, first, events)
-            collected = [first] + [event async for event in events]
             return web.json_response(openai.response(header, request, collected), headers=headers)
 
     async def _prompt_ids(self, engine: Engine, request: openai.OpenAIRequest) -> list[int]:
@@ -220,6 +220,8 @@ async def _stream(
     except ConnectionResetError:
         raise  # the client went away: nothing more to send
     except Exception as error:
+        if isinstance(error, InvalidRequestError):  # a grammar over its limits: name the body's parameter
+            error = state.request.invalid_argument(error)
         answer = openai.error_response(error)
         http_request[_STREAM_ERROR] = answer.status, answer.body["error"]["code"]
         await response.write(_event(answer.body))

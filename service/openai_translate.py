@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from google.rpc import code_pb2
 
-from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.errors import InvalidRequestError
 from engine.limits import (
     MAX_TOP_LOGPROBS,
     RequestLimits,
@@ -36,6 +36,7 @@ from service.status import (
     ModelNotFound,
     PromptTooLong,
     classify,
+    invalid_argument_class,
     retry_pushback_ms,
     to_status,
 )
@@ -108,8 +109,7 @@ class OpenAIRequest:
 
     def invalid_argument(self, error: InvalidRequestError) -> InvalidArgument:
         """The engine's refusal of this request, naming the body's parameters."""
-        kind = PromptTooLong if isinstance(error, PromptTooLongError) else InvalidArgument
-        return kind(self.violations(error.violations))
+        return invalid_argument_class(error)(self.violations(error.violations))
 
 
 def parse_request(endpoint: str, body: object, limits: RequestLimits) -> OpenAIRequest:

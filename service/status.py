@@ -15,6 +15,7 @@ from engine.errors import (
     DeadlineExceededError,
     DuplicateRequestError,
     EngineStoppedError,
+    GrammarLimitError,
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
@@ -49,6 +50,20 @@ class PromptTooLong(InvalidArgument):
     """The input is over a size limit (characters, chat messages, tokens); shorter, it may succeed."""
 
 
+class GrammarTooComplex(InvalidArgument):
+    """The request's grammar went over the grammar engine's limits while generating (a simpler one may do)."""
+
+
+def invalid_argument_class(error: InvalidRequestError) -> type[InvalidArgument]:
+    """The service's class for an engine refusal: the same violations, renamed by each front, keep their
+    ErrorInfo reason."""
+    if isinstance(error, PromptTooLongError):
+        return PromptTooLong
+    if isinstance(error, GrammarLimitError):
+        return GrammarTooComplex
+    return InvalidArgument
+
+
 class MalformedRequest(Exception):
     """The request's bytes are not a valid message of the method's request type."""
 
@@ -69,6 +84,8 @@ class ModelNotFound(Exception):
 _STATUSES: list[tuple[type[BaseException], int, str]] = [
     (PromptTooLong, code_pb2.INVALID_ARGUMENT, "PROMPT_TOO_LONG"),
     (PromptTooLongError, code_pb2.INVALID_ARGUMENT, "PROMPT_TOO_LONG"),
+    (GrammarTooComplex, code_pb2.INVALID_ARGUMENT, "GRAMMAR_TOO_COMPLEX"),
+    (GrammarLimitError, code_pb2.INVALID_ARGUMENT, "GRAMMAR_TOO_COMPLEX"),
     (InvalidArgument, code_pb2.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     (InvalidRequestError, code_pb2.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     (MalformedRequest, code_pb2.INVALID_ARGUMENT, "MALFORMED_REQUEST"),
