@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engine.errors import InvalidRequestError, PromptTooLongError
-from engine.request import GenerationRequest, ResponseFormat, SamplingParams, StoppingParams
+from engine.request import (
+    GREEDY_BELOW_TEMPERATURE,
+    GenerationRequest,
+    ResponseFormat,
+    SamplingParams,
+    StoppingParams,
+)
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256
@@ -37,7 +43,7 @@ _PENALTY_RULE = (
 )
 # (SamplingParams field, the rule as a predicate, the rule in words); every value must also be finite.
 _SAMPLING_RULES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
-    ("temperature", lambda v: v >= 0, ">= 0 (0 is greedy)"),
+    ("temperature", lambda v: v >= 0, f">= 0 (below {GREEDY_BELOW_TEMPERATURE:g} is greedy)"),
     ("top_k", lambda v: v >= 0, ">= 0 (0 is off)"),
     ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),

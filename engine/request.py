@@ -26,6 +26,11 @@ class ResponseFormat:
     choice: tuple[str, ...] | None = None
 
 
+# Temperatures below this are greedy decoding (vLLM's rule): logits divided by a smaller one leave float32's
+# range (1e-50 is 0 in float32), and the distribution is the argmax's anyway. Both fronts, one rule.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """Per-request sampling; the defaults are greedy decoding with no penalties."""
@@ -46,7 +51,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Whether the most likely token is taken: temperature 0, or below `GREEDY_BELOW_TEMPERATURE`."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass(slots=True)

@@ -83,7 +83,7 @@ def test_sampling_values_must_be_finite(name, value):
 def test_a_sampling_violation_states_the_rule_and_the_value():
     [(_, description)] = parameter_violations(SamplingParams(temperature=-1), StoppingParams(), LIMITS)
 
-    assert description == "must be >= 0 (0 is greedy), got -1"
+    assert description == "must be >= 0 (below 1e-05 is greedy), got -1"
 
 
 def test_every_sampling_violation_is_reported():
