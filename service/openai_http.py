@@ -29,7 +29,8 @@ from service import openai_translate as openai
 from service.auth import ApiKeys, bearer_token
 from service.config import ServerConfig
 from service.generations import Generations
-from service.status import InvalidArgument, MalformedRequest, ModelNotFound, Unauthenticated
+from service.json_body import parse_json_body
+from service.status import InvalidArgument, ModelNotFound, Unauthenticated
 from service.validation import MAX_REQUEST_ID_LENGTH
 
 log = logging.getLogger(__name__)
@@ -238,10 +239,7 @@ def _error(answer: openai.ErrorResponse) -> web.Response:
 
 
 async def _json_body(request: web.Request) -> object:
-    try:
-        return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise MalformedRequest(f"the body is not JSON: {e}") from e
+    return parse_json_body(await request.read())
 
 
 def _request_id(request: web.Request) -> str:

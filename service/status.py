@@ -161,9 +161,9 @@ def _bad_request(code: int, violations: list[tuple[str, str]]) -> status_pb2.Sta
 
 def _clip(text: str, max_bytes: int) -> str:
     """`text` cut to at most `max_bytes` bytes of UTF-8, marked with "..." where it was cut."""
-    data = text.encode()
+    data = text.encode("utf-8", "backslashreplace")  # a lone surrogate (from JSON) is shown, never raises
     if len(data) <= max_bytes:
-        return text
+        return data.decode()
     return data[: max_bytes - 3].decode(errors="ignore") + "..."
 
 
