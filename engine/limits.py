@@ -34,6 +34,10 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API: alternatives per token
 MAX_RESPONSE_FORMAT_CHARS = 64 * 1024
 MAX_CHOICES = 1024
 MAX_N = 16  # completions per request (--max-n)
+# Entries of an answer built whole (tokens and their alternatives over every completion, scored prompt
+# tokens and theirs): 128 Ki entries are about 4 MB of OpenAI completions JSON, 10 MB of chat JSON. Past it,
+# stream (nothing is held) or ask for fewer completions, tokens or alternatives (README: Flags).
+MAX_ANSWER_ENTRIES = 128 * 1024
 
 Violation = tuple[str, str]
 
@@ -92,7 +96,34 @@ def check_request(request: GenerationRequest, limits: RequestLimits) -> int:
     violations += n_violations(request.n, limits)
     if violations:
         raise InvalidRequestError.from_violations(violations)
-    return resolve_max_new_tokens(len(request.prompt_ids), request.stopping, limits)
+    max_new_tokens = resolve_max_new_tokens(len(request.prompt_ids), request.stopping, limits)
+    if request.whole_answer:
+        violations = answer_size_violations(
+            request.n, max_new_tokens, len(request.prompt_ids), request.sampling
+        )
+        if violations:
+            raise InvalidRequestError.from_violations(violations)
+    return max_new_tokens
+
+
+def answer_size_violations(
+    n: int, max_new_tokens: int, num_prompt_tokens: int, sampling: SamplingParams
+) -> list[Violation]:
+    """An answer built whole holds at most `MAX_ANSWER_ENTRIES` entries: n x max_new_tokens tokens, plus the
+    scored prompt's tokens (`prompt_logprobs`), each with its `top_logprobs` alternatives."""
+    per_token = 1 + sampling.top_logprobs
+    tokens = n * max_new_tokens + (num_prompt_tokens if sampling.prompt_logprobs else 0)
+    if tokens * per_token <= MAX_ANSWER_ENTRIES:
+        return []
+    field = "sampling.top_logprobs" if sampling.top_logprobs else "stopping.max_new_tokens"
+    return [
+        (
+            field,
+            f"an answer of {n} completions x {max_new_tokens} tokens x {per_token} entries (a token and its "
+            f"alternatives) is over the {MAX_ANSWER_ENTRIES} entries one answer may hold: stream it, or ask "
+            "for fewer completions, tokens or alternatives",
+        )
+    ]
 
 
 def parameter_violations(

@@ -83,6 +83,9 @@ class GenerationRequest:
     trace_context: object | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     n: int = 1
+    # The caller builds one answer of every event before sending any (a unary call, an HTTP answer that is
+    # not streamed): its size is bounded at admission (`engine.limits.answer_size_violations`).
+    whole_answer: bool = False
 
     def completion(self, index: int) -> GenerationRequest:
         """This request as completion `index` runs it. Completion 0 is the request itself; the others have a

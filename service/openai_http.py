@@ -158,6 +158,7 @@ class OpenAIFront:
             deadline=_deadline(http_request),
             trace_context=otel_context.get_current(),  # holds the HTTP span: the engine's spans go under it
             n=request.n,
+            whole_answer=not request.stream,
         )
         if (response_format := request.sampling.response_format) is not None:
             try:  # compiled (and cached) on a worker thread, so a big schema stalls neither loop
@@ -176,7 +177,8 @@ class OpenAIFront:
                 collected = [first] + [event async for event in events]  # a grammar may fail on the way
             except InvalidRequestError as e:
                 raise request.invalid_argument(e) from e
-            return web.json_response(openai.response(header, request, collected), headers=headers)
+            body = await self._generations.off_loop(_json_answer, header, request, collected)  # no stall
+            return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def _prompt_ids(self, engine: Engine, request: openai.OpenAIRequest) -> list[int]:
         """The request's input as token ids, tokenized or templated off the event loop."""
@@ -228,6 +230,12 @@ async def _stream(
         await response.write(_event(answer.body))
     await response.write(b"data: [DONE]\n\n")
     return response
+
+
+def _json_answer(
+    header: openai.ResponseHeader, request: openai.OpenAIRequest, events: list[GenerationEvent]
+) -> bytes:
+    return json.dumps(openai.response(header, request, events)).encode()
 
 
 def _event(data: dict) -> bytes:

@@ -37,8 +37,11 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         try:
-            async with contextlib.aclosing(self._events(request, context)) as events:
-                return translate.response([event async for event in events])
+            async with contextlib.aclosing(self._events(request, context, whole_answer=True)) as events:
+                collected = [event async for event in events]
+            return await self._generations.off_loop(
+                translate.response, collected
+            )  # a large one stalls no call
         except Exception as e:
             await abort(context, e)
 
@@ -99,11 +102,12 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         return pb.TokenizeResponse(ids=ids, pieces=[engine.decode([i]) for i in ids])
 
     async def _events(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, whole_answer: bool = False
     ) -> AsyncIterator[GenerationEvent]:
         """Submit `request` and yield its engine events; however the call ends, the engine request ends."""
         engine, limits = self._generations.ready()
         generation_request = await self._generation_request(engine, limits, request, context)
+        generation_request.whole_answer = whole_answer
         try:
             if (response_format := generation_request.sampling.response_format) is not None:
                 # Compiled (and cached) on a worker thread, so a big schema stalls neither loop.

@@ -1,6 +1,6 @@
-"""Malformed bodies on the OpenAI HTTP front are each a 400 with OpenAI's error body (naming the parameter
-where there is one), never a 500 or a traceback in the log: bad Unicode, deep nesting, JSON constants,
-sampling extremes (which follow the engine's one rule, as on gRPC)."""
+"""Bad input on the OpenAI HTTP front is a 400 with OpenAI's error body (naming the parameter where there
+is one), never a 500 or a traceback in the log: bad Unicode, deep nesting, JSON constants; sampling
+extremes follow the engine's one rule (as on gRPC); an answer built whole is bounded at admission."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import json
 import logging
 
 import aiohttp
+import grpc
 import pytest
 from conftest import ServerThread
 
+from engine.limits import MAX_ANSWER_ENTRIES
+from protos.textgen.v1 import textgen_pb2 as pb
+from protos.textgen.v1 import textgen_pb2_grpc
 from service.json_body import MAX_JSON_DEPTH
 
 COMPLETIONS = "/v1/completions"
@@ -94,3 +98,40 @@ async def test_a_vanishing_temperature_or_top_p_is_greedy_not_a_fault(http_serve
 
     assert status == 200
     assert answer["choices"][0]["text"] == expected["choices"][0]["text"]
+
+
+# 16 completions x 2047 tokens x (1 + 20 alternatives): 688k entries, some 21 MB of JSON built at once.
+HUGE_ANSWER = {"prompt": "hi", "n": 16, "max_tokens": 2047, "logprobs": 20}
+
+
+async def test_an_answer_over_the_entry_budget_is_400_before_any_token_is_generated(http_server):
+    status, answer = await post(http_server, COMPLETIONS, json.dumps(HUGE_ANSWER).encode())
+
+    assert status == 400
+    assert (answer["error"]["code"], answer["error"]["param"]) == ("invalid_argument", "logprobs")
+    assert str(MAX_ANSWER_ENTRIES) in answer["error"]["message"]
+    assert http_server.engine.num_running == 0 and http_server.engine.num_waiting == 0
+
+
+async def test_the_same_answer_streamed_is_served_since_nothing_is_held(http_server, wait_until_idle):
+    url = f"http://127.0.0.1:{http_server.server.http.port}{COMPLETIONS}"
+    body = {**HUGE_ANSWER, "stream": True}
+    async with aiohttp.ClientSession() as session, session.post(url, json=body) as response:
+        first = await response.content.readuntil(b"\n\n")  # then the client goes away: cancelled
+
+    assert response.status == 200
+    assert json.loads(first.removeprefix(b"data: "))["choices"][0]["logprobs"]
+    wait_until_idle(http_server.engine)  # the client went away: its 16 completions were cancelled
+
+
+def test_over_grpc_a_unary_answer_over_the_entry_budget_is_invalid_argument(http_server):
+    request = pb.GenerateRequest(
+        prompt="hi", n=16, top_logprobs=20, stopping=pb.StoppingCriteria(max_new_tokens=2047)
+    )
+    with grpc.insecure_channel(http_server.target) as channel:
+        stub = textgen_pb2_grpc.TextGenerationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Generate(request, timeout=30)
+
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "top_logprobs" in error.value.details()
