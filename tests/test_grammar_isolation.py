@@ -151,6 +151,28 @@ async def test_over_http_the_adversarial_request_is_400_and_its_batchmates_are_u
     await asyncio.wait_for(wait_until_idle(engine), 10)
 
 
+async def test_streamed_over_http_the_adversarial_request_ends_with_its_own_error_event(http_server):
+    url = f"http://127.0.0.1:{http_server.server.http.port}/v1/completions"
+    plain = [{"prompt": p, "max_tokens": 8, "temperature": 0} for p in PLAIN_PROMPTS]  # to fill the batch
+    # Not compiled before: a format whose grammar failed once fails at its next first mask, before any output.
+    regex = ADVERSARIAL_REGEX.replace("300", "301")
+    adversarial = {"prompt": "Say a:", "max_tokens": 64, "guided_regex": regex, "stream": True}
+
+    async with aiohttp.ClientSession() as session:
+
+        async def post(body: dict) -> tuple[int, bytes]:
+            async with session.post(url, json=body) as response:
+                return response.status, await response.read()
+
+        *answers, (status, streamed) = await asyncio.gather(*map(post, [*plain, adversarial]))
+
+    events = [e.removeprefix("data: ") for e in streamed.decode().split("\n\n") if e]
+    error = json.loads(events[-2])["error"]
+    assert status == 200 and events[-1] == "[DONE]"
+    assert (error["code"], error["param"]) == ("grammar_too_complex", "guided_regex")
+    assert [s for s, _ in answers] == [200] * len(plain)
+
+
 def test_over_grpc_the_adversarial_request_is_invalid_argument_naming_the_format(stub):
     request = pb.GenerateRequest(
         prompt="Say a:",
