@@ -48,7 +48,7 @@ PARSER_LIMITS = dict(
     initial_lexer_fuel=1_000_000,  # building the lexer's first regexes (about 50k a millisecond)
     step_lexer_fuel=200_000,  # lexer work of one mask (about 14k a millisecond)
     step_max_items=50_000,  # Earley items of one mask (about 20k a millisecond)
-    max_lexer_states=50_000,  # lexer states of one grammar, 1-2 kB each: at most about 100 MB
+    max_lexer_states=50_000,  # lexer states of one grammar (its requests share them), 1-2 kB each
     max_grammar_size=500_000,  # symbols in the grammar's productions
     verbose_errors=False,  # the parser's state and the grammar stay out of the messages clients get
 )
@@ -79,7 +79,7 @@ class GrammarMatcher:
         self._vocab_size = vocab_size
         self._eos_token_ids = eos_token_ids
         self._pending: int | None = None  # the token taken, consumed with the next mask
-        self._num_tokens = 0
+        self._num_taken = 0  # output tokens taken, the end-of-sequence one aside
 
     @property
     def active(self) -> bool:
@@ -93,6 +93,7 @@ class GrammarMatcher:
         self.done = token_id in self._eos_token_ids
         if not self.done:
             self._pending = token_id
+            self._num_taken += 1
 
     def fill_mask(self, out: np.ndarray) -> None:
         """Consume the token taken, then write the mask of the tokens allowed next into `out`: int32 words,
@@ -106,7 +107,6 @@ class GrammarMatcher:
                 if not self._matcher.consume_token(token_id):
                     self._fail()
                     return
-                self._num_tokens += 1
             self._matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
             if self._matcher.is_error():
                 self._fail()
@@ -115,7 +115,8 @@ class GrammarMatcher:
 
     def limit_error(self) -> GrammarLimitError:
         """The error that ends this matcher's request, naming its format field."""
-        return GrammarLimitError(self.field, f"{self.error} (after {self._num_tokens} output tokens)")
+        where = f"at output token {self._num_taken}" if self._num_taken else "before any output"
+        return GrammarLimitError(self.field, f"{self.error} ({where})")
 
     def allowed(self) -> np.ndarray | None:
         """A bool mask [vocab] of the tokens that may come next, computed on the caller's thread; None once
