@@ -224,6 +224,17 @@ def test_a_logit_bias_of_100_forces_its_token_on_both_fronts(client, model, stub
     assert [t.id for t in response.tokens] == [token_id] * 4
 
 
+def test_the_python_client_sends_a_logit_bias(http_server):
+    from client import TextGenClient
+
+    token_id = http_server.engine.tokenize(" Paris")[0]
+
+    with TextGenClient(http_server.target) as client:
+        result = client.generate(PROMPT, max_new_tokens=3, ignore_eos=True, logit_bias={token_id: 100.0})
+
+    assert [t.id for t in result.tokens] == [token_id] * 3
+
+
 def test_a_logit_bias_of_minus_100_bans_the_greedy_token(client, model, stub):
     greedy = grpc_scored(stub, max_new_tokens=1).tokens[0]
 
