@@ -35,6 +35,10 @@ _MINIMUMS = {
     "max_metadata_bytes": 1024,
     "max_connection_age_s": 0,
     "max_connection_age_grace_s": 0,
+    "idle_timeout_s": 1,
+    "max_concurrent_streams": 1,
+    "max_connections": 1,
+    "max_health_watchers": 0,
 }
 
 # Client keepalive pings accepted, even with no call in flight: one per 10 s at most, so a client can keep an
@@ -61,6 +65,10 @@ class ServerConfig:
     max_metadata_bytes: int = 8 * 1024  # a call's headers
     max_connection_age_s: float = 300.0  # then GOAWAY: clients reconnect, spread over replicas; 0: never
     max_connection_age_grace_s: float = 900.0  # calls in flight on an aged connection get this long to end
+    idle_timeout_s: float = 30.0  # connections without a request (HTTP, metrics) or a call (gRPC) are closed
+    max_concurrent_streams: int = 100  # gRPC calls in flight on one connection
+    max_connections: int = 1000  # gRPC and metrics connections held at once, each port
+    max_health_watchers: int = 100  # open grpc.health.v1.Health/Watch streams
     tls: TlsFiles | None = None  # PEM files; None: plaintext (README: Security)
     api_key_file: str | None = None  # one key per line, re-read on SIGHUP
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # from TEXTGEN_API_KEYS; never logged
@@ -191,6 +199,16 @@ def _connection_flags(parser: argparse.ArgumentParser) -> None:
     _flag(connections, "max-connection-age-grace-s", 900.0, "how long calls in flight on an aged "
           "connection get to finish before they are cancelled: longer than the longest request",
           type=float)  # fmt: skip
+    _flag(connections, "idle-timeout-s", 30.0, "HTTP and metrics ports: a connection that brings no complete "
+          "request head for this long (silent, slow, or idle between requests) is closed; gRPC: the TLS and "
+          "HTTP/2 handshake must end within it, and a connection without calls for this long is closed "
+          "(GOAWAY)", type=float)  # fmt: skip
+    _flag(connections, "max-concurrent-streams", 100, "the most gRPC calls in flight on one connection; "
+          "the client queues the others", type=int)  # fmt: skip
+    _flag(connections, "max-connections", 1000, "the most connections the gRPC port, and the metrics port, "
+          "each hold at once; more are refused", type=int)  # fmt: skip
+    _flag(connections, "max-health-watchers", 100, "the most grpc.health.v1.Health/Watch streams open at "
+          "once (Watch needs no key); more are refused RESOURCE_EXHAUSTED", type=int)  # fmt: skip
 
 
 def _limit_flags(parser: argparse.ArgumentParser) -> None:
@@ -222,6 +240,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         parser.error("--tls-cert-file and --tls-key-file go together")
     if args.tls_client_ca_file and not args.tls_cert_file:
         parser.error("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+    api_keys = _api_keys(parser, args)
     try:
         engine = _engine_config(args)
     except ValueError as e:
@@ -238,12 +257,31 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         max_metadata_bytes=args.max_metadata_bytes,
         max_connection_age_s=args.max_connection_age_s,
         max_connection_age_grace_s=args.max_connection_age_grace_s,
+        idle_timeout_s=args.idle_timeout_s,
+        max_concurrent_streams=args.max_concurrent_streams,
+        max_connections=args.max_connections,
+        max_health_watchers=args.max_health_watchers,
         tls=TlsFiles(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file or None)
         if args.tls_cert_file
         else None,
-        api_key_file=args.api_key_file or None,
-        api_keys=tuple(parse_key_list(os.environ.get("TEXTGEN_API_KEYS", ""))),
+        api_key_file=args.api_key_file,
+        api_keys=api_keys,
     )
+
+
+def _api_keys(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
+    """The keys of `TEXTGEN_API_KEYS`; exits when it, or `--api-key-file`, is set but names no key.
+
+    Fail closed: an empty setting (`TEXTGEN_API_KEYS=","`, a variable a deployment left empty) meant keys,
+    and serving everyone instead would go unnoticed."""
+    setting = os.environ.get("TEXTGEN_API_KEYS")
+    keys = tuple(parse_key_list(setting or ""))
+    if setting is not None and not keys:
+        parser.error("TEXTGEN_API_KEYS is set but names no key: give keys, or unset it to serve without keys")
+    if args.api_key_file is not None and not args.api_key_file.strip():
+        parser.error("--api-key-file (TEXTGEN_API_KEY_FILE) is set but empty: name the key file, or unset it "
+                     "to serve without keys")  # fmt: skip
+    return keys
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -289,6 +327,10 @@ def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_S * 1000),
         ("grpc.http2.max_ping_strikes", 2),  # pings more often than that, three times: GOAWAY too_many_pings
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.server_handshake_timeout_ms", round(config.idle_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", round(config.idle_timeout_s * 1000)),
     ]
     if config.max_connection_age_s:
         options += [

@@ -70,7 +70,15 @@ class OpenAIFront:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         # A client that goes away cancels its handler, and so its engine request; no log line per request.
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+        # keepalive_timeout runs from a connection's opening too: one with no complete request head (silent,
+        # slow) or idle between requests is closed after it.
+        self._runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=1.0,
+            keepalive_timeout=config.idle_timeout_s,
+        )
 
     async def start(self) -> int:
         """Listen on the configured host and `http_port`; returns the bound port."""
@@ -143,7 +151,8 @@ class OpenAIFront:
 
     async def _generate(self, http_request: web.Request, endpoint: str) -> web.StreamResponse:
         engine, limits = self._generations.ready()
-        request = openai.parse_request(endpoint, await _json_body(http_request), limits)
+        body = await _json_body(http_request, self._config.idle_timeout_s)
+        request = openai.parse_request(endpoint, body, limits)
         name = engine.model_info.name
         if request.model not in (None, name):
             raise ModelNotFound(f"the model {request.model!r} does not exist: this server serves {name!r}")
@@ -235,9 +244,15 @@ def _error(answer: openai.ErrorResponse) -> web.Response:
     return web.json_response(answer.body, status=answer.status, headers=answer.headers)
 
 
-async def _json_body(request: web.Request) -> object:
+async def _json_body(request: web.Request, timeout_s: float) -> object:
+    """The body as JSON; 408 when it takes over `timeout_s` to arrive (a connection held by a trickle)."""
     try:
-        return json.loads(await request.read())
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(reason="the request body took too long to arrive") from None
+    try:
+        return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise MalformedRequest(f"the body is not JSON: {e}") from e
 

@@ -21,6 +21,7 @@ from service.auth import ApiKeyInterceptor, ApiKeys
 from service.config import ServerConfig, grpc_server_options, parse_config
 from service.generations import Generations
 from service.handlers import add_servicer_to_server
+from service.health import BoundedHealthServicer
 from service.openai_http import OpenAIFront
 from service.servicer import TextGenerationServicer
 from service.tls import ServerCertificates
@@ -48,10 +49,10 @@ class Server:
         self.telemetry = telemetry or Telemetry()  # tracing and metrics; default: off
         self.generations = Generations()  # the engine as both fronts see it
         self.servicer = TextGenerationServicer(config, self.generations)
-        self.health = health.aio.HealthServicer()
+        self.health = BoundedHealthServicer(config.max_health_watchers)
         self.engine: Engine | None = None
         self.port = 0
-        keyed = bool(config.api_keys or config.api_key_file)
+        keyed = bool(config.api_keys) or config.api_key_file is not None  # ApiKeys refuses an empty name
         self.api_keys = ApiKeys(config.api_keys, config.api_key_file) if keyed else None
         self.certificates = ServerCertificates(config.tls) if config.tls is not None else None
         self.http: OpenAIFront | None = None
@@ -179,7 +180,9 @@ def exposure_warnings(config: ServerConfig) -> list[str]:
 
 async def serve(config: ServerConfig) -> None:
     """Run a server until SIGTERM or SIGINT, then drain it and exit the process."""
-    telemetry = Telemetry.from_env(config.metrics_port, config.host.strip("[]"))  # OTEL_* variables
+    telemetry = Telemetry.from_env(  # OTEL_* variables
+        config.metrics_port, config.host.strip("[]"), config.idle_timeout_s, config.max_connections
+    )
     server = Server(config, telemetry)
     await server.start()
     stop = asyncio.Event()
