@@ -72,6 +72,12 @@ class ServerConfig:
     tls: TlsFiles | None = None  # PEM files; None: plaintext (README: Security)
     api_key_file: str | None = None  # one key per line, re-read on SIGHUP
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # from TEXTGEN_API_KEYS; never logged
+    shared_prefix_cache: bool = False  # with keys: every key reads one prefix cache (default: one per key)
+
+    @property
+    def keyed(self) -> bool:
+        """Whether calls need an API key (an empty key file name is refused when the server starts)."""
+        return bool(self.api_keys) or self.api_key_file is not None
 
     @property
     def address(self) -> str:
@@ -158,6 +164,11 @@ def _security_flags(parser: argparse.ArgumentParser) -> None:
           "signed by one of them (mTLS; re-read on SIGHUP)")  # fmt: skip
     _flag(security, "api-key-file", None, "API keys, one per line: every call but health checks must send "
           "'authorization: Bearer <key>' metadata (re-read on SIGHUP)")  # fmt: skip
+    shared = os.environ.get("TEXTGEN_SHARED_PREFIX_CACHE", "0").lower() not in ("0", "false", "no", "off")
+    security.add_argument("--shared-prefix-cache", action=argparse.BooleanOptionalAction, default=shared,
+                          help="with API keys, let every key reuse the prompt blocks others computed; "
+                          "default: one prefix cache per key, so a tenant cannot tell what another sent "
+                          "[env TEXTGEN_SHARED_PREFIX_CACHE=1 turns it on; default: off]")  # fmt: skip
 
 
 def _batch_flags(parser: argparse.ArgumentParser) -> None:
@@ -266,6 +277,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         else None,
         api_key_file=args.api_key_file,
         api_keys=api_keys,
+        shared_prefix_cache=args.shared_prefix_cache,
     )
 
 

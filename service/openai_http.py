@@ -30,6 +30,7 @@ from service.auth import ApiKeys, bearer_token
 from service.config import ServerConfig
 from service.generations import Generations
 from service.status import InvalidArgument, MalformedRequest, ModelNotFound, Unauthenticated
+from service.tenancy import cache_tenant
 from service.validation import MAX_REQUEST_ID_LENGTH
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class OpenAIFront:
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self._api_keys is not None and request.path not in OPEN_PATHS:
-            token = bearer_token(("authorization", v) for v in request.headers.getall("Authorization", []))
+            token = _api_key(request)
             if not self._api_keys.accepts(token):
                 raise Unauthenticated(_MISSING_KEY if token is None else _INVALID_KEY)
         return await handler(request)
@@ -166,6 +167,8 @@ class OpenAIFront:
             deadline=_deadline(http_request),
             trace_context=otel_context.get_current(),  # holds the HTTP span: the engine's spans go under it
             n=request.n,
+            cache_salt=request.cache_salt,
+            cache_tenant=cache_tenant(self._config, _api_key(http_request)),
         )
         if (response_format := request.sampling.response_format) is not None:
             try:  # compiled (and cached) on a worker thread, so a big schema stalls neither loop
@@ -255,6 +258,10 @@ async def _json_body(request: web.Request, timeout_s: float) -> object:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise MalformedRequest(f"the body is not JSON: {e}") from e
+
+
+def _api_key(request: web.Request) -> str | None:
+    return bearer_token(("authorization", v) for v in request.headers.getall("Authorization", []))
 
 
 def _request_id(request: web.Request) -> str:

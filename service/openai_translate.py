@@ -51,7 +51,7 @@ _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
     "n", "logprobs", "stream", "stream_options", "user", "response_format",
     "top_k", "min_p", "repetition_penalty", "ignore_eos", "priority",
-    "guided_json", "guided_regex", "guided_choice", "structured_outputs",
+    "guided_json", "guided_regex", "guided_choice", "structured_outputs", "cache_salt",
 }  # fmt: skip
 _PARAMETERS = {
     COMPLETION: _COMMON | {"prompt", "echo"},
@@ -93,6 +93,7 @@ class OpenAIRequest:
     include_usage: bool = False
     n: int = 1
     logprobs: bool = False  # report each token's log-probability (and `sampling.top_logprobs` alternatives)
+    cache_salt: str = ""  # vLLM's: the prefix-cache partition within the caller's (service/tenancy.py)
     params: dict[str, str] = field(default_factory=dict)  # engine field -> the parameter the body named
 
     def param(self, engine_field: str) -> str:
@@ -128,6 +129,7 @@ def parse_request(endpoint: str, body: object, limits: RequestLimits) -> OpenAIR
     request.stream = fields.boolean("stream", False)
     request.include_usage = _include_usage(fields, request.stream)
     request.n = fields.integer("n", 1, 1, limits.max_n)
+    request.cache_salt = fields.string("cache_salt") or ""
     _logprobs(fields, request)
     request.sampling.response_format = _response_format(fields, request)
     if endpoint == COMPLETION:
@@ -410,11 +412,13 @@ class ResponseHeader:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage; `cached_tokens`: prompt tokens the prefix cache held (the caller's partition's)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -435,8 +439,8 @@ def response(header: ResponseHeader, request: OpenAIRequest, events: Sequence[Ge
         choice["finish_reason"] = _FINISH_REASONS[last.finish_reason]
         choices.append(choice)
         completion_tokens += last.completion_tokens
-    prompt_tokens = by_index[min(by_index)][-1].prompt_tokens
-    total = usage(prompt_tokens, completion_tokens)
+    first = by_index[min(by_index)][-1]
+    total = usage(first.prompt_tokens, completion_tokens, first.cached_prompt_tokens)
     return {**header.fields(chunk=False), "choices": choices, "usage": total}
 
 
@@ -449,6 +453,7 @@ class StreamState:
     text_offsets: dict[int, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
     def chunks(self, header: ResponseHeader, event: GenerationEvent) -> list[dict]:
         """The stream chunks of one engine event: none for an event without text that ends nothing.
@@ -463,6 +468,8 @@ class StreamState:
         if event.finished:
             self.prompt_tokens = event.prompt_tokens
             self.completion_tokens += event.completion_tokens
+            if event.index == 0:
+                self.cached_tokens = event.cached_prompt_tokens
         logprobs = self.request.logprobs and bool(event.tokens)  # tokens whose text is held back have some
         if not (event.text or logprobs or finish_reason or (first and header.endpoint == CHAT)):
             return []
@@ -480,7 +487,7 @@ class StreamState:
         return {
             **header.fields(chunk=True),
             "choices": [],
-            "usage": usage(self.prompt_tokens, self.completion_tokens),
+            "usage": usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens),
         }
 
 

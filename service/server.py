@@ -52,8 +52,7 @@ class Server:
         self.health = BoundedHealthServicer(config.max_health_watchers)
         self.engine: Engine | None = None
         self.port = 0
-        keyed = bool(config.api_keys) or config.api_key_file is not None  # ApiKeys refuses an empty name
-        self.api_keys = ApiKeys(config.api_keys, config.api_key_file) if keyed else None
+        self.api_keys = ApiKeys(config.api_keys, config.api_key_file) if config.keyed else None
         self.certificates = ServerCertificates(config.tls) if config.tls is not None else None
         self.http: OpenAIFront | None = None
         if config.http_port is not None:
