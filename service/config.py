@@ -72,6 +72,7 @@ class ServerConfig:
     tls: TlsFiles | None = None  # PEM files; None: plaintext (README: Security)
     api_key_file: str | None = None  # one key per line, re-read on SIGHUP
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # from TEXTGEN_API_KEYS; never logged
+    allowed_hosts: tuple[str, ...] | None = None  # HTTP Host/Origin names; None: service/host_check.py
     shared_prefix_cache: bool = False  # with keys: every key reads one prefix cache (default: one per key)
 
     @property
@@ -151,6 +152,9 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     _flag(server, "http-port", None, "also serve the OpenAI-compatible HTTP API (/v1/completions, "
           "/v1/chat/completions, /v1/models, /health) on this port, same engine and keys; unset: off; "
           "0 picks a free one", type=int)  # fmt: skip
+    _flag(server, "allowed-hosts", None, "comma-separated host names the HTTP front answers in the Host "
+          "(and Origin) header, against DNS rebinding; '*': any; unset: localhost, 127.0.0.1, ::1 and "
+          "--host when there are no API keys and --host is a loopback address, else any")  # fmt: skip
     _flag(server, "metrics-port", 9464, "port of the Prometheus /metrics endpoint; 0 turns it off "
           "(traces and OTLP metrics: the standard OTEL_* variables)", type=int)  # fmt: skip
 
@@ -278,7 +282,14 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         api_key_file=args.api_key_file,
         api_keys=api_keys,
         shared_prefix_cache=args.shared_prefix_cache,
+        allowed_hosts=_host_list(args.allowed_hosts),
     )
+
+
+def _host_list(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(name.strip().strip("[]").lower() for name in value.split(",") if name.strip())
 
 
 def _api_keys(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:

@@ -29,6 +29,7 @@ from service import openai_translate as openai
 from service.auth import ApiKeys, bearer_token
 from service.config import ServerConfig
 from service.generations import Generations
+from service.host_check import allowed_hosts, refusal
 from service.status import InvalidArgument, MalformedRequest, ModelNotFound, Unauthenticated
 from service.tenancy import cache_tenant
 from service.validation import MAX_REQUEST_ID_LENGTH
@@ -62,7 +63,8 @@ class OpenAIFront:
         self._api_keys = api_keys
         self._ssl_context = ssl_context
         self.port = 0
-        middlewares = [self._answer_errors, self._authenticate]
+        self._allowed_hosts = allowed_hosts(config)
+        middlewares = [self._answer_errors, self._check_host, self._authenticate]
         if tracer_provider is not None:
             middlewares.insert(0, _tracing(tracer_provider.get_tracer("textgen.http")))
         app = web.Application(middlewares=middlewares, client_max_size=config.max_request_bytes)
@@ -114,6 +116,14 @@ class OpenAIFront:
             return _error(openai.http_error_response(error.status, error.reason))
         except Exception as error:
             return _error(openai.error_response(error))
+
+    @web.middleware
+    async def _check_host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._allowed_hosts is not None:
+            why = refusal(self._allowed_hosts, request.headers.get("Host"), request.headers.get("Origin"))
+            if why is not None:
+                raise web.HTTPForbidden(reason=why)
+        return await handler(request)
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ from service.config import ServerConfig, grpc_server_options, parse_config
 from service.generations import Generations
 from service.handlers import add_servicer_to_server
 from service.health import BoundedHealthServicer
+from service.host_check import is_loopback
 from service.openai_http import OpenAIFront
 from service.servicer import TextGenerationServicer
 from service.tls import ServerCertificates
@@ -156,12 +156,7 @@ class Server:
 
 def exposure_warnings(config: ServerConfig) -> list[str]:
     """What is unsafe in serving `config` beyond this machine; nothing on a loopback address."""
-    host = config.host.strip("[]")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to any interface
-        loopback = False
-    if loopback:
+    if is_loopback(config.host):
         return []
     warnings = []
     if config.tls is None:

@@ -1,10 +1,13 @@
 """What a stranger without a key can make the server hold: health watchers only for the served names and
-only so many, idle connections closed after the idle timeout on every port, no thread per connection."""
+only so many, idle connections closed after the idle timeout on every port, no thread per connection; and
+what a web page can make a browser send to a development server (foreign Host and Origin refused)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http.client
+import json
 import socket
 import threading
 import urllib.error
@@ -16,7 +19,8 @@ import pytest
 from conftest import ServerThread
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.config import grpc_server_options, parse_config
+from service.config import ServerConfig, grpc_server_options, parse_config
+from service.host_check import allowed_hosts
 from service.server import SERVICE_NAME
 from telemetry.metrics_endpoint import MetricsEndpoint
 
@@ -192,3 +196,68 @@ def test_connection_limits_are_flags_with_environment_variables(monkeypatch):
     assert options["grpc.max_concurrent_streams"] == 5
     assert options["grpc.max_allowed_incoming_connections"] == 9
     assert options["grpc.max_connection_idle_ms"] == options["grpc.server_handshake_timeout_ms"] == 7000
+
+
+# ---- Host and Origin (DNS rebinding) -----------------------------------------------------------------------
+
+
+def http_status(server: ServerThread, headers: dict[str, str]) -> tuple[int, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.server.http.port, timeout=30)
+    try:
+        connection.putrequest("GET", "/health", skip_host="Host" in headers)
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost:8000", "[::1]:8000", "LOCALHOST"])
+def test_without_keys_on_loopback_the_http_front_answers_its_own_names(server, host):
+    status, _ = http_status(server, {"Host": host})
+    assert status == 503  # /health while the model is not loaded: past the host check
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Host": "attacker.example"},
+        {"Host": "attacker.example:8000"},
+        {"Host": "[::1"},
+        {"Host": "127.0.0.1", "Origin": "http://attacker.example"},
+        {"Host": "127.0.0.1", "Origin": "null"},
+    ],
+)
+def test_without_keys_on_loopback_the_http_front_refuses_foreign_hosts_and_origins(server, headers):
+    status, body = http_status(server, headers)
+    assert status == 403
+    assert "--allowed-hosts" in body["error"]["message"]
+
+
+def test_a_same_host_origin_is_answered(server):
+    status, _ = http_status(server, {"Host": "127.0.0.1", "Origin": "http://localhost:3000"})
+    assert status == 503
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({}, frozenset({"localhost", "127.0.0.1", "::1"})),
+        ({"host": "[::1]"}, frozenset({"localhost", "127.0.0.1", "::1"})),
+        ({"api_keys": ("k" * 16,)}, None),  # keys guard the port
+        ({"host": "0.0.0.0"}, None),  # reachable from the network anyway (and warned about)
+        ({"allowed_hosts": ("textgen.internal",)}, frozenset({"textgen.internal"})),
+        ({"allowed_hosts": ("*",)}, None),
+    ],
+)
+def test_which_hosts_are_allowed(overrides, expected):
+    config = dataclasses.replace(ServerConfig(host="127.0.0.1"), **overrides)
+    assert allowed_hosts(config) == expected
+
+
+def test_allowed_hosts_flag(monkeypatch):
+    assert parse_config([]).allowed_hosts is None
+    monkeypatch.setenv("TEXTGEN_ALLOWED_HOSTS", "Textgen.Internal, [::1] ,")
+    assert parse_config([]).allowed_hosts == ("textgen.internal", "::1")
