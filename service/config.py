@@ -39,6 +39,7 @@ _MINIMUMS = {
     "max_concurrent_streams": 1,
     "max_connections": 1,
     "max_health_watchers": 0,
+    "reload_check_s": 0,
 }
 
 # Client keepalive pings accepted, even with no call in flight: one per 10 s at most, so a client can keep an
@@ -73,6 +74,7 @@ class ServerConfig:
     api_key_file: str | None = None  # one key per line, re-read on SIGHUP
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # from TEXTGEN_API_KEYS; never logged
     allowed_hosts: tuple[str, ...] | None = None  # HTTP Host/Origin names; None: service/host_check.py
+    reload_check_s: float = 10.0  # how often the key and TLS files are checked for changes; 0: SIGHUP only
     shared_prefix_cache: bool = False  # with keys: every key reads one prefix cache (default: one per key)
 
     @property
@@ -168,6 +170,9 @@ def _security_flags(parser: argparse.ArgumentParser) -> None:
           "signed by one of them (mTLS; re-read on SIGHUP)")  # fmt: skip
     _flag(security, "api-key-file", None, "API keys, one per line: every call but health checks must send "
           "'authorization: Bearer <key>' metadata (re-read on SIGHUP)")  # fmt: skip
+    _flag(security, "reload-check-s", 10.0, "every this many seconds, re-read the API key file and the TLS "
+          "files if they changed (as SIGHUP does; a mounted Kubernetes Secret's update reaches the server "
+          "this way); 0: on SIGHUP only", type=float)  # fmt: skip
     shared = os.environ.get("TEXTGEN_SHARED_PREFIX_CACHE", "0").lower() not in ("0", "false", "no", "off")
     security.add_argument("--shared-prefix-cache", action=argparse.BooleanOptionalAction, default=shared,
                           help="with API keys, let every key reuse the prompt blocks others computed; "
@@ -282,6 +287,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         api_key_file=args.api_key_file,
         api_keys=api_keys,
         shared_prefix_cache=args.shared_prefix_cache,
+        reload_check_s=args.reload_check_s,
         allowed_hosts=_host_list(args.allowed_hosts),
     )
 

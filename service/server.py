@@ -18,6 +18,7 @@ from engine.engine import Engine
 from protos.textgen.v1 import textgen_pb2 as pb
 from service.auth import ApiKeyInterceptor, ApiKeys
 from service.config import ServerConfig, grpc_server_options, parse_config
+from service.file_watch import reload_on_change
 from service.generations import Generations
 from service.handlers import add_servicer_to_server
 from service.health import BoundedHealthServicer
@@ -59,6 +60,7 @@ class Server:
             ssl_context = self.certificates.ssl_context if self.certificates is not None else None
             tracer_provider = self.telemetry.tracer_provider
             self.http = OpenAIFront(config, self.generations, self.api_keys, tracer_provider, ssl_context)
+        self._file_watch: asyncio.Task | None = None
         interceptors = self.telemetry.server_interceptors()
         if self.api_keys is not None:
             interceptors.append(ApiKeyInterceptor(self.api_keys))  # after tracing: refused calls get spans
@@ -82,6 +84,9 @@ class Server:
             self.port = self._server.add_secure_port(self.config.address, self.certificates.credentials)
         await self._server.start()
         log.info("listening on %s:%d", self.config.host, self.port)
+        if self.config.reload_check_s and self.watched_files:
+            watch = reload_on_change(self.watched_files, self.reload, self.config.reload_check_s)
+            self._file_watch = asyncio.create_task(watch, name="reload-on-change")
         if self.http is not None:
             http_port = await self.http.start()
             log.info("OpenAI-compatible HTTP API on %s:%d", self.config.host, http_port)
@@ -116,6 +121,8 @@ class Server:
         """`retire()`, then stop the gRPC server, in-process: gRPC answers calls that arrive while it stops
         CANCELLED, which is why `python -m service` exits instead (`_exit`)."""
         await self.retire()
+        if self._file_watch is not None:
+            self._file_watch.cancel()
         await self._server.stop(grace=None)
         if self.http is not None:
             await self.http.stop()
@@ -148,6 +155,13 @@ class Server:
                 log.error("reloading %s failed, keeping the current ones: %s", what, error)
             else:
                 log.info("reloaded %s", what)
+
+    @property
+    def watched_files(self) -> list[str]:
+        """The files `reload()` re-reads: the API key file and the TLS files, those configured."""
+        tls = self.config.tls
+        files = [tls.cert_file, tls.key_file, tls.client_ca_file] if tls is not None else []
+        return [path for path in (self.config.api_key_file, *files) if path is not None]
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for service in ("", SERVICE_NAME):

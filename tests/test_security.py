@@ -356,6 +356,21 @@ def test_reload_accepts_the_new_key_and_refuses_the_old(serve, tmp_path):
     assert call(server.target, "Tokenize", bearer(ENV_KEY)) == grpc.StatusCode.OK
 
 
+def test_a_changed_key_file_is_reloaded_without_a_signal(serve, tmp_path):
+    keys = key_file(tmp_path, FILE_KEY)
+    server = serve(api_key_file=keys, reload_check_s=0.05)  # shortened for the test; the default is 10 s
+    assert call(server.target, "Tokenize", bearer(FILE_KEY)) == grpc.StatusCode.OK
+
+    key_file(tmp_path, NEW_KEY)  # rewritten in place, as a Secret volume update does
+    deadline = time.monotonic() + 30
+    while not server.server.api_keys.accepts(NEW_KEY):
+        assert time.monotonic() < deadline, "the changed key file was not reloaded"
+        time.sleep(0.02)
+
+    assert call(server.target, "Tokenize", bearer(NEW_KEY)) == grpc.StatusCode.OK
+    assert call(server.target, "Tokenize", bearer(FILE_KEY)) == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_reload_serves_the_new_certificate_to_new_connections_and_keeps_the_stream_in_flight(
     serve, pki, tmp_path
 ):
