@@ -69,7 +69,9 @@ class ServerConfig:
     idle_timeout_s: float = 30.0  # connections without a request (HTTP, metrics) or a call (gRPC) are closed
     max_concurrent_streams: int = 100  # gRPC calls in flight on one connection
     max_connections: int = 1000  # gRPC and metrics connections held at once, each port
-    max_health_watchers: int = 100  # open grpc.health.v1.Health/Watch streams
+    # Open grpc.health.v1.Health/Watch streams: a client channel with gRPC's client-side health checking
+    # (client.replica_options()) holds one per replica, and counts a refused one as an unhealthy replica.
+    max_health_watchers: int = 1000
     tls: TlsFiles | None = None  # PEM files; None: plaintext (README: Security)
     api_key_file: str | None = None  # one key per line, re-read on SIGHUP
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # from TEXTGEN_API_KEYS; never logged
@@ -227,8 +229,9 @@ def _connection_flags(parser: argparse.ArgumentParser) -> None:
           "the client queues the others", type=int)  # fmt: skip
     _flag(connections, "max-connections", 1000, "the most connections the gRPC port, and the metrics port, "
           "each hold at once; more are refused", type=int)  # fmt: skip
-    _flag(connections, "max-health-watchers", 100, "the most grpc.health.v1.Health/Watch streams open at "
-          "once (Watch needs no key); more are refused RESOURCE_EXHAUSTED", type=int)  # fmt: skip
+    _flag(connections, "max-health-watchers", 1000, "the most grpc.health.v1.Health/Watch streams open at "
+          "once (Watch needs no key; each client channel with client-side health checking holds one); more "
+          "are refused RESOURCE_EXHAUSTED", type=int)  # fmt: skip
 
 
 def _limit_flags(parser: argparse.ArgumentParser) -> None:

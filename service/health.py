@@ -11,14 +11,11 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-# Kubernetes probes and load balancers watch a handful of names each; more streams than this is a flood.
-DEFAULT_MAX_WATCHERS = 100
-
 
 class BoundedHealthServicer(health.aio.HealthServicer):
     """grpc's health servicer; `Watch` takes only the names given to `set`, `max_watchers` streams at once."""
 
-    def __init__(self, max_watchers: int = DEFAULT_MAX_WATCHERS) -> None:
+    def __init__(self, max_watchers: int) -> None:
         super().__init__()
         self.max_watchers = max_watchers
         self.num_watchers = 0
