@@ -18,7 +18,7 @@ MAX_HEAD_BYTES = 16 * 1024  # a scrape's request line and headers take a few hun
 
 
 class MetricsEndpoint:
-    """Serves `registry` on `host:port` (0: a free port) from `start()` (in the constructor) to `close()`."""
+    """Serves `registry` on `host:port` (0: a free port) from its construction to `close()`."""
 
     def __init__(
         self,
@@ -33,18 +33,21 @@ class MetricsEndpoint:
         self.max_connections = max_connections
         self._writers: set[asyncio.StreamWriter] = set()  # the open connections, touched only on the loop
         self._loop = asyncio.new_event_loop()
-        self._server = self._loop.run_until_complete(
-            asyncio.start_server(
-                self._serve,
-                None if host in ("::", "0.0.0.0") else host,  # None: every interface, IPv4 and IPv6
-                port,
-                limit=MAX_HEAD_BYTES,
-                backlog=128,
-            )
-        )
-        self.port: int = self._server.sockets[0].getsockname()[1]
         self._thread = threading.Thread(target=self._loop.run_forever, name="metrics-endpoint", daemon=True)
         self._thread.start()
+        listen = asyncio.start_server(
+            self._serve,
+            None if host in ("::", "0.0.0.0") else host,  # None: every interface, IPv4 and IPv6
+            port,
+            limit=MAX_HEAD_BYTES,
+            backlog=128,
+        )
+        try:  # on the endpoint's own loop: the caller may be running a loop of its own
+            self._server = asyncio.run_coroutine_threadsafe(listen, self._loop).result()
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.port: int = self._server.sockets[0].getsockname()[1]
 
     @property
     def num_connections(self) -> int:
@@ -61,6 +64,9 @@ class MetricsEndpoint:
             await self._server.wait_closed()
 
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout=10)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()

@@ -178,6 +178,16 @@ def test_the_metrics_port_closes_connections_past_its_cap(metrics_endpoint):
     assert_closed_by_the_server(idle)
 
 
+async def test_the_metrics_endpoint_starts_inside_a_running_event_loop():  # as `python -m service` starts it
+    registry = prometheus_client.CollectorRegistry()
+    prometheus_client.Counter("textgen_test_scrapes", "a counter to scrape", registry=registry).inc()
+    endpoint = MetricsEndpoint(registry, "127.0.0.1", 0)
+    try:
+        assert "textgen_test_scrapes_total 1.0" in await asyncio.to_thread(scrape, endpoint.port)
+    finally:
+        endpoint.close()
+
+
 def test_the_metrics_port_answers_only_get_metrics(metrics_endpoint):
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(f"http://127.0.0.1:{metrics_endpoint.port}/other", timeout=30)
