@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from engine.engine import Engine
@@ -21,7 +21,7 @@ from service.config import ServerConfig, grpc_server_options, parse_config
 from service.file_watch import reload_on_change
 from service.generations import Generations
 from service.handlers import add_servicer_to_server
-from service.health import BoundedHealthServicer
+from service.health import BoundedHealthServicer, add_health_to_server
 from service.host_check import is_loopback
 from service.openai_http import OpenAIFront
 from service.servicer import TextGenerationServicer
@@ -74,7 +74,7 @@ class Server:
         """Listen on the configured address; returns the bound port."""
         await self._set_health(NOT_SERVING)
         add_servicer_to_server(self.servicer, self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        add_health_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
