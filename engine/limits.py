@@ -34,6 +34,9 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API: alternatives per token
 MAX_RESPONSE_FORMAT_CHARS = 64 * 1024
 MAX_CHOICES = 1024
 MAX_N = 16  # completions per request (--max-n)
+MAX_LOGIT_BIAS_TOKENS = 300  # as OpenAI's API: tokens a request may bias
+MAX_ABS_LOGIT_BIAS = 100.0
+MAX_CACHE_SALT_CHARS = 1024  # vLLM's cache_salt: any string; bounded as every input is
 # Entries of an answer built whole (tokens and their alternatives over every completion, scored prompt
 # tokens and theirs): 128 Ki entries are about 4 MB of OpenAI completions JSON, 10 MB of chat JSON. Past it,
 # stream (nothing is held) or ask for fewer completions, tokens or alternatives (README: Flags).
@@ -94,6 +97,7 @@ def check_request(request: GenerationRequest, limits: RequestLimits) -> int:
     violations = _prompt_violations(request.prompt_ids, limits)
     violations += parameter_violations(request.sampling, request.stopping, limits)
     violations += n_violations(request.n, limits)
+    violations += cache_salt_violations(request.cache_salt)
     if violations:
         raise InvalidRequestError.from_violations(violations)
     max_new_tokens = resolve_max_new_tokens(len(request.prompt_ids), request.stopping, limits)
@@ -135,6 +139,7 @@ def parameter_violations(
         + _max_new_tokens_violations(stopping, limits)
         + _stop_sequence_violations(stopping.stop_sequences, limits)
         + _response_format_violations(sampling.response_format, stopping)
+        + _logit_bias_violations(sampling.logit_bias, limits)
     )
 
 
@@ -143,6 +148,13 @@ def n_violations(n: int, limits: RequestLimits) -> list[Violation]:
     if 1 <= n <= limits.max_n:
         return []
     return [("n", f"must be in [1, {limits.max_n}] completions, got {n}")]
+
+
+def cache_salt_violations(cache_salt: str) -> list[Violation]:
+    """A cache salt must be at most `MAX_CACHE_SALT_CHARS` characters."""
+    if len(cache_salt) <= MAX_CACHE_SALT_CHARS:
+        return []
+    return [("cache_salt", f"must be at most {MAX_CACHE_SALT_CHARS} characters, got {len(cache_salt)}")]
 
 
 def input_size_violations(
@@ -230,6 +242,20 @@ def _sampling_violations(sampling: SamplingParams) -> list[Violation]:
         if not (math.isfinite(value) and ok(value)):
             violations.append((f"sampling.{name}", f"must be {rule}, got {value:g}"))
     return violations
+
+
+def _logit_bias_violations(logit_bias: dict[int, float], limits: RequestLimits) -> list[Violation]:
+    """At most `MAX_LOGIT_BIAS_TOKENS` token ids, each in the vocabulary, each bias finite and in [-100, 100];
+    only the first bad entry is named."""
+    if len(logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+        return [("sampling.logit_bias", f"at most {MAX_LOGIT_BIAS_TOKENS} token ids, got {len(logit_bias)}")]
+    vocab, rule = limits.vocab_size, f"in [-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}]"
+    for token_id, bias in logit_bias.items():
+        if not 0 <= token_id < vocab:
+            return [(f"sampling.logit_bias[{token_id}]", f"is not a token id: ids are in [0, {vocab})")]
+        if not (math.isfinite(bias) and abs(bias) <= MAX_ABS_LOGIT_BIAS):
+            return [(f"sampling.logit_bias[{token_id}]", f"must be a bias {rule}, got {bias:g}")]
+    return []
 
 
 def _max_new_tokens_violations(stopping: StoppingParams, limits: RequestLimits) -> list[Violation]:

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP front: `/v1/completions`, `/v1/chat/completions`, `/v1/models` and `/health`.
+"""The OpenAI-compatible HTTP front: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`, and
+vLLM's `/tokenize` and `/detokenize`.
 
 aiohttp serves it in the server's own event loop, beside grpc.aio, on the same engine
 (service/generations.py): the same admission, priorities, deadlines, API keys, drain and telemetry. Errors
@@ -25,12 +26,15 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 from engine.engine import Engine
 from engine.errors import EngineStoppedError, InvalidRequestError
 from engine.request import GenerationEvent, GenerationRequest
+from service import openai_tokenize
 from service import openai_translate as openai
 from service.auth import ApiKeys, bearer_token
 from service.config import ServerConfig
 from service.generations import Generations
+from service.host_check import allowed_hosts, refusal
 from service.json_body import parse_json_body
 from service.status import InvalidArgument, ModelNotFound, Unauthenticated
+from service.tenancy import cache_tenant
 from service.validation import MAX_REQUEST_ID_LENGTH
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,8 @@ class OpenAIFront:
         self._api_keys = api_keys
         self._ssl_context = ssl_context
         self.port = 0
-        middlewares = [self._answer_errors, self._authenticate]
+        self._allowed_hosts = allowed_hosts(config)
+        middlewares = [self._answer_errors, self._check_host, self._authenticate]
         if tracer_provider is not None:
             middlewares.insert(0, _tracing(tracer_provider.get_tracer("textgen.http")))
         app = web.Application(middlewares=middlewares, client_max_size=config.max_request_bytes)
@@ -70,8 +75,18 @@ class OpenAIFront:
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
         # A client that goes away cancels its handler, and so its engine request; no log line per request.
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+        # keepalive_timeout runs from a connection's opening too: one with no complete request head (silent,
+        # slow) or idle between requests is closed after it.
+        self._runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=1.0,
+            keepalive_timeout=config.idle_timeout_s,
+        )
 
     async def start(self) -> int:
         """Listen on the configured host and `http_port`; returns the bound port."""
@@ -108,9 +123,17 @@ class OpenAIFront:
             return _error(openai.error_response(error))
 
     @web.middleware
+    async def _check_host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._allowed_hosts is not None:
+            why = refusal(self._allowed_hosts, request.headers.get("Host"), request.headers.get("Origin"))
+            if why is not None:
+                raise web.HTTPForbidden(reason=why)
+        return await handler(request)
+
+    @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self._api_keys is not None and request.path not in OPEN_PATHS:
-            token = bearer_token(("authorization", v) for v in request.headers.getall("Authorization", []))
+            token = _api_key(request)
             if not self._api_keys.accepts(token):
                 raise Unauthenticated(_MISSING_KEY if token is None else _INVALID_KEY)
         return await handler(request)
@@ -144,13 +167,16 @@ class OpenAIFront:
 
     async def _generate(self, http_request: web.Request, endpoint: str) -> web.StreamResponse:
         engine, limits = self._generations.ready()
-        request = openai.parse_request(endpoint, await _json_body(http_request), limits)
-        name = engine.model_info.name
-        if request.model not in (None, name):
-            raise ModelNotFound(f"the model {request.model!r} does not exist: this server serves {name!r}")
+        body = await _json_body(http_request, self._config.idle_timeout_s)
+        request = openai.parse_request(endpoint, body, limits)
+        name = _served_model(engine, request.model)
         request_id = _request_id(http_request)
+        prompt_ids = await self._prompt_ids(engine, request)
+        echo = None
+        if request.echo:
+            echo = await self._generations.off_loop(_echoed_prompt, engine, request.prompt, prompt_ids)
         generation_request = GenerationRequest(
-            prompt_ids=await self._prompt_ids(engine, request),
+            prompt_ids=prompt_ids,
             sampling=request.sampling,
             stopping=request.stopping,
             priority=request.priority,
@@ -158,6 +184,8 @@ class OpenAIFront:
             deadline=_deadline(http_request),
             trace_context=otel_context.get_current(),  # holds the HTTP span: the engine's spans go under it
             n=request.n,
+            cache_salt=request.cache_salt,
+            cache_tenant=cache_tenant(self._config, _api_key(http_request)),
             whole_answer=not request.stream,
         )
         if (response_format := request.sampling.response_format) is not None:
@@ -172,13 +200,38 @@ class OpenAIFront:
                 first = await anext(events)  # refusals and queue-time failures: still a status of their own
                 headers = {REQUEST_ID_HEADER: request_id}
                 if request.stream:
-                    state = openai.StreamState(request)
+                    state = openai.StreamState(request, len(prompt_ids), echo)
                     return await _stream(http_request, headers, header, state, first, events)
                 collected = [first] + [event async for event in events]  # a grammar may fail on the way
             except InvalidRequestError as e:
                 raise request.invalid_argument(e) from e
-            body = await self._generations.off_loop(_json_answer, header, request, collected)  # no stall
+            body = await self._generations.off_loop(
+                _json_answer, header, request, collected, echo
+            )  # no stall
             return web.Response(body=body, content_type="application/json", headers=headers)
+
+    async def _tokenize(self, http_request: web.Request) -> web.Response:
+        """vLLM's `/tokenize`: the token ids a prompt or a chat runs as (service/openai_tokenize.py)."""
+        engine, limits = self._generations.ready()
+        body = await _json_body(http_request, self._config.idle_timeout_s)
+        request = openai_tokenize.parse_tokenize(body, limits)
+        _served_model(engine, request.input.model)
+        prompt = request.input.prompt
+        if prompt is not None:
+            ids = await self._generations.off_loop(engine.tokenize, prompt, request.add_special_tokens)
+        else:
+            ids = await self._prompt_ids(engine, request.input)
+        strs = engine.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+        return web.json_response(openai_tokenize.tokenize_response(ids, limits.max_context_len, strs))
+
+    async def _detokenize(self, http_request: web.Request) -> web.Response:
+        """vLLM's `/detokenize`: the text of token ids, special tokens included."""
+        engine, limits = self._generations.ready()
+        body = await _json_body(http_request, self._config.idle_timeout_s)
+        request = openai_tokenize.parse_detokenize(body, limits)
+        _served_model(engine, request.model)
+        text = await self._generations.off_loop(engine.decode, request.tokens, False)
+        return web.json_response({"prompt": text})
 
     async def _prompt_ids(self, engine: Engine, request: openai.OpenAIRequest) -> list[int]:
         """The request's input as token ids, tokenized or templated off the event loop."""
@@ -193,6 +246,20 @@ class OpenAIFront:
             raise request.invalid_argument(e) from e
         except Exception as e:  # the template rejects the conversation (roles, order): the client's to fix
             raise InvalidArgument([("messages", f"the model's chat template rejected them: {e}")]) from e
+
+
+def _served_model(engine: Engine, model: str | None) -> str:
+    """The served model's name; raises `ModelNotFound` when the body named another."""
+    name = engine.model_info.name
+    if model not in (None, name):
+        raise ModelNotFound(f"the model {model!r} does not exist: this server serves {name!r}")
+    return name
+
+
+def _echoed_prompt(engine: Engine, prompt: str | None, prompt_ids: list[int]) -> openai.EchoedPrompt:
+    """What `echo` puts before each completion: the prompt as sent, or its token ids decoded."""
+    text = engine.decode(prompt_ids, skip_special_tokens=False) if prompt is None else prompt
+    return openai.EchoedPrompt(text, engine.decode(prompt_ids[:1], skip_special_tokens=False))
 
 
 async def _stream(
@@ -233,9 +300,12 @@ async def _stream(
 
 
 def _json_answer(
-    header: openai.ResponseHeader, request: openai.OpenAIRequest, events: list[GenerationEvent]
+    header: openai.ResponseHeader,
+    request: openai.OpenAIRequest,
+    events: list[GenerationEvent],
+    echo: openai.EchoedPrompt | None,
 ) -> bytes:
-    return json.dumps(openai.response(header, request, events)).encode()
+    return json.dumps(openai.response(header, request, events, echo)).encode()
 
 
 def _event(data: dict) -> bytes:
@@ -246,8 +316,19 @@ def _error(answer: openai.ErrorResponse) -> web.Response:
     return web.json_response(answer.body, status=answer.status, headers=answer.headers)
 
 
-async def _json_body(request: web.Request) -> object:
-    return parse_json_body(await request.read())
+async def _json_body(request: web.Request, timeout_s: float) -> object:
+    """The body as strict JSON (service/json_body.py); 408 when it takes over `timeout_s` to arrive (a
+    connection held by a trickle)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(reason="the request body took too long to arrive") from None
+    return parse_json_body(raw)
+
+
+def _api_key(request: web.Request) -> str | None:
+    return bearer_token(("authorization", v) for v in request.headers.getall("Authorization", []))
 
 
 def _request_id(request: web.Request) -> str:
