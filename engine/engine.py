@@ -347,8 +347,8 @@ class Engine:
             except Exception as exc:  # a bug outside the model step: fail what is in flight, keep serving
                 log.exception("engine loop failed")
                 self.core.fail_all(RequestFailedError(f"engine fault: {exc}"), outbox)
+            self.kv_events.publish()  # before the events: a request's blocks are published when it ends
             self._dispatch(outbox)
-            self.kv_events.publish()
         outbox = []
         self._apply(self._inbox.drain(), outbox)
         self.core.fail_all(EngineStoppedError("the engine stopped"), outbox)
