@@ -26,6 +26,7 @@ from engine.engine import Engine
 from engine.errors import EngineStoppedError, InvalidRequestError
 from engine.request import GenerationEvent, GenerationRequest
 from service import openai_translate as openai
+from service import worker_http
 from service.auth import ApiKeys, bearer_token
 from service.config import ServerConfig
 from service.generations import Generations
@@ -69,6 +70,7 @@ class OpenAIFront:
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        worker_http.add_routes(app, generations)  # what gateways read to identify a worker and its load
         # A client that goes away cancels its handler, and so its engine request; no log line per request.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
 
@@ -131,6 +133,7 @@ class OpenAIFront:
             "object": "model",
             "created": 0,
             "owned_by": "textgen",
+            "root": info.name,  # vLLM's field for the model's path, which gateways read
             "max_model_len": info.max_context_len,
         }
         return web.json_response({"object": "list", "data": [model]})
