@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["VllmEngine"]
 TOKENIZER_CHUNK_BYTES = 64 * 1024  # what SMG's own servicers send per GetTokenizer message
 SERVER_TYPE = "textgen-grpc"  # vLLM's servicer says "vllm-grpc"
+VERSION = "textgen 0.1.0"  # GetLoads' and HTTP /version's (vLLM's give its release)
 FLUSH_TIMEOUT_S = 10.0  # the loop thread takes a flush at its next iteration: never this long while it runs
 
 
@@ -205,7 +206,7 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
             await abort(context, e)
         return pb.GetLoadsResponse(
             timestamp=datetime.now(UTC).isoformat(),
-            version=SERVER_TYPE,
+            version=VERSION,
             dp_rank_count=1,
             loads=[scheduler_load(engine)],
         )

@@ -18,10 +18,8 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from service.generations import Generations
-from service.worker import SERVER_TYPE, scheduler_load
+from service.worker import VERSION, scheduler_load
 from telemetry.vllm_metrics import VllmMetrics
-
-VERSION = "textgen 0.1.0"  # what `/version` answers (vLLM's answers its release)
 
 
 def add_routes(app: web.Application, generations: Generations) -> None:
@@ -50,7 +48,7 @@ class _WorkerPages:
             preserving_proto_field_name=True,
             always_print_fields_with_no_presence=True,
         )
-        body = {"timestamp": datetime.now(UTC).isoformat(), "version": SERVER_TYPE, "dp_rank_count": 1}
+        body = {"timestamp": datetime.now(UTC).isoformat(), "version": VERSION, "dp_rank_count": 1}
         return web.json_response({**body, "loads": [load]})
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -4,6 +4,7 @@ protocol (service/worker.py): the OpenAI SDK talks to the gateway, the gateway t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -58,6 +59,10 @@ class Replica:
     def url(self) -> str:
         return f"grpc://{self.thread.target}"
 
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.thread.server.http.port}"
+
 
 def wait_for(condition: Callable[[], object], what: str, timeout_s: float = START_TIMEOUT_S):
     """Poll `condition` until it returns something true; that value."""
@@ -82,21 +87,21 @@ def idle(engine: Engine) -> bool:
 
 @pytest.fixture(scope="module")
 def replicas(server_config):
-    started = [Replica(server_config()), Replica(server_config())]
+    started = [Replica(dataclasses.replace(server_config(), http_port=0)) for _ in range(2)]
     yield started
     for replica in started:
         replica.thread.stop()
 
 
 class Gateway:
-    def __init__(self, replicas: list[Replica], log_path: Path) -> None:
+    def __init__(self, worker_urls: list[str], log_path: Path, *extra_args: str) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         self.log_path = log_path
         command = [
             str(SMG), "launch", "--host", "127.0.0.1", "--port", str(self.port),
             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(self.metrics_port),
             "--policy", "cache_aware", "--log-level", "info",
-            "--worker-urls", *(replica.url for replica in replicas),
+            "--worker-urls", *worker_urls, *extra_args,
         ]  # fmt: skip
         self._log = log_path.open("w")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
@@ -133,7 +138,7 @@ class Gateway:
 @pytest.fixture(scope="module")
 def gateway(replicas, tmp_path_factory):
     model_name = replicas[0].engine.model_info.name
-    gateway = Gateway(replicas, tmp_path_factory.mktemp("smg") / "smg.log")
+    gateway = Gateway([r.url for r in replicas], tmp_path_factory.mktemp("smg") / "smg.log")
     try:
         wait_for(lambda: _ready_workers(gateway) == len(replicas), "smg to register both workers")
         wait_for(lambda: _tokenizer_loaded(gateway, model_name), "smg to load the tokenizer (GetTokenizer)")
@@ -266,3 +271,30 @@ def _gauges(engine: Engine) -> dict[str, float]:
 async def _get_loads(target: str) -> pb.GetLoadsResponse:
     async with grpc.aio.insecure_channel(target) as channel:
         return await pb_grpc.VllmEngineStub(channel).GetLoads(pb.GetLoadsRequest())
+
+
+def test_smg_identifies_an_http_worker_and_reads_its_load(replicas, tmp_path):
+    """Over the OpenAI HTTP front SMG finds `/version`, registers a vLLM-compatible worker (no "Could not
+    identify backend engine") and reads its load from the vLLM-named gauges of `/metrics`."""
+    replica = replicas[0]
+    gateway = Gateway([replica.http_url], tmp_path / "smg.log", "--load-monitor-interval", "1")
+    try:
+        wait_for(lambda: _ready_workers(gateway) == 1, "smg to register the HTTP worker")
+        (worker,) = gateway.get("/workers").json()["workers"]
+        usage = ("smg_engine_token_usage", (("dp_rank", "0"), ("model", replica.engine.model_info.name)))
+        key = (usage[0], tuple(sorted((*usage[1], ("worker", replica.http_url)))))
+        wait_for(lambda: key in gateway.metrics(), "smg to read the worker's load from /metrics")
+        model, engine = replica.engine.model_info.name, replica.engine
+        assert (worker["runtime_type"], worker["labels"]["max_model_len"]) == (
+            "vllm",
+            str(engine.max_context_len),
+        )
+        (load,) = gateway.get("/workers").json()["workers"][0]["engine_load"]["loads"]
+        assert load["max_total_num_tokens"] == engine.num_kv_blocks * engine.model_info.kv_block_size
+        client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="unused", max_retries=0)
+        response = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=4, seed=1)
+        assert response.usage.completion_tokens == 4
+    finally:
+        gateway.stop()
+    log = gateway.log_path.read_text()
+    assert "Could not identify backend engine" not in log

@@ -3,18 +3,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import zipfile
 
 import grpc
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from smg_grpc_proto import vllm_engine_pb2 as pb
 from smg_grpc_proto import vllm_engine_pb2_grpc as pb_grpc
 from smg_grpc_proto.generated import common_pb2
 from transformers import AutoTokenizer
 
 from service.worker import block_id
+from tests.conftest import ServerThread
 from tests.test_smg import idle, wait_for
 
 BLOCK_SIZE = 8
@@ -181,3 +185,32 @@ def test_kv_events_name_each_stored_block_resume_from_a_cursor_and_flush_clears(
     with pytest.raises(grpc.RpcError) as error:
         next(ahead)
     assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE
+
+
+@pytest.fixture(scope="module")
+def http_server(server_config):
+    thread = ServerThread(dataclasses.replace(server_config(), http_port=0)).start()
+    yield thread
+    thread.stop()
+
+
+def test_the_http_front_serves_what_gateways_read_of_a_worker(http_server):
+    base, engine = f"http://127.0.0.1:{http_server.server.http.port}", http_server.engine
+    assert httpx.get(f"{base}/version").json()["version"].startswith("textgen")
+    (model,) = httpx.get(f"{base}/v1/models").json()["data"]
+    assert (model["root"], model["max_model_len"]) == (engine.model_info.name, engine.max_context_len)
+    wait_for(lambda: idle(engine), "the server to be idle")
+    loads = httpx.get(f"{base}/v1/loads").json()
+    assert loads["dp_rank_count"] == 1
+    (load,) = loads["loads"]
+    assert (load["num_running_reqs"], load["num_waiting_reqs"], load["token_usage"]) == (0, 0, 0.0)
+    assert load["max_total_num_tokens"] == engine.num_kv_blocks * engine.model_info.kv_block_size
+    response = httpx.get(f"{base}/metrics")
+    samples = {s.name: s for family in text_string_to_metric_families(response.text) for s in family.samples}
+    assert samples["vllm:num_requests_running"].value == samples["vllm:num_requests_waiting"].value == 0
+    assert samples["vllm:kv_cache_usage_perc"].labels["model_name"] == engine.model_info.name
+    config = samples["vllm:cache_config_info"].labels
+    assert (config["block_size"], config["num_gpu_blocks"]) == (
+        str(engine.model_info.kv_block_size),
+        str(engine.num_kv_blocks),
+    )
