@@ -214,3 +214,34 @@ def test_the_http_front_serves_what_gateways_read_of_a_worker(http_server):
         str(engine.model_info.kv_block_size),
         str(engine.num_kv_blocks),
     )
+
+
+def test_api_keys_apply_to_the_worker_protocol(server_config):
+    keyed = ServerThread(dataclasses.replace(server_config(), api_keys=("worker-key-0123456789",))).start()
+    try:
+        with grpc.insecure_channel(keyed.target) as channel:
+            stub = pb_grpc.VllmEngineStub(channel)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.HealthCheck(pb.HealthCheckRequest())
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            key = (("authorization", "Bearer worker-key-0123456789"),)
+            assert stub.HealthCheck(pb.HealthCheckRequest(), metadata=key).healthy
+    finally:
+        keyed.stop()
+
+
+def test_a_loading_server_is_unhealthy_and_refuses_generation_unavailable(unloaded_server):
+    with grpc.insecure_channel(unloaded_server.target) as channel:
+        stub = pb_grpc.VllmEngineStub(channel)
+        health = stub.HealthCheck(pb.HealthCheckRequest())
+        assert not health.healthy and "loading" in health.message
+        with pytest.raises(grpc.RpcError) as error:
+            list(stub.Generate(request([5, 6, 7], max_tokens=2)))
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        unloaded_server.load()
+        assert stub.HealthCheck(pb.HealthCheckRequest()).healthy
+        unloaded_server.run(unloaded_server.server.retire())  # the drain: in flight finish, new ones refused
+        assert not stub.HealthCheck(pb.HealthCheckRequest()).healthy
+        with pytest.raises(grpc.RpcError) as error:
+            list(stub.Generate(request([5, 6, 7], max_tokens=2)))
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
