@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ class BlocksStored:
 
     block_hashes: list[bytes]
     parent_hash: bytes | None
-    token_ids: list[int]
+    token_ids: array  # of int32: a history of batches holds many
 
 
 @dataclass(slots=True)
@@ -75,7 +76,7 @@ class KvEventLog:
             last.block_hashes.append(block_hash)
             last.token_ids.extend(token_ids)
         else:
-            self._pending.append(BlocksStored([block_hash], parent_hash, list(token_ids)))
+            self._pending.append(BlocksStored([block_hash], parent_hash, array("i", token_ids)))
 
     def removed(self, block_hash: bytes) -> None:
         last = self._pending[-1] if self._pending else None
@@ -114,10 +115,10 @@ class KvEventLog:
         with self._lock:
             if sequence_number > self._last:
                 return None
-            first = self._history[0].sequence_number if self._history else self._last + 1
-            if sequence_number + 1 < first:
+            count = self._last - sequence_number
+            if count > len(self._history):
                 return None
-            return list(self._history)[sequence_number + 1 - first :]
+            return [self._history[-k] for k in range(count, 0, -1)]  # from the newest end: no whole copy
 
     def subscribe(self, notify: Callable[[], None]) -> None:
         """Call `notify()` (on the loop thread: it must only hand over) after each published batch."""

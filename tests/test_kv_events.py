@@ -31,7 +31,9 @@ def test_a_prompts_blocks_are_one_stored_event_chained_from_no_parent():
     log.publish()
     (batch,) = log.since(0)
     (stored,) = batch.events
-    assert stored == BlocksStored(block_hashes([1, 2, 3, 4], 2, []), None, [1, 2, 3, 4])
+    assert isinstance(stored, BlocksStored)
+    assert (stored.block_hashes, stored.parent_hash) == (block_hashes([1, 2, 3, 4], 2, []), None)
+    assert list(stored.token_ids) == [1, 2, 3, 4]
     assert batch.sequence_number == 1
 
 
