@@ -80,11 +80,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def idle(engine: Engine) -> bool:
-    quiet = engine.num_running == 0 and engine.num_waiting == 0
-    return quiet and engine.num_free_kv_blocks == engine.num_kv_blocks
-
-
 @pytest.fixture(scope="module")
 def replicas(server_config):
     started = [Replica(dataclasses.replace(server_config(), http_port=0)) for _ in range(2)]
@@ -199,17 +194,19 @@ def test_streamed_chat_completion_through_smg_adds_up_to_the_unary_one(client, m
     assert "".join(deltas) == unary.choices[0].message.content
 
 
-def test_client_disconnect_through_smg_cancels_the_request_and_frees_its_kv(client, model, replicas):
+def test_client_disconnect_through_smg_cancels_the_request_and_frees_its_kv(
+    client, model, replicas, wait_until_idle
+):
     for replica in replicas:
         replica.finished.errors.clear()
     stream = client.chat.completions.create(
-        model=model, messages=PROMPT, max_tokens=1500, temperature=0.8, stream=True
+        model=model, messages=PROMPT, max_tokens=2000, temperature=0.8, stream=True
     )
     next(iter(stream))
     busy = wait_for(lambda: [r for r in replicas if r.engine.num_running], "the request to run")
     stream.close()  # the client goes away mid-generation
     replica = busy[0]
-    wait_for(lambda: idle(replica.engine), "the replica to free every KV block")
+    wait_until_idle(replica.engine, timeout_s=60)
     assert any(isinstance(e, RequestCancelledError) for e in replica.finished.errors)
 
 
@@ -244,7 +241,7 @@ def stored_blocks(replica: Replica) -> int:
 
 def test_get_loads_matches_the_replicas_own_gauges(client, model, replicas):
     stream = client.chat.completions.create(
-        model=model, messages=PROMPT, max_tokens=1500, temperature=0.8, stream=True
+        model=model, messages=PROMPT, max_tokens=2000, temperature=0.8, stream=True
     )
     next(iter(stream))
     try:

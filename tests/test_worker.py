@@ -19,7 +19,6 @@ from transformers import AutoTokenizer
 
 from service.worker import block_id
 from tests.conftest import ServerThread
-from tests.test_smg import idle, wait_for
 
 BLOCK_SIZE = 8
 
@@ -110,7 +109,7 @@ def test_what_has_no_meaning_here_answers_unimplemented(worker):
         assert error.value.details()
 
 
-def test_abort_cancels_a_running_request_and_frees_its_kv(worker, worker_server):
+def test_abort_cancels_a_running_request_and_frees_its_kv(worker, worker_server, wait_until_idle):
     stream = worker.Generate(
         pb.GenerateRequest(
             request_id="to-abort",
@@ -124,10 +123,10 @@ def test_abort_cancels_a_running_request_and_frees_its_kv(worker, worker_server)
     with pytest.raises(grpc.RpcError) as error:
         list(stream)
     assert error.value.code() == grpc.StatusCode.CANCELLED
-    wait_for(lambda: idle(worker_server.engine), "the aborted request's KV to be freed")
+    wait_until_idle(worker_server.engine)  # the aborted request's KV is freed
 
 
-def test_info_health_and_loads_describe_the_served_model(worker, worker_server):
+def test_info_health_and_loads_describe_the_served_model(worker, worker_server, wait_until_idle):
     engine = worker_server.engine
     assert worker.HealthCheck(pb.HealthCheckRequest()).healthy
     model = worker.GetModelInfo(pb.GetModelInfoRequest())
@@ -136,7 +135,7 @@ def test_info_health_and_loads_describe_the_served_model(worker, worker_server):
     assert model.architectures == ["LlamaForCausalLM"]
     server = worker.GetServerInfo(pb.GetServerInfoRequest())
     assert server.block_size == BLOCK_SIZE and server.data_parallel_size == 1
-    wait_for(lambda: idle(engine), "the server to be idle")
+    wait_until_idle(engine)
     (load,) = worker.GetLoads(pb.GetLoadsRequest()).loads
     assert (load.num_running_reqs, load.num_waiting_reqs, load.token_usage) == (0, 0, 0.0)
     assert load.max_total_num_tokens == engine.num_kv_blocks * BLOCK_SIZE
@@ -194,12 +193,12 @@ def http_server(server_config):
     thread.stop()
 
 
-def test_the_http_front_serves_what_gateways_read_of_a_worker(http_server):
+def test_the_http_front_serves_what_gateways_read_of_a_worker(http_server, wait_until_idle):
     base, engine = f"http://127.0.0.1:{http_server.server.http.port}", http_server.engine
     assert httpx.get(f"{base}/version").json()["version"].startswith("textgen")
     (model,) = httpx.get(f"{base}/v1/models").json()["data"]
     assert (model["root"], model["max_model_len"]) == (engine.model_info.name, engine.max_context_len)
-    wait_for(lambda: idle(engine), "the server to be idle")
+    wait_until_idle(engine)
     loads = httpx.get(f"{base}/v1/loads").json()
     assert loads["dp_rank_count"] == 1
     (load,) = loads["loads"]
