@@ -295,3 +295,14 @@ def test_smg_identifies_an_http_worker_and_reads_its_load(replicas, tmp_path):
         gateway.stop()
     log = gateway.log_path.read_text()
     assert "Could not identify backend engine" not in log
+
+
+def test_cache_aware_routing_sends_a_repeated_prefix_to_the_replica_that_cached_it(client, model):
+    """Each tenant's second request finds its system prompt's blocks cached (round-robin over two replicas
+    would send it to the other one every time)."""
+    for tenant in range(4):
+        system = f"Tenant {tenant}'s system prompt: " + "colours, shapes and numbers. " * 12
+        for question in ("first", "second"):
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+            response = client.chat.completions.create(model=model, messages=messages, max_tokens=2)
+        assert response.usage.prompt_tokens_details.cached_tokens >= 48  # the system prompt's full blocks
