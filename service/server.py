@@ -51,7 +51,7 @@ class Server:
         self.telemetry = telemetry or Telemetry()  # tracing and metrics; default: off
         self.generations = Generations()  # the engine as both fronts see it
         self.servicer = TextGenerationServicer(config, self.generations)
-        self.worker = VllmWorkerServicer(config, self.generations)  # SMG's vLLM worker protocol
+        self.worker = VllmWorkerServicer(self.generations)  # SMG's vLLM worker protocol
         self.health = health.aio.HealthServicer()
         self.engine: Engine | None = None
         self.port = 0

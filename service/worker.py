@@ -34,7 +34,6 @@ from engine.engine import Engine
 from engine.errors import InvalidRequestError
 from engine.request import GenerationEvent, GenerationRequest
 from service import worker_translate as translate
-from service.config import ServerConfig
 from service.generations import Generations
 from service.status import InvalidArgument, NotReady, Unimplemented, abort
 from service.validation import MAX_REQUEST_ID_LENGTH
@@ -51,8 +50,7 @@ FLUSH_TIMEOUT_S = 10.0  # the loop thread takes a flush at its next iteration: n
 class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
     """Serves `vllm.grpc.engine.VllmEngine` from the shared engine; until it is attached: UNAVAILABLE."""
 
-    def __init__(self, config: ServerConfig, generations: Generations) -> None:
-        self._config = config
+    def __init__(self, generations: Generations) -> None:
         self._generations = generations
         self._started = time.monotonic()
         self._last_receive = 0.0
