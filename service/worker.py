@@ -266,7 +266,9 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
                         "subscribe from 0",
                     )
                 for batch in batches:
-                    yield kv_event_batch(batch, events.block_size)
+                    message = kv_event_batch(batch, events.block_size)
+                    message.load.CopyFrom(engine_load(scheduler_load(engine), sample=batch.sequence_number))
+                    yield message
                     cursor = batch.sequence_number
                 await wake.wait()
         finally:
@@ -318,6 +320,20 @@ def scheduler_load(engine: Engine) -> pb.SchedulerLoad:
         max_total_num_tokens=num_blocks * block_size,
         token_usage=used_blocks / num_blocks,
         max_running_requests=engine.config.batch.max_batch_size,
+    )
+
+
+def engine_load(load: pb.SchedulerLoad, sample: int) -> common_pb2.EngineLoad:
+    """The load record SMG takes with each KV-event batch (then it need not poll `GetLoads` while events
+    flow): `GetLoads`' numbers, read when the batch is sent."""
+    return common_pb2.EngineLoad(
+        running_requests=load.num_running_reqs,
+        waiting_requests=load.num_waiting_reqs,
+        token_usage=load.token_usage,
+        max_running_requests=load.max_running_requests,
+        sample=sample,
+        num_used_tokens=load.num_used_tokens,
+        max_total_num_tokens=load.max_total_num_tokens,
     )
 
 

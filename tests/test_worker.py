@@ -171,6 +171,9 @@ def test_kv_events_name_each_stored_block_resume_from_a_cursor_and_flush_clears(
     assert all(b.block_size == BLOCK_SIZE for b in blocks)
     assert not event.stored.HasField("parent_block_hash")
     assert blocks[0].block_hash == block_id(log.since(start)[0].events[0].block_hashes[0])
+    load, engine = batch.load, worker_server.engine  # the engine's load, read when the batch was sent
+    assert 0 <= load.token_usage <= 1 and load.sample == batch.sequence_number
+    assert load.max_total_num_tokens == engine.num_kv_blocks * BLOCK_SIZE
 
     flushed = worker.FlushCache(common_pb2.FlushCacheRequest())
     assert flushed.success
