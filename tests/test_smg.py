@@ -32,8 +32,6 @@ SMG = Path(sys.executable).parent / "smg"
 START_TIMEOUT_S = 120.0
 PROMPT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
-pytestmark = pytest.mark.skipif(not SMG.exists(), reason="the smg wheel is not installed (make install)")
-
 
 class FinishedRequests(EngineObserver):
     """Records how each request ended (None: finished normally), from the engine's loop thread."""
