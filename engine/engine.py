@@ -14,12 +14,14 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from engine.batching import BatchConfig
 from engine.core import EngineCore, Outbox
 from engine.errors import EngineStoppedError, InvalidRequestError, RequestFailedError
-from engine.inbox import Add, Command, Inbox
+from engine.inbox import Add, Cancel, ClearPrefixCache, Command, Inbox
+from engine.kv_events import KvEventLog
 from engine.limits import MAX_CHAT_MESSAGES, MAX_N, MAX_PROMPT_CHARS, RequestLimits, check_request
 from engine.model_runner import ModelRunner
 from engine.observer import EngineObserver
@@ -130,6 +132,10 @@ class Engine:
         self.eos_token_ids: set[int] = self.scheduler.eos_token_ids
         self.max_context_len = _max_context_len(self.model_runner, config)
         allocator = self.model_runner.allocator
+        # The prefix cache's events, for gateways that route by it; the loop thread has not started yet.
+        self.kv_events = KvEventLog(allocator.block_size)
+        if config.prefix_caching:
+            allocator.events = self.kv_events
         self.limits = RequestLimits(
             max_context_len=self.max_context_len,
             vocab_size=self.model_runner.vocab_size,
@@ -239,6 +245,11 @@ class Engine:
         """
         self._inbox.cancel(request_id)
 
+    def clear_prefix_cache(self) -> Future:
+        """Drop the prefix cache's index at the next step, requests in flight untouched (they keep their
+        blocks); the future gives the number of blocks it held."""
+        return self._inbox.clear_prefix_cache()
+
     def generate(
         self,
         prompts: list[str | list[int]],
@@ -340,6 +351,7 @@ class Engine:
             except Exception as exc:  # a bug outside the model step: fail what is in flight, keep serving
                 log.exception("engine loop failed")
                 self.core.fail_all(RequestFailedError(f"engine fault: {exc}"), outbox)
+            self.kv_events.publish()  # before the events: a request's blocks are published when it ends
             self._dispatch(outbox)
         outbox = []
         self._apply(self._inbox.drain(), outbox)
@@ -353,9 +365,11 @@ class Engine:
                 for seq in command.seqs:
                     self._sinks[seq.seq_id] = command.sink
                     self.core.add(seq)
-            else:
+            elif isinstance(command, Cancel):
                 for seq_id in list(self._groups.get(command.group_id, ())):
                     self.core.abort(seq_id, command.error, outbox)
+            elif isinstance(command, ClearPrefixCache):
+                command.done.set_result(self.model_runner.allocator.clear_cache())
 
     def _dispatch(self, outbox: Outbox) -> None:
         """Hand this step's events to their callers: one thread crossing per asyncio loop per step."""

@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 from engine.engine import Engine
 from engine.errors import EngineStoppedError, InvalidRequestError
 from engine.request import GenerationEvent, GenerationRequest
-from service import openai_tokenize
+from service import openai_tokenize, worker_http
 from service import openai_translate as openai
 from service.auth import ApiKeys, bearer_token
 from service.config import ServerConfig
@@ -77,6 +77,7 @@ class OpenAIFront:
         app.router.add_get("/health", self._health)
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_post("/detokenize", self._detokenize)
+        worker_http.add_routes(app, generations)  # what gateways read to identify a worker and its load
         # A client that goes away cancels its handler, and so its engine request; no log line per request.
         # keepalive_timeout runs from a connection's opening too: one with no complete request head (silent,
         # slow) or idle between requests is closed after it.
@@ -155,6 +156,7 @@ class OpenAIFront:
             "object": "model",
             "created": 0,
             "owned_by": "textgen",
+            "root": info.name,  # vLLM's field for the model's path, which gateways read
             "max_model_len": info.max_context_len,
         }
         return web.json_response({"object": "list", "data": [model]})

@@ -76,6 +76,10 @@ class Unauthenticated(Exception):
     """The call carries no API key, or one the server does not accept (service/auth.py)."""
 
 
+class Unimplemented(Exception):
+    """The call needs what this server does not do (images, KV transfer, profiling: service/worker.py)."""
+
+
 class ModelNotFound(Exception):
     """The request names a model this server does not serve (the OpenAI HTTP front's `model`)."""
 
@@ -97,6 +101,7 @@ _STATUSES: list[tuple[type[BaseException], int, str]] = [
     (DuplicateRequestError, code_pb2.ALREADY_EXISTS, "ALREADY_EXISTS"),
     (Unauthenticated, code_pb2.UNAUTHENTICATED, "UNAUTHENTICATED"),
     (ModelNotFound, code_pb2.NOT_FOUND, "MODEL_NOT_FOUND"),
+    (Unimplemented, code_pb2.UNIMPLEMENTED, "UNIMPLEMENTED"),
     (RequestFailedError, code_pb2.INTERNAL, "ENGINE_FAULT"),
 ]
 _UNEXPECTED = (code_pb2.INTERNAL, "INTERNAL")
