@@ -103,6 +103,11 @@ class ModelRunner:
         """Whether decode steps replay CUDA graphs."""
         return self._decode_graphs is not None and self._decode_graphs.captured
 
+    @property
+    def decode_graphs(self) -> DecodeGraphs | None:
+        """The static decode buffers (and graphs), once `pad_decode_batches` or a capture made them."""
+        return self._decode_graphs
+
     @torch.inference_mode()
     def capture_decode_graphs(self, max_batch_size: int, max_context_len: int) -> bool:
         """On CUDA, capture a CUDA graph of the decode step per batch-size bucket; whether it did.
