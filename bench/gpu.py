@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import importlib.util
 import math
 import os
 import shutil
@@ -123,16 +124,26 @@ def copy_rate(plan: Plan) -> float:
     return 2 * plan.copy_bytes / statistics.median(times)
 
 
+# What the run imports beyond the standard library (and what these bring: numpy, tokenizers, ...): what a
+# GPU image with PyTorch holds, or gets with one pip install; nothing else of the server's
+# (test_bench_gpu.py). llguidance: the engine's grammars (a wheel with no dependencies).
+PACKAGES = ("torch", "triton", "transformers", "pytest", "llguidance")
+
+
 def toolchain() -> dict:
-    """The C compiler and Python headers Triton builds its launcher with at first use (else every launch
-    fails): Triton takes $CC, else the first of clang, gcc and cc on PATH."""
+    """What the run needs besides the GPU: its Python packages, and the C compiler and Python headers that
+    Triton builds its launcher with at first use (else every launch fails; Triton takes $CC, else the
+    first of clang, gcc and cc on PATH)."""
     compiler = os.environ.get("CC") or next(filter(None, map(shutil.which, ("clang", "gcc", "cc"))), None)
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
     found = {"compiler": compiler, "python_headers": str(headers) if headers.exists() else None}
-    missing = [name for name, path in found.items() if path is None]
-    if missing:
-        raise StepFailed(f"Triton cannot build its launcher: no {' and no '.join(missing)} "
-                         "(install gcc and python3-dev, or set CC)")  # fmt: skip
+    problems = [f"no {name.replace('_', ' ')}" for name, path in found.items() if path is None]
+    if problems:
+        problems[-1] += " for Triton's launcher (install gcc and python3-dev, or set CC)"
+    if missing := [name for name in PACKAGES if importlib.util.find_spec(name) is None]:
+        problems.append(f"missing Python packages: {' '.join(missing)} (pip install {' '.join(missing)})")
+    if problems:
+        raise StepFailed("; ".join(problems))
     return found
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -88,7 +90,7 @@ def test_no_c_compiler_for_tritons_launcher_fails_the_bench(tmp_path, monkeypatc
     out = tmp_path / "gpu.json"
     with pytest.raises(SystemExit, match="failed: toolchain"):
         gpu.main(["--smoke", "--steps", "toolchain", "--out", str(out)])
-    assert "no compiler" in json.loads(out.read_text())["errors"]["toolchain"]
+    assert json.loads(out.read_text())["errors"]["toolchain"].startswith("no compiler for Triton's launcher")
 
 
 def test_a_lost_cuda_context_stops_the_run_and_fails_it(tmp_path, monkeypatch):
@@ -113,3 +115,21 @@ def test_the_json_is_written_as_each_step_ends(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         gpu.main(["--smoke", "--steps", "toolchain,copy", "--out", str(out)])
     assert json.loads(out.read_text())["toolchain"]["compiler"]
+
+
+# The server's dependencies, absent from a GPU image that holds torch, triton and transformers.
+SERVER_ONLY = ("gguf", "grpc", "grpc_tools", "google", "aiohttp", "openai", "opentelemetry",
+               "prometheus_client", "matplotlib", "jsonschema", "service", "client", "telemetry",
+               "protos")  # fmt: skip
+
+
+def test_the_bench_and_the_cuda_tests_import_nothing_of_the_servers():
+    blocked = "".join(f"sys.modules[{name!r}] = None\n" for name in SERVER_ONLY)  # as if not installed
+    script = blocked + (
+        "sys.path.insert(0, 'tests')\n"
+        "import bench.gpu, bench.engine_throughput, bench.hf_generate, bench.random_model, test_cuda\n"
+        "print('imported')\n"
+    )
+    command = [sys.executable, "-c", "import sys\n" + script]
+    result = subprocess.run(command, cwd=gpu.ROOT, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "imported", result.stderr[-2000:]
