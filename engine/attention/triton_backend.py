@@ -3,7 +3,8 @@
 One program per (sequence, KV head) walks the sequence's block table, reading each KV block straight
 from the cache, and keeps an online softmax (running max and sum) in float32, so the whole context is
 read once and nothing is padded. The query heads that share a KV head are handled together.
-Tested against the torch path on the CPU with TRITON_INTERPRET=1 (tests/test_attention_kernels.py).
+Tested against the torch path on the CPU with TRITON_INTERPRET=1 (tests/test_attention_kernels.py,
+tests/test_triton_offsets.py) and compiled ahead of time for sm_80 and sm_90 (bench/triton_aot.py).
 """
 
 from __future__ import annotations
