@@ -101,7 +101,7 @@ class DecodeRow:
     batch: int
     step_ms: float
     bytes_per_step: int
-    copy_fraction: float
+    copy_fraction: float | None  # None without the copy step
 
 
 def synchronize(device: str) -> None:
@@ -210,7 +210,7 @@ def check_device(device: str) -> None:
         torch.ones(1, device=device).add_(1).item()
 
 
-def decode_rows(plan: Plan, shape: str, rate: float) -> list[DecodeRow]:
+def decode_rows(plan: Plan, shape: str, rate: float | None) -> list[DecodeRow]:
     """Step times of every mode and batch for `shape`, one model built per backend."""
     from bench.random_model import kv_bytes_per_token, parameter_bytes, random_model
     from engine.model_runner import ModelRunner
@@ -233,10 +233,10 @@ def decode_rows(plan: Plan, shape: str, rate: float) -> list[DecodeRow]:
                 weights = parameter_bytes(shape, plan.dtype)
                 mean_context = plan.context + (plan.warmup_steps + plan.timed_steps) / 2
                 kv = int(batch * mean_context * kv_bytes_per_token(shape, plan.dtype))
-                fraction = (weights + kv) / step_s / rate
+                fraction = (weights + kv) / step_s / rate if rate else None
                 rows.append(DecodeRow(shape, mode, batch, step_s * 1e3, weights + kv, fraction))
-                print(f"{shape} {mode} batch {batch}: {step_s * 1e3:.3f} ms, {fraction:.1%} of the copy rate",
-                      flush=True)  # fmt: skip
+                print(f"{shape} {mode} batch {batch}: {step_s * 1e3:.3f} ms, {_percent(fraction)} of the "
+                      "copy rate", flush=True)  # fmt: skip
         del runner, loaded
         free_memory()
     return rows
@@ -396,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"device-to-device copy: {rate / 1e9:.1f} GB/s (read + write)", flush=True)
 
     def decode(shape: str) -> None:
-        rate = report.get("copy_rate_bytes_per_s") or math.nan
+        rate = report.get("copy_rate_bytes_per_s")
         report["decode"] += [asdict(row) for row in decode_rows(plan, shape, rate)]
 
     def throughput() -> None:
@@ -419,6 +419,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report
 
 
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction:.1%}"
+
+
 def print_report(report: dict) -> None:
     plan, env = report["plan"], report["environment"]
     where = env.get("gpu") or f"CPU ({env['cpu_count']} cores)"
@@ -438,7 +442,7 @@ def print_report(report: dict) -> None:
     headers = ["shape", "decode", "batch", "step ms", "MB read per step", "of the copy rate"]
     rows = [
         [r["shape"], r["mode"], r["batch"], f"{r['step_ms']:.3f}", f"{r['bytes_per_step'] / 1e6:.4g}",
-         f"{r['copy_fraction']:.1%}"]
+         _percent(r["copy_fraction"])]
         for r in report["decode"]
     ]  # fmt: skip
     print(markdown_table(headers, rows))

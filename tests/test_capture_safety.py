@@ -54,7 +54,8 @@ def tiny_llama(tiny_model_dir):
 def test_a_padded_decode_step_of_every_bucket_passes_the_check(tiny_llama, backend):
     if backend == "triton":
         pytest.importorskip("triton")  # in its interpreter on the CPU: the same host code as on CUDA
-    runner = ModelRunner(tiny_llama, "cpu", "float32", num_kv_blocks=64, block_size=16,
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    runner = ModelRunner(tiny_llama, device, "float32", num_kv_blocks=64, block_size=16,
                          attention_backend=backend, weight_format="native", model_impl="lean")  # fmt: skip
     runner.pad_decode_batches(max_batch_size=8, max_context_len=128)
     runner.decode_graphs.check_capture_safety()  # what `capture_decode_graphs` runs before capturing
