@@ -183,8 +183,8 @@ def _junit_counts(path: Path) -> dict:
     """Tests, failures, errors and skips (with their reasons) from pytest's JUnit XML."""
     root = ElementTree.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    counts = {key: sum(int(suite.get(key, 0)) for suite in suites) for key in ("tests", "failures", "errors")}
-    counts["skipped"] = sum(int(suite.get("skipped", 0)) for suite in suites)
+    keys = ("tests", "failures", "errors", "skipped")
+    counts: dict = {key: sum(int(suite.get(key, 0)) for suite in suites) for key in keys}
     counts["skip_reasons"] = sorted({skip.get("message", "") for skip in root.iter("skipped")})
     return counts
 
