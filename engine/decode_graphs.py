@@ -5,10 +5,12 @@ a graph captured once per batch size replays every kernel of the step in one lau
 fixed tensors, so a step's inputs are copied into static buffers and its batch is padded up to the
 nearest bucket. Padding rows run token 0 at position 0 against a block of their own (reserved from the
 pool), so they write and read nothing of a real row's, and every operation of a decode step works row
-by row: a real row's result does not depend on the padding, but for how a BLAS rounds a GEMM of another
-row count (tests/test_decode_graphs.py, on the CPU, where the same buffers and padding run eagerly). Before capturing, every bucket's step runs once under
-`capture_safety.forbid_host_work`, which fails on what a replay cannot repeat (a host read, a tensor made
-from host data); the CPU tests run the same check (tests/test_capture_safety.py).
+by row: a real row's result does not depend on the padding, except for how a BLAS rounds a GEMM of another
+row count (tests/test_decode_graphs.py, on the CPU, where the same buffers and padding run eagerly).
+
+Before capturing, every bucket's step runs once under `capture_safety.forbid_host_work`, which fails on
+what a replay cannot repeat (a host read, a tensor made from host data); the CPU tests run the same check
+(tests/test_capture_safety.py).
 """
 
 from __future__ import annotations
