@@ -97,8 +97,8 @@ bench-llamacpp: install proto
 # the CUDA tests, decode step times with and without CUDA graphs, and throughput against transformers'
 # generate. Any failure (a test failed, skipped or timed out, no compiler, a lost CUDA context) is in
 # bench/results/gpu.json and the exit status. It installs nothing: on a GPU machine whose python3 holds
-# torch, triton, transformers and pytest, it runs as it is (without .venv); BENCH_ARGS="--smoke" runs tiny
-# shapes on the CPU. Flags: BENCH_ARGS="--help".
+# torch, triton, transformers, pytest and llguidance, it runs as it is (without .venv); BENCH_ARGS="--smoke"
+# runs tiny shapes on the CPU. Flags: BENCH_ARGS="--help".
 bench-gpu:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m bench.gpu $(BENCH_ARGS)
 
