@@ -21,6 +21,7 @@ from engine.batching import BatchConfig
 from engine.core import EngineCore, Outbox
 from engine.errors import EngineStoppedError, InvalidRequestError, RequestFailedError
 from engine.inbox import Add, Cancel, ClearPrefixCache, Command, Inbox
+from engine.kv_cache import check_block_size
 from engine.kv_events import KvEventLog
 from engine.limits import MAX_CHAT_MESSAGES, MAX_N, MAX_PROMPT_CHARS, RequestLimits, check_request
 from engine.model_runner import ModelRunner
@@ -69,6 +70,9 @@ class EngineConfig:
     max_n: int = MAX_N  # the most completions one request may ask for
     cuda_graphs: bool = True  # on CUDA, decode steps replay a graph per batch-size bucket (lean code, triton)
     grammar_step_budget_ms: float = GRAMMAR_STEP_BUDGET_MS  # a row's grammar later than this fails alone
+
+    def __post_init__(self) -> None:
+        check_block_size(self.kv_block_size)
 
 
 @dataclass(slots=True)

@@ -21,6 +21,13 @@ import torch
 from engine.kv_events import KvEventLog
 
 
+def check_block_size(block_size: int) -> None:
+    """Refuse a KV block size that is not a power of two, at start: the Triton decode kernel walks a block
+    as `tl.arange(0, block_size)`, which needs one, and every backend takes the same sizes."""
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"the KV block size must be a power of two (1, 2, 4, 8, 16, ...), not {block_size}")
+
+
 def block_hashes(
     token_ids: list[int], block_size: int, hashes: list[bytes], seed: bytes = b""
 ) -> list[bytes]:

@@ -17,6 +17,7 @@ from engine import loader
 from engine.attention import PrefillSegment, StepContext, resolve_decode_backend
 from engine.decode_graphs import DecodeBatch, DecodeGraphs, decode_buckets
 from engine.errors import EngineError, GrammarLimitError
+from engine.kv_cache import check_block_size
 from engine.models import build_forward
 from engine.models.llama import LlamaModel
 from engine.sampler import FAILED, SamplingBatch, prompt_logprobs, sample, top_logprobs
@@ -72,7 +73,8 @@ class ModelRunner:
         preloaded = isinstance(model, loader.LoadedModel)  # keeps its own device, dtype and weights
         resolved_device = model.device if preloaded else loader.resolve_device(device)
         resolved_dtype = model.dtype if preloaded else loader.resolve_dtype(dtype, resolved_device)
-        # Before loading, so that a backend that cannot run here fails fast.
+        # Before loading, so that a block size or backend that cannot run here fails fast.
+        check_block_size(block_size)
         self.attention_backend, self._decode_attention = resolve_decode_backend(
             attention_backend, resolved_device, resolved_dtype
         )
@@ -100,6 +102,11 @@ class ModelRunner:
     def cuda_graphs(self) -> bool:
         """Whether decode steps replay CUDA graphs."""
         return self._decode_graphs is not None and self._decode_graphs.captured
+
+    @property
+    def decode_graphs(self) -> DecodeGraphs | None:
+        """The static decode buffers (and graphs), once `pad_decode_batches` or a capture made them."""
+        return self._decode_graphs
 
     @torch.inference_mode()
     def capture_decode_graphs(self, max_batch_size: int, max_context_len: int) -> bool:
