@@ -44,6 +44,9 @@ class FaultyRunner:
             raise RuntimeError("injected fault")
         return self.runner.execute(step)
 
+    def close(self) -> None:
+        self.runner.close()
+
 
 def _poisoned(run: Callable) -> Callable:
     """`ModelRunner.run` giving NaN logits to every input whose tokens start with `POISON`."""

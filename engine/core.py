@@ -32,6 +32,10 @@ class StepRunner(Protocol):
 
     def execute(self, step: Step) -> StepOutput: ...
 
+    def close(self) -> None:
+        """Release what the runner holds beside the model (its grammar workers); the loop's last call."""
+        ...
+
 
 class EngineCore:
     """Owns the scheduler, the runner and the output processor; events for callers go to an outbox."""
