@@ -2,10 +2,11 @@
 
 The grammar engine is llguidance (guidance-ai; vLLM's "guidance" structured-output backend, optional in
 llama.cpp): a Rust library whose wheel needs nothing else from Python (no torch of its own), that parses
-JSON schemas, regular expressions and Lark grammars. It computes each token mask on demand from
-an Earley parser and a token trie instead of precomputing masks over the vocabulary, so a grammar is
-ready in milliseconds even for a large schema (README, "Structured output"), where xgrammar and
-outlines-core spend their compile time building per-state vocabulary masks.
+JSON schemas, regular expressions and Lark grammars (tool calls' among them: service/tool_calls.py).
+It computes each token mask on demand from an Earley parser and a token trie instead of precomputing
+masks over the vocabulary, so a grammar is ready in milliseconds even for a large schema (README,
+"Structured output"), where xgrammar and outlines-core spend their compile time building per-state
+vocabulary masks.
 
 Compiling happens on the caller's thread (the server's tokenizer threads), never the engine loop's, and
 is cached by format; each request gets its own matcher, a cheap copy of the compiled one. A matcher
@@ -119,6 +120,8 @@ def _grammar(response_format: ResponseFormat) -> tuple[str, str]:
         return f"{field}.json_schema", grammar
     if response_format.regex is not None:
         return f"{field}.regex", llguidance.LLMatcher.grammar_from_regex(response_format.regex)
+    if response_format.lark is not None:
+        return f"{field}.lark", llguidance.LLMatcher.grammar_from_lark(response_format.lark)
     assert response_format.choice is not None
     lark = "start: " + " | ".join(json.dumps(choice) for choice in response_format.choice)
     return f"{field}.choice.choices", llguidance.LLMatcher.grammar_from_lark(lark)

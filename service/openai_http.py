@@ -26,6 +26,7 @@ from engine.engine import Engine
 from engine.errors import EngineStoppedError, InvalidRequestError
 from engine.request import GenerationEvent, GenerationRequest
 from service import openai_translate as openai
+from service import tools
 from service.auth import ApiKeys, bearer_token
 from service.config import ServerConfig
 from service.generations import Generations
@@ -144,6 +145,7 @@ class OpenAIFront:
     async def _generate(self, http_request: web.Request, endpoint: str) -> web.StreamResponse:
         engine, limits = self._generations.ready()
         request = openai.parse_request(endpoint, await _json_body(http_request), limits)
+        request.reasoning = self._config.reasoning_parser == "think"
         name = engine.model_info.name
         if request.model not in (None, name):
             raise ModelNotFound(f"the model {request.model!r} does not exist: this server serves {name!r}")
@@ -183,9 +185,9 @@ class OpenAIFront:
             return request.prompt_ids
         if request.prompt is not None:
             return await self._generations.off_loop(engine.tokenize, request.prompt)
-        messages = [{"role": m.role, "content": m.content} for m in request.messages or ()]
+        turns = request.messages or []
         try:
-            return await self._generations.off_loop(engine.apply_chat_template, messages)
+            return await self._generations.off_loop(tools.chat_prompt_ids, engine, turns, request.tools)
         except InvalidRequestError as e:  # the model has no chat template
             raise request.invalid_argument(e) from e
         except Exception as e:  # the template rejects the conversation (roles, order): the client's to fix
