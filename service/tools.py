@@ -23,8 +23,8 @@ from engine.limits import Violation
 
 AUTO, NONE, REQUIRED, FUNCTION = "auto", "none", "required", "function"
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # OpenAI's rule for function names
-# A tool without parameters takes an empty object, as OpenAI's API says.
-NO_PARAMETERS = {"type": "object", "properties": {}}
+# A tool without parameters takes an empty object, as OpenAI's API says: that one alone.
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 @dataclass(frozen=True, slots=True)
