@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from service.reasoning import ReasoningSplitter, Split
 from service.tool_calls import ParsedOutput, ToolCallDelta, ToolCallParser, arguments_deltas
-from service.tools import ToolRequest
+from service.tools import ToolCall, ToolRequest
 
 
 class ChatOutput:
@@ -24,6 +24,11 @@ class ChatOutput:
     def called(self) -> bool:
         """Whether the model made a complete tool call (the finish reason is then `tool_calls`)."""
         return self._parser is not None and bool(self._parser.calls)
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        """The complete calls so far."""
+        return self._parser.calls if self._parser is not None else []
 
     def delta(self, text: str, last: bool = False) -> dict:
         """The delta fields (`reasoning_content`, `content`, `tool_calls`) that `text` completes; with `last`,

@@ -22,7 +22,7 @@ from engine.engine import Engine
 from engine.limits import Violation
 
 AUTO, NONE, REQUIRED, FUNCTION = "auto", "none", "required", "function"
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # OpenAI's rule for function names
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # OpenAI's rule for function names
 # A tool without parameters takes an empty object, as OpenAI's API says: that one alone.
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -148,7 +148,7 @@ def _openai_tool(tool: object, path: str, violations: list[Violation]) -> Tool |
     violations += [(f"{path}.function.{name}", "is not supported") for name in unknown]
     name, description = function.get("name"), function.get("description") or ""
     parameters = function.get("parameters")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         violations.append((f"{path}.function.name", "must be 1 to 64 letters, digits, '_', '.' or '-'"))
         return None
     if not isinstance(description, str):
