@@ -30,6 +30,7 @@ class GenerateParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None
+    logit_bias: Mapping[int, float] | None = None  # token id -> bias in [-100, 100], added to its logit
     stop_sequences: Sequence[str] = ()
     ignore_eos: bool = False
     priority: int = 0
@@ -43,7 +44,10 @@ class GenerateParams:
 
     def sampling(self) -> pb.SamplingParameters:
         sampling = pb.SamplingParameters(
-            top_k=self.top_k, frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty
+            top_k=self.top_k,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            logit_bias=self.logit_bias,
         )
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "seed"):
             if getattr(self, name) is not None:

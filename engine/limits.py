@@ -28,6 +28,8 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API: alternatives per token
 MAX_RESPONSE_FORMAT_CHARS = 64 * 1024
 MAX_CHOICES = 1024
 MAX_N = 16  # completions per request (--max-n)
+MAX_LOGIT_BIAS_TOKENS = 300  # as OpenAI's API: tokens a request may bias
+MAX_ABS_LOGIT_BIAS = 100.0
 
 Violation = tuple[str, str]
 
@@ -98,6 +100,7 @@ def parameter_violations(
         + _max_new_tokens_violations(stopping, limits)
         + _stop_sequence_violations(stopping.stop_sequences, limits)
         + _response_format_violations(sampling.response_format, stopping)
+        + _logit_bias_violations(sampling.logit_bias, limits)
     )
 
 
@@ -193,6 +196,20 @@ def _sampling_violations(sampling: SamplingParams) -> list[Violation]:
         if not (math.isfinite(value) and ok(value)):
             violations.append((f"sampling.{name}", f"must be {rule}, got {value:g}"))
     return violations
+
+
+def _logit_bias_violations(logit_bias: dict[int, float], limits: RequestLimits) -> list[Violation]:
+    """At most `MAX_LOGIT_BIAS_TOKENS` token ids, each in the vocabulary, each bias finite and in [-100, 100];
+    only the first bad entry is named."""
+    if len(logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+        return [("sampling.logit_bias", f"at most {MAX_LOGIT_BIAS_TOKENS} token ids, got {len(logit_bias)}")]
+    vocab, rule = limits.vocab_size, f"in [-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}]"
+    for token_id, bias in logit_bias.items():
+        if not 0 <= token_id < vocab:
+            return [(f"sampling.logit_bias[{token_id}]", f"is not a token id: ids are in [0, {vocab})")]
+        if not (math.isfinite(bias) and abs(bias) <= MAX_ABS_LOGIT_BIAS):
+            return [(f"sampling.logit_bias[{token_id}]", f"must be a bias {rule}, got {bias:g}")]
+    return []
 
 
 def _max_new_tokens_violations(stopping: StoppingParams, limits: RequestLimits) -> list[Violation]:

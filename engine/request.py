@@ -45,6 +45,9 @@ class SamplingParams:
     top_logprobs: int = 0
     prompt_logprobs: bool = False
     response_format: ResponseFormat | None = None  # constrains which tokens may be sampled
+    # Added to the logits of these token ids before sampling (OpenAI's `logit_bias`): -100 all but bans a
+    # token, 100 all but forces it. The reported log-probabilities stay the model's.
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     @property
     def greedy(self) -> bool:

@@ -1,4 +1,5 @@
-"""Batched sampling on the logits' device: penalties, temperature, top-k, top-p, min-p, seeds, greedy."""
+"""Batched sampling on the logits' device: penalties, logit bias, temperature, top-k, top-p, min-p, seeds,
+greedy."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
     """Pick one token per row of `logits` [rows, vocab]; return (token ids, their model log-probabilities).
 
     Each row uses only its own parameters, its own generator and its own grammar mask (`batch.allowed`,
-    applied after the penalties), so a seeded request draws the same tokens whatever else is in the batch.
-    The log-probabilities are the model's: of the raw logits, before penalties, mask and temperature.
+    applied after the penalties and the logit bias), so a seeded request draws the same tokens whatever else
+    is in the batch. The log-probabilities are the model's: of the raw logits, before penalties, bias, mask
+    and temperature.
     A row whose logits or probabilities are not finite, or whose mask allows nothing, gets the token id
     `FAILED` and a NaN log-probability; the other rows are sampled as usual.
     """
@@ -38,6 +40,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
     failed = torch.isnan(logits).any(dim=-1)
     if any(_has_penalty(p) for p in params):
         logits = _apply_penalties(logits.clone(), batch)
+    if any(p.logit_bias for p in params):
+        logits = logits + _logit_bias(params, logits.shape, logits.device)
     if batch.allowed is not None:  # structured output; the reported log-probabilities stay the model's
         logits = logits.masked_fill(~batch.allowed, float("-inf"))
         failed |= ~batch.allowed.any(dim=-1)
@@ -102,6 +106,19 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
             )
             logits[i] -= counts * p.frequency_penalty + (counts > 0).float() * p.presence_penalty
     return logits
+
+
+def _logit_bias(params: list[SamplingParams], shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Each row's `logit_bias` as a [rows, vocab] tensor, zero elsewhere: added element by element, so a row's
+    logits never depend on another row's bias."""
+    rows, ids, values = [], [], []
+    for i, p in enumerate(params):
+        rows += [i] * len(p.logit_bias)
+        ids += p.logit_bias.keys()
+        values += p.logit_bias.values()
+    bias = torch.zeros(shape, device=device)
+    index = (torch.tensor(rows, device=device), torch.tensor(ids, dtype=torch.long, device=device))
+    return bias.index_put_(index, torch.tensor(values, dtype=torch.float32, device=device))
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

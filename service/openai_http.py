@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP front: `/v1/completions`, `/v1/chat/completions`, `/v1/models` and `/health`.
+"""The OpenAI-compatible HTTP front: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`, and
+vLLM's `/tokenize` and `/detokenize`.
 
 aiohttp serves it in the server's own event loop, beside grpc.aio, on the same engine
 (service/generations.py): the same admission, priorities, deadlines, API keys, drain and telemetry. Errors
@@ -25,8 +26,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 from engine.engine import Engine
 from engine.errors import EngineStoppedError, InvalidRequestError
 from engine.request import GenerationEvent, GenerationRequest
+from service import openai_tokenize, tools
 from service import openai_translate as openai
-from service import tools
 from service.auth import ApiKeys, bearer_token
 from service.config import ServerConfig
 from service.generations import Generations
@@ -70,6 +71,8 @@ class OpenAIFront:
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
         # A client that goes away cancels its handler, and so its engine request; no log line per request.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
 
@@ -146,12 +149,14 @@ class OpenAIFront:
         engine, limits = self._generations.ready()
         request = openai.parse_request(endpoint, await _json_body(http_request), limits)
         request.reasoning = self._config.reasoning_parser == "think"
-        name = engine.model_info.name
-        if request.model not in (None, name):
-            raise ModelNotFound(f"the model {request.model!r} does not exist: this server serves {name!r}")
+        name = _served_model(engine, request.model)
         request_id = _request_id(http_request)
+        prompt_ids = await self._prompt_ids(engine, request)
+        echo = None
+        if request.echo:
+            echo = await self._generations.off_loop(_echoed_prompt, engine, request.prompt, prompt_ids)
         generation_request = GenerationRequest(
-            prompt_ids=await self._prompt_ids(engine, request),
+            prompt_ids=prompt_ids,
             sampling=request.sampling,
             stopping=request.stopping,
             priority=request.priority,
@@ -174,10 +179,31 @@ class OpenAIFront:
                 raise request.invalid_argument(e) from e
             headers = {REQUEST_ID_HEADER: request_id}
             if request.stream:
-                state = openai.StreamState(request)
+                state = openai.StreamState(request, len(prompt_ids), echo)
                 return await _stream(http_request, headers, header, state, first, events)
             collected = [first] + [event async for event in events]
-            return web.json_response(openai.response(header, request, collected), headers=headers)
+            return web.json_response(openai.response(header, request, collected, echo), headers=headers)
+
+    async def _tokenize(self, http_request: web.Request) -> web.Response:
+        """vLLM's `/tokenize`: the token ids a prompt or a chat runs as (service/openai_tokenize.py)."""
+        engine, limits = self._generations.ready()
+        request = openai_tokenize.parse_tokenize(await _json_body(http_request), limits)
+        _served_model(engine, request.input.model)
+        prompt = request.input.prompt
+        if prompt is not None:
+            ids = await self._generations.off_loop(engine.tokenize, prompt, request.add_special_tokens)
+        else:
+            ids = await self._prompt_ids(engine, request.input)
+        strs = engine.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+        return web.json_response(openai_tokenize.tokenize_response(ids, limits.max_context_len, strs))
+
+    async def _detokenize(self, http_request: web.Request) -> web.Response:
+        """vLLM's `/detokenize`: the text of token ids, special tokens included."""
+        engine, limits = self._generations.ready()
+        request = openai_tokenize.parse_detokenize(await _json_body(http_request), limits)
+        _served_model(engine, request.model)
+        text = await self._generations.off_loop(engine.decode, request.tokens, False)
+        return web.json_response({"prompt": text})
 
     async def _prompt_ids(self, engine: Engine, request: openai.OpenAIRequest) -> list[int]:
         """The request's input as token ids, tokenized or templated off the event loop."""
@@ -192,6 +218,20 @@ class OpenAIFront:
             raise request.invalid_argument(e) from e
         except Exception as e:  # the template rejects the conversation (roles, order): the client's to fix
             raise InvalidArgument([("messages", f"the model's chat template rejected them: {e}")]) from e
+
+
+def _served_model(engine: Engine, model: str | None) -> str:
+    """The served model's name; raises `ModelNotFound` when the body named another."""
+    name = engine.model_info.name
+    if model not in (None, name):
+        raise ModelNotFound(f"the model {model!r} does not exist: this server serves {name!r}")
+    return name
+
+
+def _echoed_prompt(engine: Engine, prompt: str | None, prompt_ids: list[int]) -> openai.EchoedPrompt:
+    """What `echo` puts before each completion: the prompt as sent, or its token ids decoded."""
+    text = engine.decode(prompt_ids, skip_special_tokens=False) if prompt is None else prompt
+    return openai.EchoedPrompt(text, engine.decode(prompt_ids[:1], skip_special_tokens=False))
 
 
 async def _stream(

@@ -52,7 +52,7 @@ MIN_LOGPROB = -9999.0  # JSON has no -Infinity: an impossible token's log-probab
 # vLLM takes them), sent by the `openai` client as `extra_body`.
 _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
-    "n", "logprobs", "stream", "stream_options", "user", "response_format",
+    "n", "logprobs", "stream", "stream_options", "user", "response_format", "logit_bias",
     "top_k", "min_p", "repetition_penalty", "ignore_eos", "priority",
     "guided_json", "guided_regex", "guided_choice", "structured_outputs",
 }  # fmt: skip
@@ -90,10 +90,13 @@ class OpenAIRequest:
     priority: int = 0
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # vLLM's `continuous_usage_stats`: the usage so far in every chunk
     n: int = 1
     logprobs: bool = False  # report each token's log-probability (and `sampling.top_logprobs` alternatives)
     tools: tool_requests.ToolRequest | None = None  # a chat's tools (service/tools.py)
     reasoning: bool = False  # split `<think>` blocks into `reasoning_content` (--reasoning-parser)
+    echo: bool = False  # completions: the prompt (and its tokens' log-probabilities) before the completion
+    echo_only: bool = False  # `max_tokens: 0` with echo: the prompt alone, scored; the token made is left out
     params: dict[str, str] = field(default_factory=dict)  # engine field -> the parameter the body named
 
     def chat_output(self) -> ChatOutput | None:
@@ -120,6 +123,10 @@ class OpenAIRequest:
         kind = PromptTooLong if isinstance(error, PromptTooLongError) else InvalidArgument
         return kind(self.violations(error.violations))
 
+    def answered_tokens(self, num_tokens: int) -> int:
+        """How many of `num_tokens` generated tokens the answer holds (and its usage counts)."""
+        return 0 if self.echo_only else num_tokens
+
 
 def parse_request(endpoint: str, body: object, limits: RequestLimits) -> OpenAIRequest:
     """The engine's view of a request `body`; raises `InvalidArgument` naming every bad parameter.
@@ -134,10 +141,11 @@ def parse_request(endpoint: str, body: object, limits: RequestLimits) -> OpenAIR
         {"stopping.max_new_tokens": fields.max_tokens_name, "stopping.stop_sequences": "stop"}
     )
     request.priority = fields.integer("priority", 0, -MAX_PRIORITY, MAX_PRIORITY - 1)
-    request.stream = fields.boolean("stream", False)
-    request.include_usage = _include_usage(fields, request.stream)
+    _stream_options(fields, request)
     request.n = fields.integer("n", 1, 1, limits.max_n)
     _logprobs(fields, request)
+    _echo(fields, request)
+    request.sampling.logit_bias = _logit_bias(fields, request)
     request.sampling.response_format = _response_format(fields, request)
     if endpoint == COMPLETION:
         _prompt(fields, request)
@@ -222,7 +230,7 @@ def _sampling(fields: _Fields) -> SamplingParams:
 def _stopping(fields: _Fields) -> StoppingParams:
     """Null max tokens is the server's default (`--default-max-new-tokens`), shortened to fit the context."""
     name = fields.max_tokens_name
-    max_tokens = fields.integer(name, 0, 1, 2**31 - 1)
+    max_tokens = fields.integer(name, 0, 0, 2**31 - 1)  # 0 only with echo (`_echo`)
     stop = fields.get("stop", (str, list), "a string or a list of strings")
     if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
         fields.violations.append(("stop", "must be a string or a list of strings"))
@@ -239,14 +247,45 @@ def _logprobs(fields: _Fields, request: OpenAIRequest) -> None:
         request.logprobs = count >= 0
         request.sampling.top_logprobs = max(count, 0)
         request.params["sampling.top_logprobs"] = "logprobs"
-        if fields.boolean("echo", False):
-            fields.violations.append(("echo", "is not supported: the answer holds the completion alone"))
         return
     request.logprobs = fields.boolean("logprobs", False)
     request.sampling.top_logprobs = fields.integer("top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
     request.params["sampling.top_logprobs"] = "top_logprobs"
     if fields.body.get("top_logprobs") is not None and not request.logprobs:
         fields.violations.append(("top_logprobs", "needs logprobs: true"))
+
+
+def _echo(fields: _Fields, request: OpenAIRequest) -> None:
+    """Completions' `echo` (as vLLM): the prompt's text before the completion's and, with `logprobs`, its
+    tokens scored before the completion's. `max_tokens: 0` is allowed with echo alone: the prompt, scored."""
+    request.echo = request.endpoint == COMPLETION and fields.boolean("echo", False)
+    request.sampling.prompt_logprobs = request.echo and request.logprobs
+    name, max_tokens = fields.max_tokens_name, fields.body.get(fields.max_tokens_name)
+    if type(max_tokens) is not int or max_tokens != 0:
+        return
+    if request.echo:
+        request.echo_only = True
+        request.stopping.max_new_tokens = 1  # the engine always makes a token; the answer leaves it out
+    else:
+        only = " (0 only with echo: true)" if request.endpoint == COMPLETION else ""
+        fields.violations.append((name, f"must be in [1, {2**31 - 1}], got 0{only}"))
+
+
+def _logit_bias(fields: _Fields, request: OpenAIRequest) -> dict[int, float]:
+    """OpenAI's `logit_bias`: token ids (JSON keys, so strings of digits) to biases. How many, which ids and
+    which biases are allowed is the engine's rule (`engine/limits.py`)."""
+    value = fields.get("logit_bias", dict, "an object of token ids to biases")
+    request.params["sampling.logit_bias"] = "logit_bias"
+    bias: dict[int, float] = {}
+    for key, number in (value or {}).items():
+        if not (key.isascii() and key.isdigit()):
+            fields.violations.append(("logit_bias", f"keys must be token ids, got {key!r}"))
+            return {}
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            fields.violations.append((f"logit_bias[{key}]", "must be a number"))
+            return {}
+        bias[int(key)] = math.inf if isinstance(number, int) and abs(number) > 2**53 else float(number)
+    return bias
 
 
 def _response_format(fields: _Fields, request: OpenAIRequest) -> ResponseFormat | None:
@@ -334,19 +373,23 @@ def _tools(fields: _Fields, request: OpenAIRequest) -> None:
     request.params.update({"sampling.response_format": "tools", "sampling.response_format.lark": "tools"})
 
 
-def _include_usage(fields: _Fields, stream: bool) -> bool:
+def _stream_options(fields: _Fields, request: OpenAIRequest) -> None:
+    """`include_usage`: a last chunk with the usage; vLLM's `continuous_usage_stats`: the usage so far in
+    every chunk (guidellm asks for both)."""
+    request.stream = fields.boolean("stream", False)
     options = fields.get("stream_options", dict, "an object")
     if options is None:
-        return False
-    if not stream:
+        return
+    if not request.stream:
         fields.violations.append(("stream_options", "is only allowed with stream: true"))
-        return False
-    unknown = sorted(set(options) - {"include_usage"})
+        return
+    unknown = sorted(set(options) - {"include_usage", "continuous_usage_stats"})
     fields.violations += [(f"stream_options.{name}", "is not supported") for name in unknown]
-    include_usage = options.get("include_usage")
-    if include_usage is not None and not isinstance(include_usage, bool):
-        fields.violations.append(("stream_options.include_usage", "must be true or false"))
-    return include_usage is True
+    for name in ("include_usage", "continuous_usage_stats"):
+        if options.get(name) is not None and not isinstance(options[name], bool):
+            fields.violations.append((f"stream_options.{name}", "must be true or false"))
+    request.include_usage = options.get("include_usage") is True
+    request.continuous_usage = options.get("continuous_usage_stats") is True
 
 
 def _prompt(fields: _Fields, request: OpenAIRequest) -> None:
@@ -446,26 +489,50 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def response(header: ResponseHeader, request: OpenAIRequest, events: Sequence[GenerationEvent]) -> dict:
+@dataclass(slots=True)
+class EchoedPrompt:
+    """What `echo` puts before a completion: the prompt's text, and its first token's text (the one token
+    that is not scored: nothing comes before it)."""
+
+    text: str
+    first_token: str
+
+    def logprobs(self, scored: Sequence[TokenInfo]) -> dict:
+        """The prompt's part of a choice's `logprobs`: the first token's log-probability is null."""
+        rest = _logprobs_of(COMPLETION, scored, len(self.first_token))
+        first = {"tokens": self.first_token, "token_logprobs": None, "top_logprobs": None, "text_offset": 0}
+        return {name: [first[name], *values] for name, values in rest.items()}
+
+
+def response(
+    header: ResponseHeader,
+    request: OpenAIRequest,
+    events: Sequence[GenerationEvent],
+    echo: EchoedPrompt | None = None,
+) -> dict:
     """The whole answer of a request that was not streamed, from all of its events: a choice per
-    completion, in index order, and the usage of them all (the prompt counted once)."""
+    completion, in index order, and the usage of them all (the prompt counted once). With `echo` each
+    choice starts with the prompt."""
     by_index: dict[int, list[GenerationEvent]] = {}
     for event in events:
         by_index.setdefault(event.index, []).append(event)
+    scored = [token for event in events for token in event.prompt_logprobs]  # completion 0's, once
     choices, completion_tokens = [], 0
     for index in sorted(by_index):
         completion = by_index[index]
         last = completion[-1]
         assert last.finished
-        choice = _choice(header, index, "".join(e.text for e in completion), chunk=False, first=True)
-        tokens = [token for e in completion for token in e.tokens]
-        choice["logprobs"] = _logprobs_of(header.endpoint, tokens, 0) if request.logprobs else None
-        choice["finish_reason"] = _FINISH_REASONS[last.finish_reason]
+        text = "" if request.echo_only else "".join(e.text for e in completion)
+        tokens = [] if request.echo_only else [token for e in completion for token in e.tokens]
+        prefix = echo.text if echo else ""
+        choice = _choice(header, index, prefix + text, chunk=False, first=True)
+        choice["logprobs"] = _choice_logprobs(header, request, tokens, len(prefix), echo, scored)
+        choice["finish_reason"] = "length" if request.echo_only else _FINISH_REASONS[last.finish_reason]
         if (output := request.chat_output()) is not None:
-            choice["message"] = output.message(choice["message"]["content"])
+            choice["message"] = output.message(text)
             choice["finish_reason"] = _finish_reason(last, output)
         choices.append(choice)
-        completion_tokens += last.completion_tokens
+        completion_tokens += request.answered_tokens(last.completion_tokens)
     prompt_tokens = by_index[min(by_index)][-1].prompt_tokens
     total = usage(prompt_tokens, completion_tokens)
     return {**header.fields(chunk=False), "choices": choices, "usage": total}
@@ -474,49 +541,56 @@ def response(header: ResponseHeader, request: OpenAIRequest, events: Sequence[Ge
 @dataclass(slots=True)
 class StreamState:
     """What a streamed answer keeps between events: which choices have begun, how far into its tokens' text
-    each is (completions' `text_offset`), and the usage so far."""
+    each is (completions' `text_offset`), the scored prompt (`echo`) and the usage so far."""
 
     request: OpenAIRequest
+    prompt_tokens: int = 0
+    echo: EchoedPrompt | None = None
     text_offsets: dict[int, int] = field(default_factory=dict)
     outputs: dict[int, ChatOutput | None] = field(default_factory=dict)  # each choice's reader
-    prompt_tokens: int = 0
+    num_tokens: dict[int, int] = field(default_factory=dict)  # each choice's tokens so far
     completion_tokens: int = 0
+    scored: tuple[TokenInfo, ...] = ()  # the prompt's tokens, scored: completion 0's first event brings them
 
     def chunks(self, header: ResponseHeader, event: GenerationEvent) -> list[dict]:
         """The stream chunks of one engine event: none for an event without text that ends nothing.
 
-        Each choice's first chunk (in a chat) carries the assistant's role; with `include_usage` every chunk
-        has `usage: null`, and `usage_chunk` follows the last.
+        Each choice's first chunk (in a chat) carries the assistant's role, or (`echo`) starts with the
+        prompt; with `include_usage` every chunk has `usage: null`, and `usage_chunk` follows the last; with
+        `continuous_usage` every chunk has the usage so far of its choice.
         """
+        request, echo = self.request, self.echo
         first = event.index not in self.text_offsets
-        offset = self.text_offsets.get(event.index, 0)
-        self.text_offsets[event.index] = offset + sum(len(t.text) for t in event.tokens)
+        tokens, text = ([], "") if request.echo_only else (event.tokens, event.text)
+        offset = self.text_offsets.get(event.index, len(echo.text) if echo else 0)
+        self.text_offsets[event.index] = offset + sum(len(t.text) for t in tokens)
+        self.num_tokens[event.index] = self.num_tokens.get(event.index, 0) + len(tokens)
+        self.scored = event.prompt_logprobs or self.scored
         finish_reason = _FINISH_REASONS[event.finish_reason] if event.finished else None
         if event.finished:
             self.prompt_tokens = event.prompt_tokens
-            self.completion_tokens += event.completion_tokens
-        logprobs = self.request.logprobs and bool(event.tokens)  # tokens whose text is held back have some
+            self.completion_tokens += request.answered_tokens(event.completion_tokens)
+            finish_reason = "length" if request.echo_only else finish_reason
+        logprobs = request.logprobs and bool(tokens)  # tokens whose text is held back have some
         if first:
-            self.outputs[event.index] = self.request.chat_output()
+            self.outputs[event.index] = request.chat_output()
         output, delta = self.outputs[event.index], None
         if output is not None:
-            delta = output.delta(event.text, event.finished)
+            delta = output.delta(text, event.finished)
             finish_reason = _finish_reason(event, output) if event.finished else None
-        if not (
-            (event.text if delta is None else delta)
-            or logprobs
-            or finish_reason
-            or (first and header.endpoint == CHAT)
-        ):
+        said = text if delta is None else delta
+        if not (said or logprobs or finish_reason or (first and (header.endpoint == CHAT or echo))):
             return []
-        choice = _choice(header, event.index, event.text, chunk=True, first=first)
+        echoed = echo if first else None
+        choice = _choice(header, event.index, (echoed.text if echoed else "") + text, chunk=True, first=first)
         if delta is not None:
             choice["delta"] = ({"role": "assistant"} if first else {}) | delta
-        logprobs = logprobs or (self.request.logprobs and header.endpoint == COMPLETION)
-        choice["logprobs"] = _logprobs_of(header.endpoint, event.tokens, offset) if logprobs else None
+        choice["logprobs"] = _choice_logprobs(header, request, tokens, offset, echoed, self.scored)
         choice["finish_reason"] = finish_reason
         chunk = {**header.fields(chunk=True), "choices": [choice]}
-        if self.request.include_usage:
+        if request.continuous_usage:
+            chunk["usage"] = usage(self.prompt_tokens, self.num_tokens[event.index])
+        elif request.include_usage:
             chunk["usage"] = None
         return [chunk]
 
@@ -542,6 +616,25 @@ def _choice(header: ResponseHeader, index: int, text: str, chunk: bool, first: b
     if not chunk:
         return {"index": index, "message": {"role": "assistant", "content": text}}
     return {"index": index, "delta": {"role": "assistant", "content": text} if first else {"content": text}}
+
+
+def _choice_logprobs(
+    header: ResponseHeader,
+    request: OpenAIRequest,
+    tokens: Sequence[TokenInfo],
+    text_offset: int,
+    echo: EchoedPrompt | None,
+    scored: Sequence[TokenInfo],
+) -> dict | None:
+    """A choice's (or chunk's) `logprobs` when asked for, with `echo` the prompt's tokens first; null in a
+    chat's chunk without tokens (the role's, the last)."""
+    if not request.logprobs or (header.endpoint == CHAT and not tokens):
+        return None
+    generated = _logprobs_of(header.endpoint, tokens, text_offset)
+    if echo is None:
+        return generated
+    prompt = echo.logprobs(scored)
+    return {name: prompt[name] + generated[name] for name in prompt}
 
 
 def _logprob(value: float) -> float:

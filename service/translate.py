@@ -34,6 +34,7 @@ def sampling_params(sampling: pb.SamplingParameters) -> SamplingParams:
         top_k=sampling.top_k,
         frequency_penalty=sampling.frequency_penalty,
         presence_penalty=sampling.presence_penalty,
+        logit_bias=dict(sampling.logit_bias),
     )
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "seed"):
         if sampling.HasField(name):

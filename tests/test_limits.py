@@ -279,3 +279,35 @@ def test_the_error_keeps_the_first_violation_as_field_and_description():
 
     assert (error.field, error.description) == ("prompt_ids", "must not be empty")
     assert str(error) == "prompt_ids: must not be empty; sampling.top_k: must be >= 0 (0 is off), got -1"
+
+
+# ---- logit bias -----------------------------------------------------------------------------------------
+
+
+def test_a_logit_bias_inside_the_vocabulary_and_range_is_allowed():
+    assert fields(SamplingParams(logit_bias={0: -100.0, 49: 100.0})) == []
+
+
+@pytest.mark.parametrize(
+    "logit_bias, field",
+    [
+        ({50: 1.0}, "sampling.logit_bias[50]"),  # the vocabulary is [0, 50)
+        ({-1: 1.0}, "sampling.logit_bias[-1]"),
+        ({3: 100.5}, "sampling.logit_bias[3]"),
+        ({3: math.nan}, "sampling.logit_bias[3]"),
+        ({3: -math.inf}, "sampling.logit_bias[3]"),
+    ],
+)
+def test_a_logit_bias_outside_the_vocabulary_or_range_names_its_token(logit_bias, field):
+    assert fields(SamplingParams(logit_bias=logit_bias)) == [field]
+
+
+def test_a_logit_bias_of_more_than_300_tokens_is_refused():
+    big = dataclasses.replace(LIMITS, vocab_size=1000)
+    sampling = SamplingParams(logit_bias=dict.fromkeys(range(301), 1.0))
+
+    violations = parameter_violations(sampling, StoppingParams(), big)
+
+    assert [field for field, _ in violations] == ["sampling.logit_bias"]
+    at_most = SamplingParams(logit_bias=dict.fromkeys(range(300), 1.0))
+    assert parameter_violations(at_most, StoppingParams(), big) == []

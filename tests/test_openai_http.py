@@ -386,7 +386,6 @@ BAD_FORMATS = {
     "no choices": ({"guided_choice": []}, "guided_choice"),
     "an unknown response_format type": ({"response_format": {"type": "xml"}}, "response_format.type"),
     "two formats": ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
-    "echo": ({"echo": True}, "echo"),
     "logprobs over 20": ({"logprobs": 21}, "logprobs"),
     "n over --max-n": ({"n": 17}, "n"),
 }

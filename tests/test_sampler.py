@@ -167,3 +167,36 @@ def test_a_grammar_mask_constrains_its_own_row_and_keeps_the_models_logprobs():
     unmasked, _ = sample(logits, make_batch(params))
     assert token_ids[0] == 3 and token_ids[1] == unmasked[1] and token_ids[2] == FAILED
     assert logprobs[0] == torch.log_softmax(logits[0], dim=-1)[3]
+
+
+def test_a_logit_bias_of_100_forces_its_token_and_keeps_the_models_logprob():
+    logits = random_logits(2, 40)
+    least_likely = int(logits[0].argmin())
+    params = [SamplingParams(logit_bias={least_likely: 100.0}), SamplingParams(temperature=0.8, seed=3)]
+    params[1].logit_bias = {least_likely: 100.0}
+
+    token_ids, logprobs = sample(logits, make_batch(params))
+
+    assert token_ids.tolist() == [least_likely, least_likely]
+    assert logprobs[0] == torch.log_softmax(logits[0], dim=-1)[least_likely]
+
+
+def test_a_logit_bias_of_minus_100_bans_the_greedy_choice():
+    logits = random_logits(1, 40)
+    top2 = logits[0].topk(2).indices.tolist()
+
+    token_ids, _ = sample(logits, make_batch([SamplingParams(logit_bias={top2[0]: -100.0})]))
+
+    assert token_ids.tolist() == [top2[1]]
+
+
+def test_a_rows_logit_bias_never_changes_its_batchmates_tokens():
+    logits = random_logits(3, 64)
+    plain = [SamplingParams(), SamplingParams(temperature=1.0, seed=9)]
+    biased = SamplingParams(logit_bias={int(i): 50.0 for i in logits[0].topk(60, largest=False).indices})
+
+    alone, alone_logprobs = sample(logits[:2], make_batch(plain))
+    together, together_logprobs = sample(logits, make_batch([*plain, biased]))
+
+    assert together[:2].tolist() == alone.tolist()
+    assert torch.equal(together_logprobs[:2], alone_logprobs)

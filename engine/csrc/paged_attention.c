@@ -10,11 +10,46 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Every sum below runs in an order that C fixes: LANES running sums (lane l takes elements l, l + LANES,
+ * ...), combined by `lanes_total`, then the tail in order. A compiler may vectorize such code at any width
+ * (SSE, AVX2, AVX-512) but may not reorder it, so every build computes the same bits on any x86-64 CPU; an
+ * `omp simd reduction` instead splits the sum by the vector width the compiler picks. */
+#define LANES 8
+
+static inline float lanes_total(const float *acc) {
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+/* a . b over n floats, in the order above. */
 static float dot(const float *a, const float *b, int64_t n) {
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < n; i++) acc += a[i] * b[i];
-    return acc;
+    float acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] = fmaf(a[i + l], b[i + l], acc[l]);
+    float total = lanes_total(acc);
+    for (; i < n; i++) total = fmaf(a[i], b[i], total);
+    return total;
+}
+
+/* q . k0, ..., q . k3: four of `dot` (the same bits each), with q read once for the four. */
+static inline void dot4(const float *q, const float *k0, const float *k1, const float *k2, const float *k3,
+                        int64_t n, float *out) {
+    float a0[LANES] = {0}, a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) {
+            a0[l] = fmaf(q[i + l], k0[i + l], a0[l]);
+            a1[l] = fmaf(q[i + l], k1[i + l], a1[l]);
+            a2[l] = fmaf(q[i + l], k2[i + l], a2[l]);
+            a3[l] = fmaf(q[i + l], k3[i + l], a3[l]);
+        }
+    out[0] = lanes_total(a0), out[1] = lanes_total(a1), out[2] = lanes_total(a2), out[3] = lanes_total(a3);
+    for (; i < n; i++) {
+        out[0] = fmaf(q[i], k0[i], out[0]);
+        out[1] = fmaf(q[i], k1[i], out[1]);
+        out[2] = fmaf(q[i], k2[i], out[2]);
+        out[3] = fmaf(q[i], k3[i], out[3]);
+    }
 }
 
 /* One (sequence, kv head) pair: its `group` query heads against the sequence's cached context. */
@@ -34,17 +69,9 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
         const float *k0 = ks + SLOT(t) * head_dim, *k1 = ks + SLOT(t + 1) * head_dim;
         const float *k2 = ks + SLOT(t + 2) * head_dim, *k3 = ks + SLOT(t + 3) * head_dim;
         for (int64_t g = 0; g < group; g++) {
-            const float *qg = qs + g * head_dim;
-            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-            for (int64_t d = 0; d < head_dim; d++) {
-                a0 += qg[d] * k0[d];
-                a1 += qg[d] * k1[d];
-                a2 += qg[d] * k2[d];
-                a3 += qg[d] * k3[d];
-            }
             float *s = scores + g * len + t;
-            s[0] = a0 * scale, s[1] = a1 * scale, s[2] = a2 * scale, s[3] = a3 * scale;
+            dot4(qs + g * head_dim, k0, k1, k2, k3, head_dim, s);
+            s[0] *= scale, s[1] *= scale, s[2] *= scale, s[3] *= scale;
         }
     }
     for (; t < len; t++) {
