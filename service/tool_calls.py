@@ -119,13 +119,15 @@ class ToolCallParser:
     # ---- states: each step consumes some of the buffer, or returns False to wait for more text ----
 
     def _step(self, out: ParsedOutput) -> bool:
-        return {
-            _TEXT: self._text,
-            _HEAD_STATE: self._head,
-            _ARGUMENTS: self._arguments,
-            _TAIL: self._tail,
-            _HELD: lambda out: False,
-        }[self._state](out)
+        if self._state == _TEXT:
+            return self._text(out)
+        if self._state == _HEAD_STATE:
+            return self._head(out)
+        if self._state == _ARGUMENTS:
+            return self._arguments(out)
+        if self._state == _TAIL:
+            return self._tail()
+        return False  # _HELD: the whole answer is read at its end
 
     def _text(self, out: ParsedOutput) -> bool:
         buffer = self._buffer
@@ -196,7 +198,7 @@ class ToolCallParser:
             self._state = _TAIL
         return end is not None
 
-    def _tail(self, out: ParsedOutput) -> bool:
+    def _tail(self) -> bool:
         end = self._buffer.find(CALL_END)
         if end < 0:
             return False

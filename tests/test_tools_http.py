@@ -15,6 +15,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, ConfigDict, Field
 from test_openai_http import assert_openai_error, base_url, post, start_http_server
 
+from service.config import parse_config
 from service.tools import ChatTurn, Tool, ToolCall, ToolRequest, chat_prompt_ids
 
 WEATHER_PARAMETERS = {  # bounded, so that even the random-weight model completes a call well within budget
@@ -356,3 +357,13 @@ def test_without_the_parser_the_think_block_is_content(client, model):
     message = completion.choices[0].message
     assert message.content.startswith("<think>")
     assert "reasoning_content" not in (message.model_extra or {})
+
+
+def test_the_reasoning_parser_flag_and_its_environment_variable(monkeypatch):
+    assert parse_config([]).reasoning_parser == "none"
+    assert parse_config(["--reasoning-parser", "think"]).reasoning_parser == "think"
+    monkeypatch.setenv("TEXTGEN_REASONING_PARSER", "think")
+    assert parse_config([]).reasoning_parser == "think"
+    monkeypatch.setenv("TEXTGEN_REASONING_PARSER", "deepseek")
+    with pytest.raises(SystemExit):
+        parse_config([])
