@@ -111,8 +111,6 @@ class ToolCallParser:
             self._finish_bare(out)
         elif self._state == _TEXT and not (self.calls and not self._buffer.strip()):
             out.content = self._buffer
-        elif self._state == _HEAD_STATE:
-            out.content = CALL_BEGIN + self._buffer
         self._buffer = ""
         return out
 

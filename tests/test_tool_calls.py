@@ -137,10 +137,11 @@ def test_text_that_only_looks_like_a_tag_is_content():
     assert parser.calls == []
 
 
-def test_a_call_cut_off_by_the_end_is_no_call():
-    content, calls = parse_all(
-        ToolRequest((WEATHER,)), 'Hm. <tool_call>{"name":"get_weather","arguments":{"ci'
-    )
+@pytest.mark.parametrize(
+    "cut", ["<tool_call>", '<tool_call>{"name":"get_we', '<tool_call>{"name":"get_weather","arguments":{"ci']
+)
+def test_a_call_cut_off_by_the_end_is_no_call_and_no_content(cut):
+    content, calls = parse_all(ToolRequest((WEATHER,)), "Hm. " + cut)
 
     assert (content, calls) == ("Hm. ", [])
 
