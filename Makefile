@@ -43,7 +43,8 @@ serve: install proto
 	$(PY) -m service
 
 # The Dockerfiles (hadolint) and the Kubernetes manifests: each kustomization rendered by kubectl's built-in
-# kustomize and every resource validated against the Kubernetes 1.37 schemas, offline (README: Deploy).
+# kustomize and every resource validated offline, built-in kinds against the Kubernetes 1.37 schemas and
+# cert-manager's Certificate against deploy/k8s/schemas (deploy/k8s/validate.py; README: Deploy).
 K8S_KUSTOMIZATIONS := deploy/k8s/base deploy/k8s/cuda
 
 lint: install proto
@@ -51,9 +52,9 @@ lint: install proto
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/hadolint deploy/Dockerfile deploy/Dockerfile.cuda
 	@rendered=$$(mktemp) && for k in $(K8S_KUSTOMIZATIONS); do \
-		echo "kustomize + kubernetes-validate: $$k"; \
+		echo "kustomize + validate: $$k"; \
 		$(VENV)/bin/kubectl kustomize $$k > $$rendered && \
-		$(VENV)/bin/kubernetes-validate --strict --quiet $$rendered || { rm -f $$rendered; exit 1; }; \
+		$(PY) deploy/k8s/validate.py $$rendered || { rm -f $$rendered; exit 1; }; \
 	done; rm -f $$rendered
 
 # The Node.js example's dependencies, for its test; skipped where npm is absent.

@@ -2,9 +2,11 @@
 
 Prefix caching: a full block whose keys and values are computed is indexed by a hash chained over the
 token ids of every block up to and including it (`block_hashes`), so the hash names the whole prefix,
-not just the block's own tokens. A later sequence whose prompt starts with the same whole blocks shares
-them (reference-counted) instead of recomputing them. A cached block that no sequence holds stays in
-the index until a block is needed and none is free: then the least recently used one is evicted.
+not just the block's own tokens, and started from the request's partition (`cache_seed`: the service's
+tenant and the caller's cache salt), so requests of different partitions share nothing. A later sequence
+whose prompt starts with the same whole blocks shares them (reference-counted) instead of recomputing
+them. A cached block that no sequence holds stays in the index until a block is needed and none is free:
+then the least recently used one is evicted.
 """
 
 from __future__ import annotations
@@ -16,16 +18,30 @@ from collections import OrderedDict, deque
 import torch
 
 
-def block_hashes(token_ids: list[int], block_size: int, hashes: list[bytes]) -> list[bytes]:
+def block_hashes(
+    token_ids: list[int], block_size: int, hashes: list[bytes], seed: bytes = b""
+) -> list[bytes]:
     """Extend `hashes` to one per full block of `token_ids`, each chained on the one before; return it.
 
-    SHA-256 rather than Python's `hash`: a collision would silently hand one prompt another's keys.
+    The first block is chained on `seed` (`cache_seed`), the prefix cache's partition: prompts of
+    different partitions never share a hash. SHA-256 rather than Python's `hash`: a collision would
+    silently hand one prompt another's keys.
     """
     for index in range(len(hashes), len(token_ids) // block_size):
-        digest = hashlib.sha256(hashes[-1] if hashes else b"")
+        digest = hashlib.sha256(hashes[-1] if hashes else seed)
         digest.update(array("q", token_ids[index * block_size : (index + 1) * block_size]).tobytes())
         hashes.append(digest.digest())
     return hashes
+
+
+def cache_seed(tenant: str, salt: str) -> bytes:
+    """The seed of a prefix-cache partition's hash chain: b"" (the shared one) when both are empty.
+
+    A digest, so a partition's seed is never the hash of some prompt's block (which would let a crafted
+    salt line its first block up with another prompt's later one)."""
+    if not (tenant or salt):
+        return b""
+    return hashlib.sha256(b"textgen prefix-cache partition\0" + f"{tenant}\0{salt}".encode()).digest()
 
 
 class BlockAllocator:

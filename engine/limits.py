@@ -30,6 +30,7 @@ MAX_CHOICES = 1024
 MAX_N = 16  # completions per request (--max-n)
 MAX_LOGIT_BIAS_TOKENS = 300  # as OpenAI's API: tokens a request may bias
 MAX_ABS_LOGIT_BIAS = 100.0
+MAX_CACHE_SALT_CHARS = 1024  # vLLM's cache_salt: any string; bounded as every input is
 
 Violation = tuple[str, str]
 
@@ -86,6 +87,7 @@ def check_request(request: GenerationRequest, limits: RequestLimits) -> int:
     violations = _prompt_violations(request.prompt_ids, limits)
     violations += parameter_violations(request.sampling, request.stopping, limits)
     violations += n_violations(request.n, limits)
+    violations += cache_salt_violations(request.cache_salt)
     if violations:
         raise InvalidRequestError.from_violations(violations)
     return resolve_max_new_tokens(len(request.prompt_ids), request.stopping, limits)
@@ -109,6 +111,13 @@ def n_violations(n: int, limits: RequestLimits) -> list[Violation]:
     if 1 <= n <= limits.max_n:
         return []
     return [("n", f"must be in [1, {limits.max_n}] completions, got {n}")]
+
+
+def cache_salt_violations(cache_salt: str) -> list[Violation]:
+    """A cache salt must be at most `MAX_CACHE_SALT_CHARS` characters."""
+    if len(cache_salt) <= MAX_CACHE_SALT_CHARS:
+        return []
+    return [("cache_salt", f"must be at most {MAX_CACHE_SALT_CHARS} characters, got {len(cache_salt)}")]
 
 
 def input_size_violations(

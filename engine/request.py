@@ -71,6 +71,8 @@ class GenerationRequest:
     `trace_context` is an opaque OpenTelemetry context the engine hands back to its tracer.
     `n` completions share the prompt; events carry their completion's `index`. With
     `sampling.prompt_logprobs`, completion 0's first event carries the scored prompt (once per request).
+    The prefix cache is partitioned by `cache_tenant` (the service's, derived from the caller's API key)
+    and `cache_salt` (the caller's): a request reuses only blocks computed for the same pair.
     """
 
     prompt_ids: list[int]
@@ -82,6 +84,13 @@ class GenerationRequest:
     trace_context: object | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     n: int = 1
+    cache_salt: str = ""
+    cache_tenant: str = ""
+
+    @property
+    def cache_scope(self) -> str:
+        """Which kind of prefix-cache partition the request reads: `shared`, `key` or `salt` (for metrics)."""
+        return "salt" if self.cache_salt else "key" if self.cache_tenant else "shared"
 
     def completion(self, index: int) -> GenerationRequest:
         """This request as completion `index` runs it. Completion 0 is the request itself; the others have a

@@ -226,7 +226,8 @@ class Scheduler:
         limit = (seq.num_tokens - 1) // bs
         blocks = []
         if self.config.prefix_caching and not seq.scores_prompt:
-            blocks = self.allocator.cached_prefix(block_hashes(seq.token_ids, bs, seq.block_hashes)[:limit])
+            hashes = block_hashes(seq.token_ids, bs, seq.block_hashes, seq.cache_seed)
+            blocks = self.allocator.cached_prefix(hashes[:limit])
         first = self.sequences.get(seq.group_id)
         if first is not seq and first is not None:  # the prompt's blocks, never completion 0's output
             num_blocks = min(limit, seq.num_prompt_tokens // bs, first.num_computed_tokens // bs)
@@ -288,7 +289,7 @@ class Scheduler:
         first_full = seq.num_computed_tokens // bs
         seq.num_computed_tokens += num_tokens
         if self.config.prefix_caching:  # the blocks this step filled, for later prompts to share
-            hashes = block_hashes(seq.token_ids, bs, seq.block_hashes)
+            hashes = block_hashes(seq.token_ids, bs, seq.block_hashes, seq.cache_seed)
             for index in range(first_full, seq.num_computed_tokens // bs):
                 self.allocator.cache(seq.block_table[index], hashes[index])
         if seq.status is SequenceStatus.PREFILLING and seq.num_uncomputed_tokens == 0:

@@ -7,6 +7,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from engine.kv_cache import cache_seed
 from engine.request import FinishReason, GenerationRequest
 from engine.structured import GrammarMatcher
 
@@ -37,6 +38,7 @@ class Sequence:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # prefix hashes of its full blocks, so far
+    cache_seed: bytes = b""  # its prefix-cache partition, where its hash chain starts
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at its first admission
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
@@ -50,6 +52,7 @@ class Sequence:
     def __post_init__(self) -> None:
         self.token_ids = list(self.request.prompt_ids)
         self.num_prompt_tokens = len(self.token_ids)
+        self.cache_seed = cache_seed(self.request.cache_tenant, self.request.cache_salt)
         if self.group_id < 0:
             self.group_id = self.seq_id
 

@@ -53,6 +53,8 @@ class ApiKeys:
     """The keys the server accepts: `keys` given once, plus those of `file`, which `reload()` re-reads."""
 
     def __init__(self, keys: Sequence[str] = (), file: str | None = None) -> None:
+        if file is not None and not file.strip():
+            raise ValueError("the API key file setting is empty: name the file")
         self.file = file
         self._fixed = _digests([key for key in keys if key], "TEXTGEN_API_KEYS")
         self._digests = self._load()

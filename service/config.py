@@ -35,6 +35,11 @@ _MINIMUMS = {
     "max_metadata_bytes": 1024,
     "max_connection_age_s": 0,
     "max_connection_age_grace_s": 0,
+    "idle_timeout_s": 1,
+    "max_concurrent_streams": 1,
+    "max_connections": 1,
+    "max_health_watchers": 0,
+    "reload_check_s": 0,
 }
 
 # Client keepalive pings accepted, even with no call in flight: one per 10 s at most, so a client can keep an
@@ -62,9 +67,23 @@ class ServerConfig:
     max_metadata_bytes: int = 8 * 1024  # a call's headers
     max_connection_age_s: float = 300.0  # then GOAWAY: clients reconnect, spread over replicas; 0: never
     max_connection_age_grace_s: float = 900.0  # calls in flight on an aged connection get this long to end
+    idle_timeout_s: float = 30.0  # connections without a request (HTTP, metrics) or a call (gRPC) are closed
+    max_concurrent_streams: int = 100  # gRPC calls in flight on one connection
+    max_connections: int = 1000  # gRPC and metrics connections held at once, each port
+    # Open grpc.health.v1.Health/Watch streams: a client channel with gRPC's client-side health checking
+    # (client.replica_options()) holds one per replica, and counts a refused one as an unhealthy replica.
+    max_health_watchers: int = 1000
     tls: TlsFiles | None = None  # PEM files; None: plaintext (README: Security)
     api_key_file: str | None = None  # one key per line, re-read on SIGHUP
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # from TEXTGEN_API_KEYS; never logged
+    allowed_hosts: tuple[str, ...] | None = None  # HTTP Host/Origin names; None: service/host_check.py
+    reload_check_s: float = 10.0  # how often the key and TLS files are checked for changes; 0: SIGHUP only
+    shared_prefix_cache: bool = False  # with keys: every key reads one prefix cache (default: one per key)
+
+    @property
+    def keyed(self) -> bool:
+        """Whether calls need an API key (an empty key file name is refused when the server starts)."""
+        return bool(self.api_keys) or self.api_key_file is not None
 
     @property
     def address(self) -> str:
@@ -141,6 +160,9 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     _flag(server, "reasoning-parser", "none", "think: a chat answer that begins with a <think>...</think> "
           "block returns it apart, as reasoning_content (HTTP) and reasoning (gRPC); none: all of it is "
           "content", choices=["none", "think"])  # fmt: skip
+    _flag(server, "allowed-hosts", None, "comma-separated host names the HTTP front answers in the Host "
+          "(and Origin) header, against DNS rebinding; '*': any; unset: localhost, 127.0.0.1, ::1 and "
+          "--host when there are no API keys and --host is a loopback address, else any")  # fmt: skip
     _flag(server, "metrics-port", 9464, "port of the Prometheus /metrics endpoint; 0 turns it off "
           "(traces and OTLP metrics: the standard OTEL_* variables)", type=int)  # fmt: skip
 
@@ -154,6 +176,14 @@ def _security_flags(parser: argparse.ArgumentParser) -> None:
           "signed by one of them (mTLS; re-read on SIGHUP)")  # fmt: skip
     _flag(security, "api-key-file", None, "API keys, one per line: every call but health checks must send "
           "'authorization: Bearer <key>' metadata (re-read on SIGHUP)")  # fmt: skip
+    _flag(security, "reload-check-s", 10.0, "every this many seconds, re-read the API key file and the TLS "
+          "files if they changed (as SIGHUP does; a mounted Kubernetes Secret's update reaches the server "
+          "this way); 0: on SIGHUP only", type=float)  # fmt: skip
+    shared = os.environ.get("TEXTGEN_SHARED_PREFIX_CACHE", "0").lower() not in ("0", "false", "no", "off")
+    security.add_argument("--shared-prefix-cache", action=argparse.BooleanOptionalAction, default=shared,
+                          help="with API keys, let every key reuse the prompt blocks others computed; "
+                          "default: one prefix cache per key, so a tenant cannot tell what another sent "
+                          "[env TEXTGEN_SHARED_PREFIX_CACHE=1 turns it on; default: off]")  # fmt: skip
 
 
 def _batch_flags(parser: argparse.ArgumentParser) -> None:
@@ -195,6 +225,17 @@ def _connection_flags(parser: argparse.ArgumentParser) -> None:
     _flag(connections, "max-connection-age-grace-s", 900.0, "how long calls in flight on an aged "
           "connection get to finish before they are cancelled: longer than the longest request",
           type=float)  # fmt: skip
+    _flag(connections, "idle-timeout-s", 30.0, "HTTP and metrics ports: a connection that brings no complete "
+          "request head for this long (silent, slow, or idle between requests) is closed; gRPC: the TLS and "
+          "HTTP/2 handshake must end within it, and a connection without calls for this long is closed "
+          "(GOAWAY)", type=float)  # fmt: skip
+    _flag(connections, "max-concurrent-streams", 100, "the most gRPC calls in flight on one connection; "
+          "the client queues the others", type=int)  # fmt: skip
+    _flag(connections, "max-connections", 1000, "the most connections the gRPC port, and the metrics port, "
+          "each hold at once; more are refused", type=int)  # fmt: skip
+    _flag(connections, "max-health-watchers", 1000, "the most grpc.health.v1.Health/Watch streams open at "
+          "once (Watch needs no key; each client channel with client-side health checking holds one); more "
+          "are refused RESOURCE_EXHAUSTED", type=int)  # fmt: skip
 
 
 def _limit_flags(parser: argparse.ArgumentParser) -> None:
@@ -226,6 +267,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         parser.error("--tls-cert-file and --tls-key-file go together")
     if args.tls_client_ca_file and not args.tls_cert_file:
         parser.error("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+    api_keys = _api_keys(parser, args)
     try:
         engine = _engine_config(args)
     except ValueError as e:
@@ -243,12 +285,40 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         max_metadata_bytes=args.max_metadata_bytes,
         max_connection_age_s=args.max_connection_age_s,
         max_connection_age_grace_s=args.max_connection_age_grace_s,
+        idle_timeout_s=args.idle_timeout_s,
+        max_concurrent_streams=args.max_concurrent_streams,
+        max_connections=args.max_connections,
+        max_health_watchers=args.max_health_watchers,
         tls=TlsFiles(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file or None)
         if args.tls_cert_file
         else None,
-        api_key_file=args.api_key_file or None,
-        api_keys=tuple(parse_key_list(os.environ.get("TEXTGEN_API_KEYS", ""))),
+        api_key_file=args.api_key_file,
+        api_keys=api_keys,
+        shared_prefix_cache=args.shared_prefix_cache,
+        reload_check_s=args.reload_check_s,
+        allowed_hosts=_host_list(args.allowed_hosts),
     )
+
+
+def _host_list(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(name.strip().strip("[]").lower() for name in value.split(",") if name.strip())
+
+
+def _api_keys(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
+    """The keys of `TEXTGEN_API_KEYS`; exits when it, or `--api-key-file`, is set but names no key.
+
+    Fail closed: an empty setting (`TEXTGEN_API_KEYS=","`, a variable a deployment left empty) meant keys,
+    and serving everyone instead would go unnoticed."""
+    setting = os.environ.get("TEXTGEN_API_KEYS")
+    keys = tuple(parse_key_list(setting or ""))
+    if setting is not None and not keys:
+        parser.error("TEXTGEN_API_KEYS is set but names no key: give keys, or unset it to serve without keys")
+    if args.api_key_file is not None and not args.api_key_file.strip():
+        parser.error("--api-key-file (TEXTGEN_API_KEY_FILE) is set but empty: name the key file, or unset it "
+                     "to serve without keys")  # fmt: skip
+    return keys
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -294,6 +364,10 @@ def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_S * 1000),
         ("grpc.http2.max_ping_strikes", 2),  # pings more often than that, three times: GOAWAY too_many_pings
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.server_handshake_timeout_ms", round(config.idle_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", round(config.idle_timeout_s * 1000)),
     ]
     if config.max_connection_age_s:
         options += [

@@ -31,7 +31,9 @@ from service import openai_translate as openai
 from service.auth import ApiKeys, bearer_token
 from service.config import ServerConfig
 from service.generations import Generations
+from service.host_check import allowed_hosts, refusal
 from service.status import InvalidArgument, MalformedRequest, ModelNotFound, Unauthenticated
+from service.tenancy import cache_tenant
 from service.validation import MAX_REQUEST_ID_LENGTH
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,8 @@ class OpenAIFront:
         self._api_keys = api_keys
         self._ssl_context = ssl_context
         self.port = 0
-        middlewares = [self._answer_errors, self._authenticate]
+        self._allowed_hosts = allowed_hosts(config)
+        middlewares = [self._answer_errors, self._check_host, self._authenticate]
         if tracer_provider is not None:
             middlewares.insert(0, _tracing(tracer_provider.get_tracer("textgen.http")))
         app = web.Application(middlewares=middlewares, client_max_size=config.max_request_bytes)
@@ -74,7 +77,15 @@ class OpenAIFront:
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_post("/detokenize", self._detokenize)
         # A client that goes away cancels its handler, and so its engine request; no log line per request.
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+        # keepalive_timeout runs from a connection's opening too: one with no complete request head (silent,
+        # slow) or idle between requests is closed after it.
+        self._runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=1.0,
+            keepalive_timeout=config.idle_timeout_s,
+        )
 
     async def start(self) -> int:
         """Listen on the configured host and `http_port`; returns the bound port."""
@@ -111,9 +122,17 @@ class OpenAIFront:
             return _error(openai.error_response(error))
 
     @web.middleware
+    async def _check_host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._allowed_hosts is not None:
+            why = refusal(self._allowed_hosts, request.headers.get("Host"), request.headers.get("Origin"))
+            if why is not None:
+                raise web.HTTPForbidden(reason=why)
+        return await handler(request)
+
+    @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self._api_keys is not None and request.path not in OPEN_PATHS:
-            token = bearer_token(("authorization", v) for v in request.headers.getall("Authorization", []))
+            token = _api_key(request)
             if not self._api_keys.accepts(token):
                 raise Unauthenticated(_MISSING_KEY if token is None else _INVALID_KEY)
         return await handler(request)
@@ -147,7 +166,8 @@ class OpenAIFront:
 
     async def _generate(self, http_request: web.Request, endpoint: str) -> web.StreamResponse:
         engine, limits = self._generations.ready()
-        request = openai.parse_request(endpoint, await _json_body(http_request), limits)
+        body = await _json_body(http_request, self._config.idle_timeout_s)
+        request = openai.parse_request(endpoint, body, limits)
         request.reasoning = self._config.reasoning_parser == "think"
         name = _served_model(engine, request.model)
         request_id = _request_id(http_request)
@@ -164,6 +184,8 @@ class OpenAIFront:
             deadline=_deadline(http_request),
             trace_context=otel_context.get_current(),  # holds the HTTP span: the engine's spans go under it
             n=request.n,
+            cache_salt=request.cache_salt,
+            cache_tenant=cache_tenant(self._config, _api_key(http_request)),
         )
         if (response_format := request.sampling.response_format) is not None:
             try:  # compiled (and cached) on a worker thread, so a big schema stalls neither loop
@@ -187,7 +209,8 @@ class OpenAIFront:
     async def _tokenize(self, http_request: web.Request) -> web.Response:
         """vLLM's `/tokenize`: the token ids a prompt or a chat runs as (service/openai_tokenize.py)."""
         engine, limits = self._generations.ready()
-        request = openai_tokenize.parse_tokenize(await _json_body(http_request), limits)
+        body = await _json_body(http_request, self._config.idle_timeout_s)
+        request = openai_tokenize.parse_tokenize(body, limits)
         _served_model(engine, request.input.model)
         prompt = request.input.prompt
         if prompt is not None:
@@ -200,7 +223,8 @@ class OpenAIFront:
     async def _detokenize(self, http_request: web.Request) -> web.Response:
         """vLLM's `/detokenize`: the text of token ids, special tokens included."""
         engine, limits = self._generations.ready()
-        request = openai_tokenize.parse_detokenize(await _json_body(http_request), limits)
+        body = await _json_body(http_request, self._config.idle_timeout_s)
+        request = openai_tokenize.parse_detokenize(body, limits)
         _served_model(engine, request.model)
         text = await self._generations.off_loop(engine.decode, request.tokens, False)
         return web.json_response({"prompt": text})
@@ -277,11 +301,21 @@ def _error(answer: openai.ErrorResponse) -> web.Response:
     return web.json_response(answer.body, status=answer.status, headers=answer.headers)
 
 
-async def _json_body(request: web.Request) -> object:
+async def _json_body(request: web.Request, timeout_s: float) -> object:
+    """The body as JSON; 408 when it takes over `timeout_s` to arrive (a connection held by a trickle)."""
     try:
-        return json.loads(await request.read())
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(reason="the request body took too long to arrive") from None
+    try:
+        return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise MalformedRequest(f"the body is not JSON: {e}") from e
+
+
+def _api_key(request: web.Request) -> str | None:
+    return bearer_token(("authorization", v) for v in request.headers.getall("Authorization", []))
 
 
 def _request_id(request: web.Request) -> str:

@@ -54,7 +54,7 @@ _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
     "n", "logprobs", "stream", "stream_options", "user", "response_format", "logit_bias",
     "top_k", "min_p", "repetition_penalty", "ignore_eos", "priority",
-    "guided_json", "guided_regex", "guided_choice", "structured_outputs",
+    "guided_json", "guided_regex", "guided_choice", "structured_outputs", "cache_salt",
 }  # fmt: skip
 _PARAMETERS = {
     COMPLETION: _COMMON | {"prompt", "echo"},
@@ -97,6 +97,7 @@ class OpenAIRequest:
     reasoning: bool = False  # split `<think>` blocks into `reasoning_content` (--reasoning-parser)
     echo: bool = False  # completions: the prompt (and its tokens' log-probabilities) before the completion
     echo_only: bool = False  # `max_tokens: 0` with echo: the prompt alone, scored; the token made is left out
+    cache_salt: str = ""  # vLLM's: the prefix-cache partition within the caller's (service/tenancy.py)
     params: dict[str, str] = field(default_factory=dict)  # engine field -> the parameter the body named
 
     def chat_output(self) -> ChatOutput | None:
@@ -143,6 +144,7 @@ def parse_request(endpoint: str, body: object, limits: RequestLimits) -> OpenAIR
     request.priority = fields.integer("priority", 0, -MAX_PRIORITY, MAX_PRIORITY - 1)
     _stream_options(fields, request)
     request.n = fields.integer("n", 1, 1, limits.max_n)
+    request.cache_salt = fields.string("cache_salt") or ""
     _logprobs(fields, request)
     _echo(fields, request)
     request.sampling.logit_bias = _logit_bias(fields, request)
@@ -481,11 +483,13 @@ class ResponseHeader:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage; `cached_tokens`: prompt tokens the prefix cache held (the caller's partition's)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -533,8 +537,8 @@ def response(
             choice["finish_reason"] = _finish_reason(last, output)
         choices.append(choice)
         completion_tokens += request.answered_tokens(last.completion_tokens)
-    prompt_tokens = by_index[min(by_index)][-1].prompt_tokens
-    total = usage(prompt_tokens, completion_tokens)
+    first = by_index[min(by_index)][-1]
+    total = usage(first.prompt_tokens, completion_tokens, first.cached_prompt_tokens)
     return {**header.fields(chunk=False), "choices": choices, "usage": total}
 
 
@@ -551,6 +555,7 @@ class StreamState:
     num_tokens: dict[int, int] = field(default_factory=dict)  # each choice's tokens so far
     completion_tokens: int = 0
     scored: tuple[TokenInfo, ...] = ()  # the prompt's tokens, scored: completion 0's first event brings them
+    cached_tokens: int = 0
 
     def chunks(self, header: ResponseHeader, event: GenerationEvent) -> list[dict]:
         """The stream chunks of one engine event: none for an event without text that ends nothing.
@@ -571,6 +576,8 @@ class StreamState:
             self.prompt_tokens = event.prompt_tokens
             self.completion_tokens += request.answered_tokens(event.completion_tokens)
             finish_reason = "length" if request.echo_only else finish_reason
+            if event.index == 0:
+                self.cached_tokens = event.cached_prompt_tokens
         logprobs = request.logprobs and bool(tokens)  # tokens whose text is held back have some
         if first:
             self.outputs[event.index] = request.chat_output()
@@ -589,7 +596,7 @@ class StreamState:
         choice["finish_reason"] = finish_reason
         chunk = {**header.fields(chunk=True), "choices": [choice]}
         if request.continuous_usage:
-            chunk["usage"] = usage(self.prompt_tokens, self.num_tokens[event.index])
+            chunk["usage"] = usage(self.prompt_tokens, self.num_tokens[event.index], self.cached_tokens)
         elif request.include_usage:
             chunk["usage"] = None
         return [chunk]
@@ -599,7 +606,7 @@ class StreamState:
         return {
             **header.fields(chunk=True),
             "choices": [],
-            "usage": usage(self.prompt_tokens, self.completion_tokens),
+            "usage": usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens),
         }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -12,15 +11,18 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from engine.engine import Engine
 from protos.textgen.v1 import textgen_pb2 as pb
 from service.auth import ApiKeyInterceptor, ApiKeys
 from service.config import ServerConfig, grpc_server_options, parse_config
+from service.file_watch import reload_on_change
 from service.generations import Generations
 from service.handlers import add_servicer_to_server
+from service.health import BoundedHealthServicer, add_health_to_server
+from service.host_check import is_loopback
 from service.openai_http import OpenAIFront
 from service.servicer import TextGenerationServicer
 from service.tls import ServerCertificates
@@ -48,17 +50,17 @@ class Server:
         self.telemetry = telemetry or Telemetry()  # tracing and metrics; default: off
         self.generations = Generations()  # the engine as both fronts see it
         self.servicer = TextGenerationServicer(config, self.generations)
-        self.health = health.aio.HealthServicer()
+        self.health = BoundedHealthServicer(config.max_health_watchers)
         self.engine: Engine | None = None
         self.port = 0
-        keyed = bool(config.api_keys or config.api_key_file)
-        self.api_keys = ApiKeys(config.api_keys, config.api_key_file) if keyed else None
+        self.api_keys = ApiKeys(config.api_keys, config.api_key_file) if config.keyed else None
         self.certificates = ServerCertificates(config.tls) if config.tls is not None else None
         self.http: OpenAIFront | None = None
         if config.http_port is not None:
             ssl_context = self.certificates.ssl_context if self.certificates is not None else None
             tracer_provider = self.telemetry.tracer_provider
             self.http = OpenAIFront(config, self.generations, self.api_keys, tracer_provider, ssl_context)
+        self._file_watch: asyncio.Task | None = None
         interceptors = self.telemetry.server_interceptors()
         if self.api_keys is not None:
             interceptors.append(ApiKeyInterceptor(self.api_keys))  # after tracing: refused calls get spans
@@ -72,7 +74,7 @@ class Server:
         """Listen on the configured address; returns the bound port."""
         await self._set_health(NOT_SERVING)
         add_servicer_to_server(self.servicer, self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        add_health_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
@@ -82,6 +84,9 @@ class Server:
             self.port = self._server.add_secure_port(self.config.address, self.certificates.credentials)
         await self._server.start()
         log.info("listening on %s:%d", self.config.host, self.port)
+        if self.config.reload_check_s and self.watched_files:
+            watch = reload_on_change(self.watched_files, self.reload, self.config.reload_check_s)
+            self._file_watch = asyncio.create_task(watch, name="reload-on-change")
         if self.http is not None:
             http_port = await self.http.start()
             log.info("OpenAI-compatible HTTP API on %s:%d", self.config.host, http_port)
@@ -116,6 +121,8 @@ class Server:
         """`retire()`, then stop the gRPC server, in-process: gRPC answers calls that arrive while it stops
         CANCELLED, which is why `python -m service` exits instead (`_exit`)."""
         await self.retire()
+        if self._file_watch is not None:
+            self._file_watch.cancel()
         await self._server.stop(grace=None)
         if self.http is not None:
             await self.http.stop()
@@ -149,6 +156,13 @@ class Server:
             else:
                 log.info("reloaded %s", what)
 
+    @property
+    def watched_files(self) -> list[str]:
+        """The files `reload()` re-reads: the API key file and the TLS files, those configured."""
+        tls = self.config.tls
+        files = [tls.cert_file, tls.key_file, tls.client_ca_file] if tls is not None else []
+        return [path for path in (self.config.api_key_file, *files) if path is not None]
+
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
@@ -156,12 +170,7 @@ class Server:
 
 def exposure_warnings(config: ServerConfig) -> list[str]:
     """What is unsafe in serving `config` beyond this machine; nothing on a loopback address."""
-    host = config.host.strip("[]")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to any interface
-        loopback = False
-    if loopback:
+    if is_loopback(config.host):
         return []
     warnings = []
     if config.tls is None:
@@ -179,7 +188,9 @@ def exposure_warnings(config: ServerConfig) -> list[str]:
 
 async def serve(config: ServerConfig) -> None:
     """Run a server until SIGTERM or SIGINT, then drain it and exit the process."""
-    telemetry = Telemetry.from_env(config.metrics_port, config.host.strip("[]"))  # OTEL_* variables
+    telemetry = Telemetry.from_env(  # OTEL_* variables
+        config.metrics_port, config.host.strip("[]"), config.idle_timeout_s, config.max_connections
+    )
     server = Server(config, telemetry)
     await server.start()
     stop = asyncio.Event()

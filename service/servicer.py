@@ -18,9 +18,11 @@ from engine.request import GenerationEvent, GenerationRequest
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
 from service import tool_protos, translate
+from service.auth import bearer_token
 from service.config import MIN_CLIENT_PING_INTERVAL_S, ServerConfig
 from service.generations import Generations
 from service.status import InvalidArgument, NotReady, abort
+from service.tenancy import cache_tenant
 from service.tools import chat_prompt_ids
 from service.validation import check_generate_request, check_tokenize_request
 
@@ -149,6 +151,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
             deadline=None if remaining is None else time.monotonic() + remaining,
             trace_context=otel_context.get_current(),  # holds the server span: the engine's spans go under it
             n=translate.num_completions(request),
+            cache_salt=request.cache_salt,
+            cache_tenant=cache_tenant(self._config, bearer_token(context.invocation_metadata())),
         )
 
     @staticmethod

@@ -61,6 +61,7 @@ _PREFILL = {"kind": "prefill"}
 _DECODE = {"kind": "decode"}
 _INPUT = {"gen_ai.token.type": "input"}
 _OUTPUT = {"gen_ai.token.type": "output"}
+_CACHE_SCOPES = {scope: {"cache.scope": scope} for scope in ("shared", "key", "salt")}
 
 
 class ServingMetrics(EngineObserver):
@@ -108,10 +109,14 @@ class ServingMetrics(EngineObserver):
         )
         self._preemptions.add(0)  # exported from the start: an alert can tell zero from missing
         self._prefix_queries = meter.create_counter(
-            "textgen.prefix_cache.queries", "{token}", "Prompt tokens looked up in the prefix cache"
+            "textgen.prefix_cache.queries",
+            "{token}",
+            "Prompt tokens looked up in the prefix cache, by cache.scope (shared, key, salt)",
         )
         self._prefix_hits = meter.create_counter(
-            "textgen.prefix_cache.hits", "{token}", "Prompt tokens whose KV blocks the prefix cache held"
+            "textgen.prefix_cache.hits",
+            "{token}",
+            "Prompt tokens whose KV blocks the prefix cache held, by cache.scope",
         )
         meter.create_observable_gauge(
             "textgen.prefix_cache.blocks",
@@ -147,8 +152,9 @@ class ServingMetrics(EngineObserver):
         )
 
     def request_admitted(self, seq: Sequence) -> None:
-        self._prefix_queries.add(seq.num_tokens)
-        self._prefix_hits.add(seq.num_computed_tokens)  # at admission: what the cache held
+        scope = _CACHE_SCOPES[seq.request.cache_scope]  # the kind of partition, never whose
+        self._prefix_queries.add(seq.num_tokens, scope)
+        self._prefix_hits.add(seq.num_computed_tokens, scope)  # at admission: what the cache held
         if seq.num_preemptions == 0:  # a readmission after preemption is not queueing of the request
             self._queue_duration.record(seq.admitted_time - seq.request.arrival_time)
 

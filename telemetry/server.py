@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 import prometheus_client
@@ -15,6 +14,7 @@ from engine.engine import Engine
 from engine.observer import EngineObserver
 from telemetry.exporters import metric_readers_from_env, resource, tracer_provider_from_env
 from telemetry.interceptors import server_interceptors
+from telemetry.metrics_endpoint import MetricsEndpoint
 from telemetry.observer import TelemetryObserver
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class Telemetry:
         self,
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
-        metrics_server: WSGIServer | None = None,
+        metrics_server: MetricsEndpoint | None = None,
     ) -> None:
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
@@ -43,16 +43,25 @@ class Telemetry:
             self._observer = TelemetryObserver(tracer_provider, meter_provider)
 
     @classmethod
-    def from_env(cls, metrics_port: int = DEFAULT_METRICS_PORT, metrics_host: str = "0.0.0.0") -> Telemetry:
-        """Exporters from the `OTEL_*` variables, plus Prometheus on `metrics_port` (0: no endpoint)."""
+    def from_env(
+        cls,
+        metrics_port: int = DEFAULT_METRICS_PORT,
+        metrics_host: str = "0.0.0.0",
+        idle_timeout_s: float = 30.0,
+        max_connections: int = 1000,
+    ) -> Telemetry:
+        """Exporters from the `OTEL_*` variables, plus Prometheus on `metrics_port` (0: no endpoint), whose
+        connections are closed after `idle_timeout_s` without a request, at most `max_connections` open."""
         readers = metric_readers_from_env()
         metrics_server = None
         if metrics_port:
             registry = prometheus_client.CollectorRegistry()
             prometheus_client.ProcessCollector(registry=registry)  # CPU, memory, open files of the server
             readers.append(PrometheusMetricReader(registry=registry))
-            metrics_server, _ = prometheus_client.start_http_server(metrics_port, metrics_host, registry)
-            log.info("Prometheus metrics on port %d, path /metrics", metrics_port)
+            metrics_server = MetricsEndpoint(
+                registry, metrics_host, metrics_port, idle_timeout_s, max_connections
+            )
+            log.info("Prometheus metrics on port %d, path /metrics", metrics_server.port)
         meter_provider = (
             MeterProvider(metric_readers=readers, resource=resource("textgen")) if readers else None
         )
@@ -61,7 +70,7 @@ class Telemetry:
     @property
     def metrics_port(self) -> int:
         """The port the Prometheus endpoint listens on; 0 when there is none."""
-        return self._metrics_server.server_port if self._metrics_server is not None else 0
+        return self._metrics_server.port if self._metrics_server is not None else 0
 
     @property
     def observer(self) -> EngineObserver:
@@ -79,8 +88,7 @@ class Telemetry:
     def shutdown(self) -> None:
         """Export what is pending and stop; blocks up to the exporters' timeouts."""
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            self._metrics_server.close()
         for provider in (self.tracer_provider, self.meter_provider):
             if provider is not None:
                 provider.shutdown()

@@ -33,7 +33,7 @@ from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc
 from service.auth import ApiKeys, bearer_token, read_key_file
 from service.config import ServerConfig, parse_config
-from service.server import exposure_warnings
+from service.server import Server, exposure_warnings
 from service.tls import TlsFiles
 from telemetry.server import Telemetry
 
@@ -356,6 +356,21 @@ def test_reload_accepts_the_new_key_and_refuses_the_old(serve, tmp_path):
     assert call(server.target, "Tokenize", bearer(ENV_KEY)) == grpc.StatusCode.OK
 
 
+def test_a_changed_key_file_is_reloaded_without_a_signal(serve, tmp_path):
+    keys = key_file(tmp_path, FILE_KEY)
+    server = serve(api_key_file=keys, reload_check_s=0.05)  # shortened for the test; the default is 10 s
+    assert call(server.target, "Tokenize", bearer(FILE_KEY)) == grpc.StatusCode.OK
+
+    key_file(tmp_path, NEW_KEY)  # rewritten in place, as a Secret volume update does
+    deadline = time.monotonic() + 30
+    while not server.server.api_keys.accepts(NEW_KEY):
+        assert time.monotonic() < deadline, "the changed key file was not reloaded"
+        time.sleep(0.02)
+
+    assert call(server.target, "Tokenize", bearer(NEW_KEY)) == grpc.StatusCode.OK
+    assert call(server.target, "Tokenize", bearer(FILE_KEY)) == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_reload_serves_the_new_certificate_to_new_connections_and_keeps_the_stream_in_flight(
     serve, pki, tmp_path
 ):
@@ -542,6 +557,39 @@ def test_incomplete_tls_flags_are_refused(argv, monkeypatch):
     monkeypatch.delenv("TEXTGEN_TLS_KEY_FILE", raising=False)
     with pytest.raises(SystemExit):
         parse_config(argv)
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("TEXTGEN_API_KEYS", ","),
+        ("TEXTGEN_API_KEYS", " , "),
+        ("TEXTGEN_API_KEYS", ""),
+        ("TEXTGEN_API_KEY_FILE", ""),
+        ("TEXTGEN_API_KEY_FILE", "  "),
+    ],
+)
+def test_a_key_setting_that_names_no_key_refuses_to_start(variable, value, monkeypatch, capsys):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exited:
+        parse_config([])
+    assert exited.value.code != 0
+    assert variable in capsys.readouterr().err
+
+
+def test_the_service_refuses_to_start_with_an_empty_key_list(tmp_path):
+    env = {**os.environ, "TEXTGEN_API_KEYS": ","}
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "--port", "0", "--metrics-port", "0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "TEXTGEN_API_KEYS is set but names no key" in done.stderr
+
+
+def test_a_server_with_an_empty_key_file_name_refuses_to_start(server_config):
+    with pytest.raises(ValueError, match="the API key file setting is empty"):
+        Server(dataclasses.replace(server_config(), api_key_file=""))
 
 
 def test_a_key_file_without_keys_is_refused(tmp_path):

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.stress_faults import engine_faults
+from bench.stress_flood import unauthenticated_flood
 from bench.stress_load import cancellation_storm, deadlines, memory_pressure, overload
 from bench.stress_process import sigterm_during_load, soak
 from protos.textgen.v1 import textgen_pb2 as pb
@@ -52,6 +53,15 @@ async def test_deadlines_under_load_end_ok_or_deadline_exceeded_and_free_the_kv_
 async def test_requests_beyond_the_kv_pool_are_preempted_and_all_complete(tiny_llama):
     result = await memory_pressure(
         tiny_llama, num_requests=4, prompt_len=60, max_new_tokens=24, num_kv_blocks=12
+    )
+    assert result.failures() == []
+
+
+async def test_an_unauthenticated_flood_holds_no_memory_no_thread_per_connection_and_is_closed(
+    tiny_llama, tmp_path
+):
+    result = await unauthenticated_flood(
+        tiny_llama, tmp_path, num_watches=20, name_bytes=256 * 1024, num_idle=60, idle_timeout_s=1.0
     )
     assert result.failures() == []
 
