@@ -9,9 +9,18 @@ from typing import Annotated, Literal
 import jsonschema
 import openai
 import pytest
+from agents import (
+    Agent,
+    ModelSettings,
+    OpenAIChatCompletionsModel,
+    Runner,
+    function_tool,
+    set_tracing_disabled,
+)
 from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
+from openai import AsyncOpenAI
 from pydantic import BaseModel, ConfigDict, Field
 from test_openai_http import assert_openai_error, base_url, post, start_http_server
 
@@ -367,3 +376,40 @@ def test_the_reasoning_parser_flag_and_its_environment_variable(monkeypatch):
     monkeypatch.setenv("TEXTGEN_REASONING_PARSER", "deepseek")
     with pytest.raises(SystemExit):
         parse_config([])
+
+
+# ---- the OpenAI Agents SDK -------------------------------------------------------------------------------
+
+
+@function_tool
+def weather_in(city: Annotated[str, Field(max_length=8)], unit: Literal["c", "f"]) -> str:
+    """The weather in a city."""
+    return f"sunny in {city}"
+
+
+@pytest.fixture
+def weather_agent(http_server, model):
+    set_tracing_disabled(True)  # the SDK's tracing would upload to OpenAI
+    client = AsyncOpenAI(base_url=base_url(http_server) + "/v1", api_key="unused", max_retries=0)
+    return Agent(
+        name="weather",
+        instructions="Answer with the weather tool.",
+        tools=[weather_in],
+        model=OpenAIChatCompletionsModel(model=model, openai_client=client),
+        model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=120),
+        tool_use_behavior="stop_on_first_tool",  # the tool's answer is the agent's
+    )
+
+
+def test_an_agents_sdk_agent_calls_its_tool_with_valid_arguments(weather_agent):
+    result = Runner.run_sync(weather_agent, "Weather in Paris?")
+
+    assert result.final_output.startswith("sunny in ")
+
+
+async def test_a_streamed_agents_sdk_run_calls_its_tool(weather_agent):
+    result = Runner.run_streamed(weather_agent, "Weather in Paris?")
+    kinds = [event.type async for event in result.stream_events()]
+
+    assert "raw_response_event" in kinds
+    assert result.final_output.startswith("sunny in ")
