@@ -31,7 +31,7 @@ from engine.request import ResponseFormat
 GRAMMAR_CACHE_SIZE = 256  # compiled formats kept; a matcher copy costs microseconds, a compile milliseconds
 # A JSON schema's output has no whitespace between tokens (a schema's "x-guidance" may say otherwise):
 # whitespace is where a model could wander forever without breaking the grammar.
-_JSON_OPTIONS = {"whitespace_flexible": False}
+JSON_OPTIONS = {"whitespace_flexible": False}
 
 
 class GrammarMatcher:
@@ -116,7 +116,7 @@ def _grammar(response_format: ResponseFormat) -> tuple[str, str]:
             raise InvalidRequestError(f"{field}.json_schema", f"is not valid JSON: {e}") from e
         if not isinstance(schema, dict | bool):
             raise InvalidRequestError(f"{field}.json_schema", "must be a JSON object (a JSON schema)")
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         return f"{field}.json_schema", grammar
     if response_format.regex is not None:
         return f"{field}.regex", llguidance.LLMatcher.grammar_from_regex(response_format.regex)

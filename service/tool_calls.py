@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 
 import jsonschema
 
+from engine.structured import JSON_OPTIONS
 from service.reasoning import partial_suffix
 from service.tools import AUTO, CALL_BEGIN, CALL_END, Tool, ToolCall, ToolRequest, new_call_id
 
-# The arguments are compact JSON, as for a response format (engine/structured.py): no whitespace to wander in.
-_JSON_OPTIONS = {"whitespace_flexible": False}
 _PYTHON_TAG = "<|python_tag|>"
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\S)')
 _MAX_HEAD_CHARS = 4096  # a call whose head is not done by then is no call of ours: its text is content
@@ -51,7 +50,7 @@ def grammar(tools: ToolRequest) -> str:
 
 def _call_body(tool: Tool) -> str:
     head = json.dumps('{"name":' + json.dumps(tool.name) + ',"arguments":')
-    schema = {**tool.parameters, "x-guidance": _JSON_OPTIONS}
+    schema = {**tool.parameters, "x-guidance": JSON_OPTIONS}  # compact, as a response format's JSON
     return f'({head} %json {json.dumps(schema)} "}}")'
 
 
