@@ -93,10 +93,12 @@ bench-sweep: install proto
 bench-llamacpp: install proto
 	$(PY) -m bench.peer_llamacpp $(BENCH_ARGS)
 
-# The engine on a CUDA GPU in one run (about 8 minutes at most on an H100 / H200): the CUDA tests, decode
-# step times with and without CUDA graphs, and throughput against transformers' generate. It installs
-# nothing: on a GPU machine whose python3 holds torch, triton and transformers, it runs as it is (without
-# .venv); BENCH_ARGS="--smoke" runs tiny shapes on the CPU. Flags: BENCH_ARGS="--help".
+# The first command to run on a CUDA GPU (about 8 minutes at most on an H100 / H200): Triton's toolchain,
+# the CUDA tests, decode step times with and without CUDA graphs, and throughput against transformers'
+# generate. Any failure (a test failed, skipped or timed out, no compiler, a lost CUDA context) is in
+# bench/results/gpu.json and the exit status. It installs nothing: on a GPU machine whose python3 holds
+# torch, triton, transformers, pytest and llguidance, it runs as it is (without .venv); BENCH_ARGS="--smoke"
+# runs tiny shapes on the CPU. Flags: BENCH_ARGS="--help".
 bench-gpu:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m bench.gpu $(BENCH_ARGS)
 

@@ -1,5 +1,6 @@
 """`make bench-gpu`: the engine on one CUDA GPU, in one run that fits 8 minutes on an H100 / H200.
 
+0. The toolchain Triton needs at run time: a C compiler and Python's headers (it builds its launcher).
 1. The CUDA tests (`tests/test_cuda.py`, marker `cuda`) on the GPU.
 2. The copy rate: a large device-to-device copy, bytes read plus bytes written per second.
 3. Decode steps of random-weight Llama-3.2-1B and Llama-3-8B shapes at batch 1 / 8 / 64 (each sequence
@@ -13,20 +14,30 @@ Nothing is downloaded: the models are built from configs in code (`bench.random_
 the same steps with tiny shapes on the CPU (the test suite checks the script end to end so); without
 CUDA the "graphs" rows run the same padded static buffers eagerly. Every number comes from this run and
 is saved as JSON beside the printed tables.
+
+The run cannot pass silently: a missing compiler, a failed test, a test run that timed out, ran no test or
+skipped one, a step that raised, or a sticky CUDA error (the context is lost; every later step would
+fail) is an error in the JSON's `errors` and makes the exit status non-zero. The JSON is rewritten as each
+step ends, so a run killed midway keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
+import importlib.util
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +49,12 @@ from bench.report import environment, markdown_table, to_json
 from bench.workload import WorkloadConfig, make_workload
 
 ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("toolchain", "tests", "copy", "decode", "throughput")
+CUDA_TESTS = "tests/test_cuda.py"
+
+
+class StepFailed(RuntimeError):
+    """A step that ran to its end and found a failure (its report says what)."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -84,7 +101,7 @@ class DecodeRow:
     batch: int
     step_ms: float
     bytes_per_step: int
-    copy_fraction: float
+    copy_fraction: float | None  # None without the copy step
 
 
 def synchronize(device: str) -> None:
@@ -107,23 +124,93 @@ def copy_rate(plan: Plan) -> float:
     return 2 * plan.copy_bytes / statistics.median(times)
 
 
-def run_tests() -> dict:
-    """The CUDA tests, in a child process (no conftest: the GPU image lacks the server's dependencies)."""
-    command = [sys.executable, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider", "-m", "cuda",
-               "tests/test_cuda.py"]  # fmt: skip
-    start = time.perf_counter()
-    try:
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as timeout:
-        print(f"{timeout.stdout or ''}{timeout.stderr or ''}"[-4000:], flush=True)
-        seconds = time.perf_counter() - start
-        return {"returncode": None, "summary": "timed out after 300 s", "seconds": seconds}
+# What the run imports beyond the standard library (and what these bring: numpy, tokenizers, ...): what a
+# GPU image with PyTorch holds, or gets with one pip install; nothing else of the server's
+# (test_bench_gpu.py). llguidance: the engine's grammars (a wheel with no dependencies).
+PACKAGES = ("torch", "triton", "transformers", "pytest", "llguidance")
+
+
+def toolchain() -> dict:
+    """What the run needs besides the GPU: its Python packages, and the C compiler and Python headers that
+    Triton builds its launcher with at first use (else every launch fails; Triton takes $CC, else the
+    first of clang, gcc and cc on PATH)."""
+    compiler = os.environ.get("CC") or next(filter(None, map(shutil.which, ("clang", "gcc", "cc"))), None)
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    found = {"compiler": compiler, "python_headers": str(headers) if headers.exists() else None}
+    problems = [f"no {name.replace('_', ' ')}" for name, path in found.items() if path is None]
+    if problems:
+        problems[-1] += " for Triton's launcher (install gcc and python3-dev, or set CC)"
+    if missing := [name for name in PACKAGES if importlib.util.find_spec(name) is None]:
+        problems.append(f"missing Python packages: {' '.join(missing)} (pip install {' '.join(missing)})")
+    if problems:
+        raise StepFailed("; ".join(problems))
+    return found
+
+
+def run_tests(paths: Sequence[str], device: str, timeout_s: float) -> dict:
+    """The CUDA tests in a child process on `device` (no conftest: the GPU image lacks the server's
+    dependencies); the result says what ran, and `error` why the run does not count as passed."""
+    env = {**os.environ, "TEXTGEN_TEST_DEVICE": device}
+    if device != "cpu":
+        env.pop("TRITON_INTERPRET", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = Path(tmp) / "junit.xml"
+        command = [sys.executable, "-m", "pytest", "-q", "-rs", "--noconftest", "-p", "no:cacheprovider",
+                   "-m", "cuda", f"--junitxml={junit}", *paths]  # fmt: skip
+        start = time.perf_counter()
+        try:
+            result = subprocess.run(
+                command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
+            )
+        except subprocess.TimeoutExpired as timeout:
+            print(_text(timeout.stdout)[-4000:] + _text(timeout.stderr)[-2000:], flush=True)
+            seconds = time.perf_counter() - start
+            return {"returncode": None, "seconds": seconds, "error": f"timed out after {timeout_s:g} s"}
+        print(result.stdout[-4000:] + result.stderr[-2000:], flush=True)
+        counts = _junit_counts(junit) if junit.exists() else {}
     summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
-    print(result.stdout[-4000:] + result.stderr[-2000:], flush=True)
-    return {"returncode": result.returncode, "summary": summary, "seconds": time.perf_counter() - start}
+    report = {"returncode": result.returncode, "summary": summary, **counts,
+              "seconds": time.perf_counter() - start}  # fmt: skip
+    report["error"] = _tests_error(report)
+    return report
 
 
-def decode_rows(plan: Plan, shape: str, rate: float) -> list[DecodeRow]:
+def _text(output: str | bytes | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def _junit_counts(path: Path) -> dict:
+    """Tests, failures, errors and skips (with their reasons) from pytest's JUnit XML."""
+    root = ElementTree.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    keys = ("tests", "failures", "errors", "skipped")
+    counts: dict = {key: sum(int(suite.get(key, 0)) for suite in suites) for key in keys}
+    counts["skip_reasons"] = sorted({skip.get("message", "") for skip in root.iter("skipped")})
+    return counts
+
+
+def _tests_error(report: dict) -> str | None:
+    """Why a finished test run does not count as passed, or None."""
+    code, tests = report["returncode"], report.get("tests", 0)
+    if code == 5 or tests == 0:
+        return f"no tests ran (pytest exit code {code})"
+    if code != 0:
+        return f"pytest exit code {code}: {report['summary']}"
+    if report.get("skipped"):
+        reasons = "; ".join(report["skip_reasons"])
+        return f"{report['skipped']} of {tests} tests skipped, and every one must run here: {reasons}"
+    return None
+
+
+def check_device(device: str) -> None:
+    """Raise if the CUDA context is broken: after an illegal memory access (a sticky error) every later
+    call fails, so the run stops there instead of reporting a cascade."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.ones(1, device=device).add_(1).item()
+
+
+def decode_rows(plan: Plan, shape: str, rate: float | None) -> list[DecodeRow]:
     """Step times of every mode and batch for `shape`, one model built per backend."""
     from bench.random_model import kv_bytes_per_token, parameter_bytes, random_model
     from engine.model_runner import ModelRunner
@@ -146,10 +233,10 @@ def decode_rows(plan: Plan, shape: str, rate: float) -> list[DecodeRow]:
                 weights = parameter_bytes(shape, plan.dtype)
                 mean_context = plan.context + (plan.warmup_steps + plan.timed_steps) / 2
                 kv = int(batch * mean_context * kv_bytes_per_token(shape, plan.dtype))
-                fraction = (weights + kv) / step_s / rate
+                fraction = (weights + kv) / step_s / rate if rate else None
                 rows.append(DecodeRow(shape, mode, batch, step_s * 1e3, weights + kv, fraction))
-                print(f"{shape} {mode} batch {batch}: {step_s * 1e3:.3f} ms, {fraction:.1%} of the copy rate",
-                      flush=True)  # fmt: skip
+                print(f"{shape} {mode} batch {batch}: {step_s * 1e3:.3f} ms, {_percent(fraction)} of the "
+                      "copy rate", flush=True)  # fmt: skip
         del runner, loaded
         free_memory()
     return rows
@@ -249,7 +336,10 @@ def _throughput_row(label: str, result) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
-    parser.add_argument("--skip-tests", action="store_true", help="leave out the CUDA tests")
+    parser.add_argument("--steps", help=f"the steps to run, comma-separated, of {','.join(STEPS)} "
+                        "(default: all; --smoke leaves out tests: make test runs them itself)")  # fmt: skip
+    parser.add_argument("--tests", nargs="+", default=[CUDA_TESTS], help="the test files of the tests step")
+    parser.add_argument("--tests-timeout-s", type=float, default=300, help="the tests step's time limit")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json", help="JSON file")
     return parser
 
@@ -257,40 +347,71 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     plan = smoke_plan() if args.smoke else full_plan()
+    steps = args.steps.split(",") if args.steps else [s for s in STEPS if s != "tests" or plan.run_tests]
+    if unknown := set(steps) - set(STEPS):
+        raise SystemExit(f"unknown steps {', '.join(sorted(unknown))}: choose from {', '.join(STEPS)}")
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: `python -m bench.gpu --smoke` runs tiny shapes on the CPU")
     if plan.device == "cpu":  # Triton's interpreter is chosen when triton is first imported: not yet
         os.environ.setdefault("TRITON_INTERPRET", "1")
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    report: dict = {"plan": {**asdict(plan), "dtype": str(plan.dtype)}}
+    report: dict = {"plan": {**asdict(plan), "dtype": str(plan.dtype)}, "steps": steps}
     report["environment"] = environment(load_before)
     if plan.device == "cuda":
         report["environment"]["gpu"] = torch.cuda.get_device_name()
-    report["errors"] = {}
+    report.update(errors={}, decode=[], throughput=[])
 
-    def attempt(name: str, step: Callable[[], object]) -> object:
+    def save() -> None:
+        report["seconds"] = time.perf_counter() - started
+        report["environment"]["load_average_after"] = os.getloadavg()[0]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(to_json(report))
+
+    def attempt(name: str, step: Callable[[], None]) -> bool:
+        """Run `step`, recording an error rather than raising it: a failed step must not cost the later
+        ones their device time. False if the device is lost (a sticky CUDA error): nothing after can run."""
         try:
-            return step()
-        except Exception as error:  # a failed step must not cost the later ones their device time
+            step()
+        except Exception as error:
             traceback.print_exc()
-            report["errors"][name] = repr(error)
+            report["errors"][name] = str(error) if isinstance(error, StepFailed) else repr(error)
             free_memory()
-            return None
+        try:
+            check_device(plan.device)
+        except Exception as error:
+            report["errors"]["cuda"] = f"the CUDA context is lost after step {name}: {error!r}"
+            return False
+        finally:
+            save()  # after every step: a run killed later keeps this one
+        return True
 
-    if plan.run_tests and not args.skip_tests:
-        report["tests"] = attempt("tests", run_tests)
-    report["copy_rate_bytes_per_s"] = rate = copy_rate(plan)
-    print(f"device-to-device copy: {rate / 1e9:.1f} GB/s (read + write)", flush=True)
-    report["decode"] = []
-    for shape in plan.shapes:
-        rows = attempt(f"decode {shape}", lambda shape=shape: decode_rows(plan, shape, rate)) or []
-        report["decode"] += [asdict(row) for row in rows]
-    report["throughput"] = attempt("throughput", lambda: throughput_rows(plan)) or []
-    report["seconds"] = time.perf_counter() - started
-    report["environment"]["load_average_after"] = os.getloadavg()[0]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(to_json(report))
+    def tests() -> None:
+        report["tests"] = result = run_tests(args.tests, plan.device, args.tests_timeout_s)
+        if result["error"]:
+            raise StepFailed(result["error"])
+
+    def copy() -> None:
+        report["copy_rate_bytes_per_s"] = rate = copy_rate(plan)
+        print(f"device-to-device copy: {rate / 1e9:.1f} GB/s (read + write)", flush=True)
+
+    def decode(shape: str) -> None:
+        rate = report.get("copy_rate_bytes_per_s")
+        report["decode"] += [asdict(row) for row in decode_rows(plan, shape, rate)]
+
+    def throughput() -> None:
+        report["throughput"] = throughput_rows(plan)
+
+    runs = {
+        "toolchain": [("toolchain", lambda: report.update(toolchain=toolchain()))],
+        "tests": [("tests", tests)],
+        "copy": [("copy", copy)],
+        "decode": [(f"decode {shape}", functools.partial(decode, shape)) for shape in plan.shapes],
+        "throughput": [("throughput", throughput)],
+    }
+    for name, step in (run for s in steps for run in runs[s]):
+        if not attempt(name, step):
+            break
     print_report(report)
     print(f"\nsaved {args.out}")
     if report["errors"]:
@@ -298,19 +419,30 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report
 
 
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction:.1%}"
+
+
 def print_report(report: dict) -> None:
     plan, env = report["plan"], report["environment"]
     where = env.get("gpu") or f"CPU ({env['cpu_count']} cores)"
     print(f"\n{where}, torch {env['torch']}, {plan['dtype']}; {report['seconds']:.0f} s in all")
+    if report.get("toolchain"):
+        print(
+            f"Triton's toolchain: {report['toolchain']['compiler']}, {report['toolchain']['python_headers']}"
+        )
     if report.get("tests"):
-        print(f"CUDA tests: {report['tests']['summary']} (exit code {report['tests']['returncode']})")
+        tests = report["tests"]
+        print(f"CUDA tests: {tests.get('summary', '-')} (exit code {tests['returncode']})")
     for name, error in report["errors"].items():
         print(f"FAILED {name}: {error}")
-    print(f"device-to-device copy: {report['copy_rate_bytes_per_s'] / 1e9:.1f} GB/s (read + write)\n")
+    if report.get("copy_rate_bytes_per_s"):
+        print(f"device-to-device copy: {report['copy_rate_bytes_per_s'] / 1e9:.1f} GB/s (read + write)")
+    print()
     headers = ["shape", "decode", "batch", "step ms", "MB read per step", "of the copy rate"]
     rows = [
         [r["shape"], r["mode"], r["batch"], f"{r['step_ms']:.3f}", f"{r['bytes_per_step'] / 1e6:.4g}",
-         f"{r['copy_fraction']:.1%}"]
+         _percent(r["copy_fraction"])]
         for r in report["decode"]
     ]  # fmt: skip
     print(markdown_table(headers, rows))

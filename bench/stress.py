@@ -5,6 +5,7 @@ bounded in time, and checks what every call ended with and what the server holds
 
     overload, cancellation storm, deadlines, memory pressure    in-process servers (bench/stress_load.py)
     engine faults                                               injected in-process (bench/stress_faults.py)
+    bystanders under adversarial grammars                       in-process (bench/stress_grammar.py)
     SIGTERM during load, soak                                   `python -m service` (bench/stress_process.py)
     unauthenticated flood                                       `python -m service` (bench/stress_flood.py)
     fuzzing                                                     tests/test_stress.py's hypothesis properties,
@@ -32,13 +33,15 @@ from pathlib import Path
 from bench.report import environment, load_note, to_json
 from bench.stress_faults import engine_faults
 from bench.stress_flood import unauthenticated_flood
+from bench.stress_grammar import bystanders_under_adversarial_grammars
 from bench.stress_load import cancellation_storm, deadlines, memory_pressure, overload
 from bench.stress_process import sigterm_during_load, soak
 from bench.stress_report import ScenarioResult, by_count, table
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = (
-    "overload", "cancellation", "fuzzing", "deadlines", "sigterm", "faults", "memory", "flood", "soak",
+    "overload", "cancellation", "fuzzing", "deadlines", "sigterm", "faults", "grammar", "memory", "flood",
+    "soak",
 )  # fmt: skip
 
 
@@ -112,6 +115,7 @@ def scenarios(model: str, args: argparse.Namespace, log_dir: Path) -> dict[str, 
         "deadlines": lambda: deadlines(model),
         "sigterm": lambda: sigterm_during_load(model, log_dir),
         "faults": lambda: engine_faults(model),
+        "grammar": lambda: bystanders_under_adversarial_grammars(model),
         "memory": lambda: memory_pressure(model),
         "flood": lambda: unauthenticated_flood(model, log_dir),
         "soak": lambda: soak(model, log_dir, args.soak_minutes),

@@ -23,7 +23,7 @@ IDLE = "afterwards queue 0, batch 0, KV blocks all free"
 SERVING = "then SERVING and answering"
 
 
-async def _check_after(result: ScenarioResult, server: InProcessServer) -> None:
+async def check_after(result: ScenarioResult, server: InProcessServer) -> None:
     """The checks every scenario ends with: the engine idle with its KV blocks back, health, an answer."""
     state, settle_s = await server.settle()
     result.check(IDLE, state.idle, state)
@@ -63,7 +63,7 @@ async def overload(
         )
         short = [len(o.token_ids) for o in served if len(o.token_ids) != max_new_tokens]
         result.check("every OK stream got all its tokens", not short, f"token counts {short[:10]}")
-        await _check_after(result, server)
+        await check_after(result, server)
     result.figures = {
         "calls": by_count(codes),
         "p99 OK": p99(o.latency_s for o in served),
@@ -123,7 +123,7 @@ async def cancellation_storm(
             all(phases.get(p) for p in ("queued", "prefill", "decode")),
             phases,
         )
-        await _check_after(result, server)
+        await check_after(result, server)
         _, code_after, greedy_after = await serving(server.target)
         result.check(
             "a greedy request returns the same tokens as before",
@@ -194,7 +194,7 @@ async def deadlines(model: str, num_calls: int = 300, max_deadline_s: float = 5.
             len(o.token_ids) for o, n in zip(outcomes, lengths, strict=True) if o.ok and len(o.token_ids) != n
         ]
         result.check("every OK call got all its tokens", not short, short[:10])
-        await _check_after(result, server)
+        await check_after(result, server)
     bands: dict[str, list[Outcome]] = {}
     for o, d in zip(outcomes, deadlines_s, strict=True):
         bands.setdefault(_deadline_band(d), []).append(o)
@@ -259,7 +259,7 @@ async def memory_pressure(
         result.check(
             "preemption happened", server.observer.num_preemptions > 0, "no preemption: the test is too small"
         )
-        await _check_after(result, server)
+        await check_after(result, server)
     result.figures = {
         "preemptions": str(server.observer.num_preemptions),
         "calls": by_count(codes),

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Protocol
 
-from engine.errors import DeadlineExceededError, RequestFailedError
+from engine.errors import DeadlineExceededError, EngineError, RequestFailedError
 from engine.observer import EngineObserver
 from engine.output import OutputProcessor
 from engine.request import GenerationEvent
@@ -85,7 +85,9 @@ class EngineCore:
             return
         result = self.scheduler.update(step, output)
         for seq, reason in result.failed:
-            self.finish(seq, outbox, RequestFailedError(f"sampling failed: {reason}"))
+            if not isinstance(reason, EngineError):  # a row that could not be sampled: an engine fault
+                reason = RequestFailedError(f"sampling failed: {reason}")
+            self.finish(seq, outbox, reason)
         self.outputs.add_prompt_logprobs(output.prompt_logprobs)
         for seq, token_id, logprob in result.sampled:
             event = self.outputs.process(seq, token_id, logprob, output.top_logprobs.get(seq.seq_id))

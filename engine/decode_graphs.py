@@ -5,8 +5,12 @@ a graph captured once per batch size replays every kernel of the step in one lau
 fixed tensors, so a step's inputs are copied into static buffers and its batch is padded up to the
 nearest bucket. Padding rows run token 0 at position 0 against a block of their own (reserved from the
 pool), so they write and read nothing of a real row's, and every operation of a decode step works row
-by row: a real row's result does not depend on the padding (tests/test_decode_graphs.py, on the CPU,
-where the same buffers and padding run eagerly).
+by row: a real row's result does not depend on the padding, except for how a BLAS rounds a GEMM of another
+row count (tests/test_decode_graphs.py, on the CPU, where the same buffers and padding run eagerly).
+
+Before capturing, every bucket's step runs once under `capture_safety.forbid_host_work`, which fails on
+what a replay cannot repeat (a host read, a tensor made from host data); the CPU tests run the same check
+(tests/test_capture_safety.py).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import DecodeAttention, StepContext
+from engine.capture_safety import forbid_host_work
 from engine.kv_cache import KVCache
 
 # Small batches get a bucket each (a step of 3 runs as 4, not 8); larger ones every 8, as a step's cost
@@ -104,6 +109,14 @@ class DecodeGraphs:
         rows = torch.tensor(batch.logit_rows, dtype=torch.long, device=logits.device)
         return logits.index_select(0, rows)  # a copy: the next replay overwrites the graph's output
 
+    @torch.inference_mode()
+    def check_capture_safety(self) -> None:
+        """Run every bucket's step once under `forbid_host_work`: raises `CaptureSafetyError` where the step
+        does what a graph's replay cannot repeat. The buffers hold padding: it writes only its own block."""
+        for bucket in self.buckets:
+            with forbid_host_work():
+                self._run_bucket(bucket)
+
     def _load(self, batch: DecodeBatch, bucket: int) -> None:
         """Copy `batch` into rows [0, size) of the buffers and padding into rows [size, bucket)."""
         padding = bucket - batch.size
@@ -140,6 +153,7 @@ class DecodeGraphs:
 
     def _capture(self) -> None:
         """One graph per bucket, largest first, all in one memory pool (their steps never overlap)."""
+        self.check_capture_safety()
         pool = torch.cuda.graph_pool_handle()
         for bucket in reversed(self.buckets):
             side = torch.cuda.Stream()

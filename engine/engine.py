@@ -14,12 +14,15 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from engine.batching import BatchConfig
 from engine.core import EngineCore, Outbox
 from engine.errors import EngineStoppedError, InvalidRequestError, RequestFailedError
-from engine.inbox import Add, Command, Inbox
+from engine.inbox import Add, Cancel, ClearPrefixCache, Command, Inbox
+from engine.kv_cache import check_block_size
+from engine.kv_events import KvEventLog
 from engine.limits import MAX_CHAT_MESSAGES, MAX_N, MAX_PROMPT_CHARS, RequestLimits, check_request
 from engine.model_runner import ModelRunner
 from engine.observer import EngineObserver
@@ -36,7 +39,7 @@ from engine.request import (
 )
 from engine.scheduler import SchedulerConfig, make_scheduler
 from engine.sequence import Sequence
-from engine.structured import GrammarCompiler
+from engine.structured import GRAMMAR_STEP_BUDGET_MS, GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,10 @@ class EngineConfig:
     prefix_caching: bool = True  # share the KV blocks of prompt prefixes computed before
     max_n: int = MAX_N  # the most completions one request may ask for
     cuda_graphs: bool = True  # on CUDA, decode steps replay a graph per batch-size bucket (lean code, triton)
+    grammar_step_budget_ms: float = GRAMMAR_STEP_BUDGET_MS  # a row's grammar later than this fails alone
+
+    def __post_init__(self) -> None:
+        check_block_size(self.kv_block_size)
 
 
 @dataclass(slots=True)
@@ -129,6 +136,10 @@ class Engine:
         self.eos_token_ids: set[int] = self.scheduler.eos_token_ids
         self.max_context_len = _max_context_len(self.model_runner, config)
         allocator = self.model_runner.allocator
+        # The prefix cache's events, for gateways that route by it; the loop thread has not started yet.
+        self.kv_events = KvEventLog(allocator.block_size)
+        if config.prefix_caching:
+            allocator.events = self.kv_events
         self.limits = RequestLimits(
             max_context_len=self.max_context_len,
             vocab_size=self.model_runner.vocab_size,
@@ -240,6 +251,11 @@ class Engine:
         """
         self._inbox.cancel(request_id)
 
+    def clear_prefix_cache(self) -> Future:
+        """Drop the prefix cache's index at the next step, requests in flight untouched (they keep their
+        blocks); the future gives the number of blocks it held."""
+        return self._inbox.clear_prefix_cache()
+
     def generate(
         self,
         prompts: list[str | list[int]],
@@ -318,7 +334,10 @@ class Engine:
             finally:
                 ready.set()
             self._go.wait()
-            self._loop()
+            try:
+                self._loop()
+            finally:
+                built[0].runner.close()
 
         self._thread = threading.Thread(target=main, name="textgen-engine", daemon=True)
         self._thread.start()
@@ -338,6 +357,7 @@ class Engine:
             except Exception as exc:  # a bug outside the model step: fail what is in flight, keep serving
                 log.exception("engine loop failed")
                 self.core.fail_all(RequestFailedError(f"engine fault: {exc}"), outbox)
+            self.kv_events.publish()  # before the events: a request's blocks are published when it ends
             self._dispatch(outbox)
         outbox = []
         self._apply(self._inbox.drain(), outbox)
@@ -351,9 +371,11 @@ class Engine:
                 for seq in command.seqs:
                     self._sinks[seq.seq_id] = command.sink
                     self.core.add(seq)
-            else:
+            elif isinstance(command, Cancel):
                 for seq_id in list(self._groups.get(command.group_id, ())):
                     self.core.abort(seq_id, command.error, outbox)
+            elif isinstance(command, ClearPrefixCache):
+                command.done.set_result(self.model_runner.allocator.clear_cache())
 
     def _dispatch(self, outbox: Outbox) -> None:
         """Hand this step's events to their callers: one thread crossing per asyncio loop per step."""
@@ -395,6 +417,7 @@ def _build_core(config: EngineConfig, observer: EngineObserver) -> EngineCore:
         config.weight_format,
         config.prefill_chunk_tokens,
         config.model_impl,
+        config.grammar_step_budget_ms,
     )
     if config.cuda_graphs:
         runner.capture_decode_graphs(config.batch.max_batch_size, _max_context_len(runner, config))

@@ -38,6 +38,11 @@ class PromptTooLongError(InvalidRequestError):
     """The input is over a size limit: too many characters or chat messages, or too many tokens to fit."""
 
 
+class GrammarLimitError(InvalidRequestError):
+    """The request's grammar went over the grammar engine's limits while generating (its work in one step,
+    lexer states, or the per-step time budget): only this request fails; a simpler format may succeed."""
+
+
 class QueueFullError(EngineError):
     """The waiting queue is at its limit; retrying after `retry_after_s` may succeed."""
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 from engine.errors import DuplicateRequestError, QueueFullError, RequestCancelledError
 from engine.sequence import Sequence
@@ -27,7 +28,12 @@ class Cancel:
     error: Exception
 
 
-Command = Add | Cancel
+@dataclass(slots=True)
+class ClearPrefixCache:
+    done: Future = field(default_factory=Future)  # the number of blocks the index held
+
+
+Command = Add | Cancel | ClearPrefixCache
 Announce = Callable[[Sequence], None]
 
 
@@ -74,6 +80,13 @@ class Inbox:
             del self._live[request_id]
             self._commands.append(Cancel(live, RequestCancelledError(f"request {request_id} was cancelled")))
             self._wakeup.notify()
+
+    def clear_prefix_cache(self) -> Future:
+        command = ClearPrefixCache()
+        with self._wakeup:
+            self._commands.append(command)
+            self._wakeup.notify()
+        return command.done
 
     def forget(self, seq: Sequence) -> None:
         """The last sequence of `seq`'s request has ended: its request id is free again."""

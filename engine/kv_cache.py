@@ -7,6 +7,7 @@ tenant and the caller's cache salt), so requests of different partitions share n
 whose prompt starts with the same whole blocks shares them (reference-counted) instead of recomputing
 them. A cached block that no sequence holds stays in the index until a block is needed and none is free:
 then the least recently used one is evicted.
+With a `KvEventLog` attached, every change to the index is reported to it (gateways mirror the index).
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ from array import array
 from collections import OrderedDict, deque
 
 import torch
+
+from engine.kv_events import KvEventLog
+
+
+def check_block_size(block_size: int) -> None:
+    """Refuse a KV block size that is not a power of two, at start: the Triton decode kernel walks a block
+    as `tl.arange(0, block_size)`, which needs one, and every backend takes the same sizes."""
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"the KV block size must be a power of two (1, 2, 4, 8, 16, ...), not {block_size}")
 
 
 def block_hashes(
@@ -61,6 +71,7 @@ class BlockAllocator:
         self._refs = [0] * num_blocks
         self._block_of: dict[bytes, int] = {}  # prefix hash -> the block holding its keys and values
         self._hash_of: dict[int, bytes] = {}
+        self.events: KvEventLog | None = None  # told of every block indexed, evicted or cleared
 
     @property
     def num_free(self) -> int:
@@ -131,16 +142,34 @@ class BlockAllocator:
             self._refs[block] += 1
             block_table.append(block)
 
-    def cache(self, block: int, block_hash: bytes) -> None:
-        """Index a held, fully computed block under its prefix hash, unless that prefix is indexed already."""
+    def cache(self, block: int, block_hash: bytes, parent_hash: bytes | None, token_ids: list[int]) -> None:
+        """Index a held, fully computed block under its prefix hash, unless that prefix is indexed already;
+        `parent_hash` is the previous block's (None for the first) and `token_ids` the block's tokens."""
         if block_hash not in self._block_of and block not in self._hash_of:
             assert self._refs[block] > 0
             self._block_of[block_hash] = block
             self._hash_of[block] = block_hash
+            if self.events is not None:
+                self.events.stored(block_hash, parent_hash, token_ids)
+
+    def clear_cache(self) -> int:
+        """Drop the whole prefix index (blocks in use stay with their sequences, unshared from now on);
+        returns how many blocks it held."""
+        num_cached = len(self._block_of)
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._block_of.clear()
+        self._hash_of.clear()
+        if self.events is not None:
+            self.events.cleared()
+        return num_cached
 
     def _evict(self) -> int:
         block, _ = self._evictable.popitem(last=False)
-        del self._block_of[self._hash_of.pop(block)]
+        block_hash = self._hash_of.pop(block)
+        del self._block_of[block_hash]
+        if self.events is not None:
+            self.events.removed(block_hash)
         return block
 
 

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engine.errors import InvalidRequestError, PromptTooLongError
-from engine.request import GenerationRequest, ResponseFormat, SamplingParams, StoppingParams
+from engine.request import (
+    GREEDY_BELOW_TEMPERATURE,
+    GenerationRequest,
+    ResponseFormat,
+    SamplingParams,
+    StoppingParams,
+)
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256
@@ -31,6 +37,10 @@ MAX_N = 16  # completions per request (--max-n)
 MAX_LOGIT_BIAS_TOKENS = 300  # as OpenAI's API: tokens a request may bias
 MAX_ABS_LOGIT_BIAS = 100.0
 MAX_CACHE_SALT_CHARS = 1024  # vLLM's cache_salt: any string; bounded as every input is
+# Entries of an answer built whole (tokens and their alternatives over every completion, scored prompt
+# tokens and theirs): 128 Ki entries are about 4 MB of OpenAI completions JSON, 10 MB of chat JSON. Past it,
+# stream (nothing is held) or ask for fewer completions, tokens or alternatives (README: Flags).
+MAX_ANSWER_ENTRIES = 128 * 1024
 
 Violation = tuple[str, str]
 
@@ -40,7 +50,7 @@ _PENALTY_RULE = (
 )
 # (SamplingParams field, the rule as a predicate, the rule in words); every value must also be finite.
 _SAMPLING_RULES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
-    ("temperature", lambda v: v >= 0, ">= 0 (0 is greedy)"),
+    ("temperature", lambda v: v >= 0, f">= 0 (below {GREEDY_BELOW_TEMPERATURE:g} is greedy)"),
     ("top_k", lambda v: v >= 0, ">= 0 (0 is off)"),
     ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -90,7 +100,34 @@ def check_request(request: GenerationRequest, limits: RequestLimits) -> int:
     violations += cache_salt_violations(request.cache_salt)
     if violations:
         raise InvalidRequestError.from_violations(violations)
-    return resolve_max_new_tokens(len(request.prompt_ids), request.stopping, limits)
+    max_new_tokens = resolve_max_new_tokens(len(request.prompt_ids), request.stopping, limits)
+    if request.whole_answer:
+        violations = answer_size_violations(
+            request.n, max_new_tokens, len(request.prompt_ids), request.sampling
+        )
+        if violations:
+            raise InvalidRequestError.from_violations(violations)
+    return max_new_tokens
+
+
+def answer_size_violations(
+    n: int, max_new_tokens: int, num_prompt_tokens: int, sampling: SamplingParams
+) -> list[Violation]:
+    """An answer built whole holds at most `MAX_ANSWER_ENTRIES` entries: n x max_new_tokens tokens, plus the
+    scored prompt's tokens (`prompt_logprobs`), each with its `top_logprobs` alternatives."""
+    per_token = 1 + sampling.top_logprobs
+    tokens = n * max_new_tokens + (num_prompt_tokens if sampling.prompt_logprobs else 0)
+    if tokens * per_token <= MAX_ANSWER_ENTRIES:
+        return []
+    field = "sampling.top_logprobs" if sampling.top_logprobs else "stopping.max_new_tokens"
+    return [
+        (
+            field,
+            f"an answer of {n} completions x {max_new_tokens} tokens x {per_token} entries (a token and its "
+            f"alternatives) is over the {MAX_ANSWER_ENTRIES} entries one answer may hold: stream it, or ask "
+            "for fewer completions, tokens or alternatives",
+        )
+    ]
 
 
 def parameter_violations(

@@ -16,11 +16,13 @@ import torch
 from engine import loader
 from engine.attention import PrefillSegment, StepContext, resolve_decode_backend
 from engine.decode_graphs import DecodeBatch, DecodeGraphs, decode_buckets
+from engine.errors import EngineError, GrammarLimitError
+from engine.kv_cache import check_block_size
 from engine.models import build_forward
 from engine.models.llama import LlamaModel
 from engine.sampler import FAILED, SamplingBatch, prompt_logprobs, sample, top_logprobs
 from engine.step import PositionLogprobs, Step, StepOutput, StepRow
-from engine.structured import allowed_tokens
+from engine.structured import GRAMMAR_STEP_BUDGET_MS, GrammarWorkers
 
 # A prefill step's tokens go through the model in forward passes of at most this many tokens on the
 # CPU, so that each pass's activations stay in the caches (README, "CPU dtype, weights and attention").
@@ -66,11 +68,13 @@ class ModelRunner:
         weight_format: str = "auto",
         prefill_chunk_tokens: int = -1,
         model_impl: str = "auto",
+        grammar_step_budget_ms: float = GRAMMAR_STEP_BUDGET_MS,
     ) -> None:
         preloaded = isinstance(model, loader.LoadedModel)  # keeps its own device, dtype and weights
         resolved_device = model.device if preloaded else loader.resolve_device(device)
         resolved_dtype = model.dtype if preloaded else loader.resolve_dtype(dtype, resolved_device)
-        # Before loading, so that a backend that cannot run here fails fast.
+        # Before loading, so that a block size or backend that cannot run here fails fast.
+        check_block_size(block_size)
         self.attention_backend, self._decode_attention = resolve_decode_backend(
             attention_backend, resolved_device, resolved_dtype
         )
@@ -88,11 +92,21 @@ class ModelRunner:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self._generators: dict[int, torch.Generator] = {}  # by sequence id, for sampled (not greedy) rows
         self._decode_graphs: DecodeGraphs | None = None
+        self.grammar_workers = GrammarWorkers(grammar_step_budget_ms)
+
+    def close(self) -> None:
+        """Stop the grammar worker threads (the engine's loop has stopped)."""
+        self.grammar_workers.close()
 
     @property
     def cuda_graphs(self) -> bool:
         """Whether decode steps replay CUDA graphs."""
         return self._decode_graphs is not None and self._decode_graphs.captured
+
+    @property
+    def decode_graphs(self) -> DecodeGraphs | None:
+        """The static decode buffers (and graphs), once `pad_decode_batches` or a capture made them."""
+        return self._decode_graphs
 
     @torch.inference_mode()
     def capture_decode_graphs(self, max_batch_size: int, max_context_len: int) -> bool:
@@ -134,11 +148,14 @@ class ModelRunner:
             StepInput(row.token_ids, row.start_pos, row.block_table, row.sample, row.scores_prompt)
             for row in step.rows
         ]
+        rows = step.sampled_rows
+        masks = None
+        if any(row.grammar is not None for row in rows):  # grammar work runs beside the forward pass
+            masks = self.grammar_workers.start([row.grammar for row in rows], self.vocab_size)
         logits = self.run(inputs, step.is_prefill)
         scored: dict[int, list[PositionLogprobs]] = {}
         if any(item.all_logits for item in inputs):
             logits, scored = _score_prompts(step, logits)
-        rows = step.sampled_rows
         if not rows:
             return StepOutput([], [], prompt_logprobs=scored)
         batch = SamplingBatch(
@@ -147,19 +164,18 @@ class ModelRunner:
             history=[row.history for row in rows],
             outputs=[row.history[row.num_prompt_tokens :] for row in rows],
         )
-        constrained = any(row.grammar is not None for row in rows)
-        if constrained:
-            batch.allowed = allowed_tokens([row.grammar for row in rows], logits.shape[-1], logits.device)
+        grammar_failed: dict[int, GrammarLimitError] = {}
+        if masks is not None:
+            batch.allowed, grammar_failed = masks.result(logits.device)
         token_ids, logprobs = (values.tolist() for values in sample(logits, batch))
-        if constrained:
-            for row, token_id in zip(rows, token_ids, strict=True):
-                if row.grammar is not None and token_id != FAILED:
-                    row.grammar.accept(token_id)
-        failed = {
-            row.seq_id: "non-finite logits or probabilities"
-            for row, token_id in zip(rows, token_ids, strict=True)
-            if token_id == FAILED
-        }
+        failed: dict[int, str | EngineError] = {}
+        for i, (row, token_id) in enumerate(zip(rows, token_ids, strict=True)):
+            if i in grammar_failed:
+                failed[row.seq_id] = grammar_failed[i]
+            elif token_id == FAILED:
+                failed[row.seq_id] = "non-finite logits or probabilities"
+            elif row.grammar is not None:
+                row.grammar.accept(token_id)
         top: dict[int, list[tuple[int, float]]] = {}
         if wanted := [i for i, row in enumerate(rows) if row.sampling.top_logprobs]:
             ks = [rows[i].sampling.top_logprobs for i in wanted]

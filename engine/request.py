@@ -28,6 +28,11 @@ class ResponseFormat:
     lark: str | None = None
 
 
+# Temperatures below this are greedy decoding (vLLM's rule): logits divided by a smaller one leave float32's
+# range (1e-50 is 0 in float32), and the distribution is the argmax's anyway. Both fronts, one rule.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """Per-request sampling; the defaults are greedy decoding with no penalties."""
@@ -51,7 +56,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Whether the most likely token is taken: temperature 0, or below `GREEDY_BELOW_TEMPERATURE`."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass(slots=True)
@@ -86,6 +92,9 @@ class GenerationRequest:
     n: int = 1
     cache_salt: str = ""
     cache_tenant: str = ""
+    # The caller builds one answer of every event before sending any (a unary call, an HTTP answer that is
+    # not streamed): its size is bounded at admission (`engine.limits.answer_size_violations`).
+    whole_answer: bool = False
 
     @property
     def cache_scope(self) -> str:

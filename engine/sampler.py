@@ -135,8 +135,10 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         remove = ranks >= top_k[:, None]
         sorted_probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
         top_p = torch.tensor([p.top_p for p in params], device=device)
-        # Drop a token when the tokens ranked above it already reach top_p; the top token always stays.
-        remove |= ((sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]) & (top_p < 1.0)[:, None]
+        # Drop a token when the tokens ranked above it already reach top_p; the top token always stays, even
+        # for a top_p so small that it is 0 in float32.
+        reached = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
+        remove |= reached & (top_p < 1.0)[:, None] & (ranks > 0)
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
 from engine.batching import BatchConfig, BatchRequest, ContinuousBatcher
+from engine.errors import EngineError
 from engine.kv_cache import BlockAllocator, block_hashes
 from engine.observer import EngineObserver
 from engine.request import FinishReason
@@ -60,7 +61,7 @@ class StepResult:
     done), and sequences whose row could not be sampled."""
 
     sampled: list[tuple[Sequence, int, float]] = field(default_factory=list)
-    failed: list[tuple[Sequence, str]] = field(default_factory=list)
+    failed: list[tuple[Sequence, str | EngineError]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -291,7 +292,9 @@ class Scheduler:
         if self.config.prefix_caching:  # the blocks this step filled, for later prompts to share
             hashes = block_hashes(seq.token_ids, bs, seq.block_hashes, seq.cache_seed)
             for index in range(first_full, seq.num_computed_tokens // bs):
-                self.allocator.cache(seq.block_table[index], hashes[index])
+                parent = hashes[index - 1] if index else None
+                tokens = seq.token_ids[index * bs : (index + 1) * bs]
+                self.allocator.cache(seq.block_table[index], hashes[index], parent, tokens)
         if seq.status is SequenceStatus.PREFILLING and seq.num_uncomputed_tokens == 0:
             self.prefilling.remove(seq)
             seq.status = SequenceStatus.RUNNING

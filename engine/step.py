@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.errors import EngineError
 from engine.request import SamplingParams
 from engine.structured import GrammarMatcher
 
@@ -77,14 +78,15 @@ class PositionLogprobs:
 class StepOutput:
     """One sampled token and its log-probability per sampling row, in the order of `Step.sampled_rows`.
 
-    `failed` maps a sequence id to why its row could not be sampled (say, non-finite probabilities): that
-    sequence fails alone, its token in `token_ids` is meaningless. Only for the rows that asked:
+    `failed` maps a sequence id to why its row could not be sampled (say, non-finite probabilities), or to the
+    error its request ends with (a grammar over its limits): that sequence fails alone, its token in
+    `token_ids` is meaningless. Only for the rows that asked:
     `top_logprobs` maps a sequence id to the (id, log-probability) of its most likely next tokens, and
     `prompt_logprobs` to the prompt positions this step scored.
     """
 
     token_ids: list[int]
     logprobs: list[float]
-    failed: dict[int, str] = field(default_factory=dict)
+    failed: dict[int, str | EngineError] = field(default_factory=dict)
     top_logprobs: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[PositionLogprobs]] = field(default_factory=dict)

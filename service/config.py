@@ -13,6 +13,7 @@ from engine.engine import EngineConfig
 from engine.limits import MAX_CHAT_MESSAGES, MAX_N, MAX_PROMPT_CHARS
 from engine.models import MODEL_IMPLS
 from engine.packed_linear import WEIGHT_FORMATS
+from engine.structured import GRAMMAR_STEP_BUDGET_MS
 from service.auth import parse_key_list
 from service.tls import TlsFiles
 
@@ -31,6 +32,7 @@ _MINIMUMS = {
     "max_prompt_chars": 1,
     "max_chat_messages": 1,
     "max_n": 1,
+    "grammar_step_budget_ms": 0,
     "max_request_bytes": 1024,
     "max_metadata_bytes": 1024,
     "max_connection_age_s": 0,
@@ -247,6 +249,9 @@ def _limit_flags(parser: argparse.ArgumentParser) -> None:
           "roles and contents together; checked before tokenizing", type=int)  # fmt: skip
     _flag(limits, "max-chat-messages", MAX_CHAT_MESSAGES, "the most messages in a chat", type=int)
     _flag(limits, "max-n", MAX_N, "the most completions (GenerateRequest.n) a request may ask for", type=int)
+    _flag(limits, "grammar-step-budget-ms", GRAMMAR_STEP_BUDGET_MS, "the longest a step waits for one "
+          "request's grammar mask after the forward pass; a request late past it fails alone "
+          "(INVALID_ARGUMENT, GRAMMAR_TOO_COMPLEX)", type=float)  # fmt: skip
 
 
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
@@ -348,6 +353,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         model_impl=args.model_impl,
         prefix_caching=args.prefix_caching,
         max_n=args.max_n,
+        grammar_step_budget_ms=args.grammar_step_budget_ms,
     )
 
 

@@ -1,4 +1,5 @@
-"""textgen.v1's method handlers: each receives its request as bytes and parses it itself.
+"""gRPC method handlers (textgen.v1's, the SMG worker protocol's): each receives its request as bytes and
+parses it itself.
 
 gRPC Python parses a request before any handler runs, and answers one that does not parse (truncated, a
 string that is not UTF-8) UNKNOWN "Unexpected DecodeError", with a traceback in the log for every call.
@@ -15,7 +16,6 @@ import grpc
 from google.protobuf import descriptor, message, message_factory
 
 from protos.textgen.v1 import textgen_pb2 as pb
-from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
 from service.status import MalformedRequest, abort
 
 log = logging.getLogger(__name__)
@@ -23,11 +23,14 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["TextGenerationService"]
 
 
-def add_servicer_to_server(servicer: pb_grpc.TextGenerationServiceServicer, server: grpc.aio.Server) -> None:
-    """Register `servicer`'s methods, as the generated `add_..._to_server` does, with bytes for requests."""
-    handlers = {method.name: _handler(method, getattr(servicer, method.name)) for method in SERVICE.methods}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
-    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+def add_servicer_to_server(
+    servicer: object, server: grpc.aio.Server, service: descriptor.ServiceDescriptor = SERVICE
+) -> None:
+    """Register `servicer`'s methods of `service` (textgen.v1's by default), as the generated
+    `add_..._to_server` does, with bytes for requests."""
+    handlers = {method.name: _handler(method, getattr(servicer, method.name)) for method in service.methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _handler(method: descriptor.MethodDescriptor, behavior: Callable) -> grpc.RpcMethodHandler:

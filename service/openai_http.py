@@ -26,13 +26,14 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 from engine.engine import Engine
 from engine.errors import EngineStoppedError, InvalidRequestError
 from engine.request import GenerationEvent, GenerationRequest
-from service import openai_tokenize, tools
+from service import openai_tokenize, tools, worker_http
 from service import openai_translate as openai
 from service.auth import ApiKeys, bearer_token
 from service.config import ServerConfig
 from service.generations import Generations
 from service.host_check import allowed_hosts, refusal
-from service.status import InvalidArgument, MalformedRequest, ModelNotFound, Unauthenticated
+from service.json_body import parse_json_body
+from service.status import InvalidArgument, ModelNotFound, Unauthenticated
 from service.tenancy import cache_tenant
 from service.validation import MAX_REQUEST_ID_LENGTH
 
@@ -76,6 +77,7 @@ class OpenAIFront:
         app.router.add_get("/health", self._health)
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_post("/detokenize", self._detokenize)
+        worker_http.add_routes(app, generations)  # what gateways read to identify a worker and its load
         # A client that goes away cancels its handler, and so its engine request; no log line per request.
         # keepalive_timeout runs from a connection's opening too: one with no complete request head (silent,
         # slow) or idle between requests is closed after it.
@@ -154,6 +156,7 @@ class OpenAIFront:
             "object": "model",
             "created": 0,
             "owned_by": "textgen",
+            "root": info.name,  # vLLM's field for the model's path, which gateways read
             "max_model_len": info.max_context_len,
         }
         return web.json_response({"object": "list", "data": [model]})
@@ -186,6 +189,7 @@ class OpenAIFront:
             n=request.n,
             cache_salt=request.cache_salt,
             cache_tenant=cache_tenant(self._config, _api_key(http_request)),
+            whole_answer=not request.stream,
         )
         if (response_format := request.sampling.response_format) is not None:
             try:  # compiled (and cached) on a worker thread, so a big schema stalls neither loop
@@ -197,14 +201,17 @@ class OpenAIFront:
         async with contextlib.aclosing(self._generations.events(generation_request)) as events:
             try:
                 first = await anext(events)  # refusals and queue-time failures: still a status of their own
+                headers = {REQUEST_ID_HEADER: request_id}
+                if request.stream:
+                    state = openai.StreamState(request, len(prompt_ids), echo)
+                    return await _stream(http_request, headers, header, state, first, events)
+                collected = [first] + [event async for event in events]  # a grammar may fail on the way
             except InvalidRequestError as e:
                 raise request.invalid_argument(e) from e
-            headers = {REQUEST_ID_HEADER: request_id}
-            if request.stream:
-                state = openai.StreamState(request, len(prompt_ids), echo)
-                return await _stream(http_request, headers, header, state, first, events)
-            collected = [first] + [event async for event in events]
-            return web.json_response(openai.response(header, request, collected, echo), headers=headers)
+            body = await self._generations.off_loop(
+                _json_answer, header, request, collected, echo
+            )  # no stall
+            return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def _tokenize(self, http_request: web.Request) -> web.Response:
         """vLLM's `/tokenize`: the token ids a prompt or a chat runs as (service/openai_tokenize.py)."""
@@ -286,11 +293,22 @@ async def _stream(
     except ConnectionResetError:
         raise  # the client went away: nothing more to send
     except Exception as error:
+        if isinstance(error, InvalidRequestError):  # a grammar over its limits: name the body's parameter
+            error = state.request.invalid_argument(error)
         answer = openai.error_response(error)
         http_request[_STREAM_ERROR] = answer.status, answer.body["error"]["code"]
         await response.write(_event(answer.body))
     await response.write(b"data: [DONE]\n\n")
     return response
+
+
+def _json_answer(
+    header: openai.ResponseHeader,
+    request: openai.OpenAIRequest,
+    events: list[GenerationEvent],
+    echo: openai.EchoedPrompt | None,
+) -> bytes:
+    return json.dumps(openai.response(header, request, events, echo)).encode()
 
 
 def _event(data: dict) -> bytes:
@@ -302,16 +320,14 @@ def _error(answer: openai.ErrorResponse) -> web.Response:
 
 
 async def _json_body(request: web.Request, timeout_s: float) -> object:
-    """The body as JSON; 408 when it takes over `timeout_s` to arrive (a connection held by a trickle)."""
+    """The body as strict JSON (service/json_body.py); 408 when it takes over `timeout_s` to arrive (a
+    connection held by a trickle)."""
     try:
         async with asyncio.timeout(timeout_s):
             raw = await request.read()
     except TimeoutError:
         raise web.HTTPRequestTimeout(reason="the request body took too long to arrive") from None
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise MalformedRequest(f"the body is not JSON: {e}") from e
+    return parse_json_body(raw)
 
 
 def _api_key(request: web.Request) -> str | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from google.rpc import code_pb2
 
-from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.errors import InvalidRequestError
 from engine.limits import (
     MAX_TOP_LOGPROBS,
     RequestLimits,
@@ -39,6 +39,7 @@ from service.status import (
     ModelNotFound,
     PromptTooLong,
     classify,
+    invalid_argument_class,
     retry_pushback_ms,
     to_status,
 )
@@ -121,8 +122,7 @@ class OpenAIRequest:
 
     def invalid_argument(self, error: InvalidRequestError) -> InvalidArgument:
         """The engine's refusal of this request, naming the body's parameters."""
-        kind = PromptTooLong if isinstance(error, PromptTooLongError) else InvalidArgument
-        return kind(self.violations(error.violations))
+        return invalid_argument_class(error)(self.violations(error.violations))
 
     def answered_tokens(self, num_tokens: int) -> int:
         """How many of `num_tokens` generated tokens the answer holds (and its usage counts)."""

@@ -1,4 +1,5 @@
-"""The grpc.aio server: textgen.v1, health and reflection around one engine, and the SIGTERM drain."""
+"""The grpc.aio server: textgen.v1, SMG's worker protocol, health and reflection around one engine, and the
+SIGTERM drain."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from service.host_check import is_loopback
 from service.openai_http import OpenAIFront
 from service.servicer import TextGenerationServicer
 from service.tls import ServerCertificates
+from service.worker import SERVICE as WORKER_SERVICE
+from service.worker import VllmWorkerServicer
 from telemetry.server import Telemetry
 
 log = logging.getLogger("service")
@@ -50,6 +53,7 @@ class Server:
         self.telemetry = telemetry or Telemetry()  # tracing and metrics; default: off
         self.generations = Generations()  # the engine as both fronts see it
         self.servicer = TextGenerationServicer(config, self.generations)
+        self.worker = VllmWorkerServicer(self.generations)  # SMG's vLLM worker protocol
         self.health = BoundedHealthServicer(config.max_health_watchers)
         self.engine: Engine | None = None
         self.port = 0
@@ -74,9 +78,11 @@ class Server:
         """Listen on the configured address; returns the bound port."""
         await self._set_health(NOT_SERVING)
         add_servicer_to_server(self.servicer, self._server)
+        add_servicer_to_server(self.worker, self._server, WORKER_SERVICE)
         add_health_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (SERVICE_NAME, WORKER_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._server,
         )
         if self.certificates is None:
             self.port = self._server.add_insecure_port(self.config.address)

@@ -40,10 +40,10 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         try:
-            async with contextlib.aclosing(self._events(request, context)) as events:
-                return self._chat_output(request).response(
-                    translate.response([event async for event in events])
-                )
+            async with contextlib.aclosing(self._events(request, context, whole_answer=True)) as events:
+                collected = [event async for event in events]
+            response = await self._generations.off_loop(translate.response, collected)  # stalls no call
+            return self._chat_output(request).response(response)
         except Exception as e:
             await abort(context, e)
 
@@ -110,11 +110,12 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         return pb.TokenizeResponse(ids=ids, pieces=[engine.decode([i]) for i in ids])
 
     async def _events(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, whole_answer: bool = False
     ) -> AsyncIterator[GenerationEvent]:
         """Submit `request` and yield its engine events; however the call ends, the engine request ends."""
         engine, limits = self._generations.ready()
         generation_request = await self._generation_request(engine, limits, request, context)
+        generation_request.whole_answer = whole_answer
         try:
             if (response_format := generation_request.sampling.response_format) is not None:
                 # Compiled (and cached) on a worker thread, so a big schema stalls neither loop.

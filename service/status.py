@@ -15,6 +15,7 @@ from engine.errors import (
     DeadlineExceededError,
     DuplicateRequestError,
     EngineStoppedError,
+    GrammarLimitError,
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
@@ -49,6 +50,20 @@ class PromptTooLong(InvalidArgument):
     """The input is over a size limit (characters, chat messages, tokens); shorter, it may succeed."""
 
 
+class GrammarTooComplex(InvalidArgument):
+    """The request's grammar went over the grammar engine's limits while generating (a simpler one may do)."""
+
+
+def invalid_argument_class(error: InvalidRequestError) -> type[InvalidArgument]:
+    """The service's class for an engine refusal: the same violations, renamed by each front, keep their
+    ErrorInfo reason."""
+    if isinstance(error, PromptTooLongError):
+        return PromptTooLong
+    if isinstance(error, GrammarLimitError):
+        return GrammarTooComplex
+    return InvalidArgument
+
+
 class MalformedRequest(Exception):
     """The request's bytes are not a valid message of the method's request type."""
 
@@ -61,6 +76,10 @@ class Unauthenticated(Exception):
     """The call carries no API key, or one the server does not accept (service/auth.py)."""
 
 
+class Unimplemented(Exception):
+    """The call needs what this server does not do (images, KV transfer, profiling: service/worker.py)."""
+
+
 class ModelNotFound(Exception):
     """The request names a model this server does not serve (the OpenAI HTTP front's `model`)."""
 
@@ -69,6 +88,8 @@ class ModelNotFound(Exception):
 _STATUSES: list[tuple[type[BaseException], int, str]] = [
     (PromptTooLong, code_pb2.INVALID_ARGUMENT, "PROMPT_TOO_LONG"),
     (PromptTooLongError, code_pb2.INVALID_ARGUMENT, "PROMPT_TOO_LONG"),
+    (GrammarTooComplex, code_pb2.INVALID_ARGUMENT, "GRAMMAR_TOO_COMPLEX"),
+    (GrammarLimitError, code_pb2.INVALID_ARGUMENT, "GRAMMAR_TOO_COMPLEX"),
     (InvalidArgument, code_pb2.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     (InvalidRequestError, code_pb2.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     (MalformedRequest, code_pb2.INVALID_ARGUMENT, "MALFORMED_REQUEST"),
@@ -80,6 +101,7 @@ _STATUSES: list[tuple[type[BaseException], int, str]] = [
     (DuplicateRequestError, code_pb2.ALREADY_EXISTS, "ALREADY_EXISTS"),
     (Unauthenticated, code_pb2.UNAUTHENTICATED, "UNAUTHENTICATED"),
     (ModelNotFound, code_pb2.NOT_FOUND, "MODEL_NOT_FOUND"),
+    (Unimplemented, code_pb2.UNIMPLEMENTED, "UNIMPLEMENTED"),
     (RequestFailedError, code_pb2.INTERNAL, "ENGINE_FAULT"),
 ]
 _UNEXPECTED = (code_pb2.INTERNAL, "INTERNAL")
@@ -144,9 +166,9 @@ def _bad_request(code: int, violations: list[tuple[str, str]]) -> status_pb2.Sta
 
 def _clip(text: str, max_bytes: int) -> str:
     """`text` cut to at most `max_bytes` bytes of UTF-8, marked with "..." where it was cut."""
-    data = text.encode()
+    data = text.encode("utf-8", "backslashreplace")  # a lone surrogate (from JSON) is shown, never raises
     if len(data) <= max_bytes:
-        return text
+        return data.decode()
     return data[: max_bytes - 3].decode(errors="ignore") + "..."
 
 

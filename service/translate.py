@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from google.protobuf import duration_pb2
 
-from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.errors import InvalidRequestError
 from engine.request import (
     FinishReason,
     GenerationEvent,
@@ -18,7 +18,7 @@ from engine.request import (
 )
 from protos.textgen.v1 import textgen_pb2 as pb
 from service import tool_protos
-from service.status import InvalidArgument, PromptTooLong
+from service.status import InvalidArgument, invalid_argument_class
 
 FINISH_REASONS = {
     None: pb.FINISH_REASON_UNSPECIFIED,
@@ -110,8 +110,7 @@ def proto_violations(violations: Sequence[tuple[str, str]], input_kind: str) -> 
 
 def invalid_argument(error: InvalidRequestError, input_kind: str) -> InvalidArgument:
     """The service's error for an engine's refusal: `PromptTooLong` for an input over a size limit."""
-    kind = PromptTooLong if isinstance(error, PromptTooLongError) else InvalidArgument
-    return kind(proto_violations(error.violations, input_kind))
+    return invalid_argument_class(error)(proto_violations(error.violations, input_kind))
 
 
 def duration(seconds: float) -> duration_pb2.Duration:

@@ -16,6 +16,7 @@ from telemetry.exporters import metric_readers_from_env, resource, tracer_provid
 from telemetry.interceptors import server_interceptors
 from telemetry.metrics_endpoint import MetricsEndpoint
 from telemetry.observer import TelemetryObserver
+from telemetry.vllm_metrics import VllmMetrics
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,12 @@ class Telemetry:
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
         metrics_server: MetricsEndpoint | None = None,
+        registry: prometheus_client.CollectorRegistry | None = None,
     ) -> None:
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
         self._metrics_server = metrics_server
+        self._registry = registry  # the Prometheus endpoint's: the vLLM-named gauges join it at `attach`
         self._observer = None
         if tracer_provider is not None or meter_provider is not None:
             self._observer = TelemetryObserver(tracer_provider, meter_provider)
@@ -53,7 +56,7 @@ class Telemetry:
         """Exporters from the `OTEL_*` variables, plus Prometheus on `metrics_port` (0: no endpoint), whose
         connections are closed after `idle_timeout_s` without a request, at most `max_connections` open."""
         readers = metric_readers_from_env()
-        metrics_server = None
+        metrics_server = registry = None
         if metrics_port:
             registry = prometheus_client.CollectorRegistry()
             prometheus_client.ProcessCollector(registry=registry)  # CPU, memory, open files of the server
@@ -65,7 +68,7 @@ class Telemetry:
         meter_provider = (
             MeterProvider(metric_readers=readers, resource=resource("textgen")) if readers else None
         )
-        return cls(tracer_provider_from_env(), meter_provider, metrics_server)
+        return cls(tracer_provider_from_env(), meter_provider, metrics_server, registry)
 
     @property
     def metrics_port(self) -> int:
@@ -84,6 +87,8 @@ class Telemetry:
         """Start observing `engine` (built with `observer`, warmed up): spans, metrics and gauges begin."""
         if self._observer is not None:
             self._observer.attach(engine)
+        if self._registry is not None:
+            self._registry.register(VllmMetrics(engine))
 
     def shutdown(self) -> None:
         """Export what is pending and stop; blocks up to the exporters' timeouts."""

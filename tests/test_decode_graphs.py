@@ -1,5 +1,6 @@
 """Decode steps padded to batch-size buckets (what a CUDA graph replays) give every real row its unpadded
-result, bit for bit; on the CPU the padded steps run eagerly on the same static buffers.
+result, up to the float32 rounding of the linear layers (a BLAS may block a GEMM of 3 rows and one of 4
+differently: MKL does on an AVX-512 Xeon); on the CPU the padded steps run eagerly on the same buffers.
 
 With the kernels that read only the blocks a row holds (C; Triton, which CUDA graphs use, in its
 interpreter), as the torch backend's gather would be padded to the widest block table a graph allows.
@@ -70,16 +71,24 @@ def decode_both(runners, prompts) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(logits)
 
 
+def assert_same_logits(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal within torch's float32 tolerance, and the same greedy token in every row."""
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
 @pytest.mark.parametrize("num_rows", [1, 3, 4])
 def test_padded_decode_gives_every_real_row_its_unpadded_logits(runners, num_rows):
     expected, got = decode_both(runners, PROMPTS[:num_rows])
     assert got.shape == expected.shape == (num_rows, runners[0].vocab_size)
-    assert torch.equal(got, expected)
+    if num_rows in runners[1].decode_graphs.buckets:  # no padding: the very same step
+        assert torch.equal(got, expected)
+    assert_same_logits(got, expected)
 
 
 def test_padded_decode_on_the_triton_kernel_gives_the_unpadded_logits(triton_runners):
     expected, got = decode_both(triton_runners, PROMPTS[:3])
-    assert torch.equal(got, expected)
+    assert_same_logits(got, expected)
 
 
 def test_a_smaller_step_after_a_larger_one_reads_no_stale_rows(runners):

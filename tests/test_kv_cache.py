@@ -7,7 +7,10 @@ import random
 import pytest
 import torch
 
+from engine.engine import EngineConfig
 from engine.kv_cache import BlockAllocator, KVCache
+from engine.model_runner import ModelRunner
+from service.config import parse_config
 
 
 def test_blocks_needed_rounds_tokens_up_to_whole_blocks():
@@ -105,3 +108,21 @@ def test_bytes_per_block_is_the_cache_memory_per_block(dtype):
     cache = make_cache(dtype)
     assert per_block == 2 * 3 * 4 * 2 * 8 * dtype.itemsize
     assert cache.data.numel() * cache.data.element_size() == 5 * per_block
+
+
+@pytest.mark.parametrize("block_size", [3, 12, 24])
+def test_a_block_size_that_is_not_a_power_of_two_is_refused_at_start(block_size, capsys):
+    with pytest.raises(ValueError, match=f"power of two .*not {block_size}"):
+        EngineConfig(kv_block_size=block_size)
+    with pytest.raises(ValueError, match="power of two"):  # before it loads anything
+        ModelRunner("/nonexistent", "cpu", "float32", num_kv_blocks=8, block_size=block_size)
+    with pytest.raises(SystemExit):
+        parse_config(["--kv-block-size", str(block_size)])
+    assert f"the KV block size must be a power of two (1, 2, 4, 8, 16, ...), not {block_size}" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 16, 128])
+def test_power_of_two_block_sizes_are_accepted(block_size):
+    assert parse_config(["--kv-block-size", str(block_size)]).engine.kv_block_size == block_size

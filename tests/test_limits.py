@@ -10,9 +10,11 @@ import pytest
 
 from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.limits import (
+    MAX_ANSWER_ENTRIES,
     MAX_STOP_SEQUENCE_CHARS,
     MAX_STOP_SEQUENCES,
     RequestLimits,
+    answer_size_violations,
     check_request,
     input_size_violations,
     parameter_violations,
@@ -83,7 +85,7 @@ def test_sampling_values_must_be_finite(name, value):
 def test_a_sampling_violation_states_the_rule_and_the_value():
     [(_, description)] = parameter_violations(SamplingParams(temperature=-1), StoppingParams(), LIMITS)
 
-    assert description == "must be >= 0 (0 is greedy), got -1"
+    assert description == "must be >= 0 (below 1e-05 is greedy), got -1"
 
 
 def test_every_sampling_violation_is_reported():
@@ -279,6 +281,30 @@ def test_the_error_keeps_the_first_violation_as_field_and_description():
 
     assert (error.field, error.description) == ("prompt_ids", "must not be empty")
     assert str(error) == "prompt_ids: must not be empty; sampling.top_k: must be >= 0 (0 is off), got -1"
+
+
+def test_an_answer_built_whole_is_bounded_by_its_entries():
+    sampling = SamplingParams(top_logprobs=20)
+
+    [(field, description)] = answer_size_violations(16, 2047, 1, sampling)
+
+    assert field == "sampling.top_logprobs" and str(MAX_ANSWER_ENTRIES) in description
+    assert answer_size_violations(16, 2047, 1, SamplingParams()) == []  # 32k tokens alone: within
+    assert answer_size_violations(1, MAX_ANSWER_ENTRIES // 21, 1, sampling) == []
+
+
+def test_only_an_answer_built_whole_is_bounded():
+    request = GenerationRequest(
+        [1], SamplingParams(top_logprobs=20), StoppingParams(max_new_tokens=2047), n=16
+    )
+    limits = dataclasses.replace(
+        LIMITS, max_context_len=4096, kv_capacity_tokens=65536, max_new_tokens_limit=4096
+    )
+
+    assert check_request(request, limits) == 2047  # streamed: nothing is held
+    with pytest.raises(InvalidRequestError) as error:
+        check_request(dataclasses.replace(request, whole_answer=True), limits)
+    assert error.value.field == "sampling.top_logprobs"
 
 
 # ---- logit bias -----------------------------------------------------------------------------------------

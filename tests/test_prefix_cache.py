@@ -21,8 +21,11 @@ def cached_table(allocator: BlockAllocator, tokens: list[int]) -> list[int]:
     """Allocate blocks for `tokens` and index every full one, as a finished prefill does."""
     table: list[int] = []
     assert allocator.allocate(table, len(tokens))
-    for block, block_hash in zip(table, block_hashes(tokens, allocator.block_size, []), strict=False):
-        allocator.cache(block, block_hash)
+    bs = allocator.block_size
+    parent = None
+    for index, (block, block_hash) in enumerate(zip(table, block_hashes(tokens, bs, []), strict=False)):
+        allocator.cache(block, block_hash, parent, tokens[index * bs : (index + 1) * bs])
+        parent = block_hash
     return table
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.request import SamplingParams
+from engine.request import GREEDY_BELOW_TEMPERATURE, SamplingParams
 from engine.sampler import FAILED, SamplingBatch, _filtered_probs, sample
 
 
@@ -62,6 +62,22 @@ def test_tiny_top_p_keeps_only_the_top_token():
     logits = random_logits(1, 100)[0]
     draws = draw(logits, SamplingParams(temperature=5.0, top_p=1e-4, seed=0), times=100)
     assert set(draws) == {int(logits.argmax())}
+
+
+def test_a_top_p_that_is_zero_in_float32_keeps_the_top_token():
+    logits = random_logits(2, 100)
+    token_ids, logprobs = sample(
+        logits, make_batch([SamplingParams(temperature=1.0, top_p=1e-50, seed=0)] * 2)
+    )
+    assert torch.equal(token_ids, logits.argmax(dim=-1)) and torch.isfinite(logprobs).all()
+
+
+def test_a_temperature_below_the_greedy_floor_is_greedy():
+    logits = random_logits(3, 100)
+    params = [SamplingParams(temperature=t, seed=0) for t in (1e-50, 1e-45, GREEDY_BELOW_TEMPERATURE / 2)]
+    token_ids, logprobs = sample(logits, make_batch(params))
+    assert all(p.greedy for p in params)
+    assert torch.equal(token_ids, logits.argmax(dim=-1)) and torch.isfinite(logprobs).all()
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

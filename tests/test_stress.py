@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from bench.stress_faults import engine_faults
 from bench.stress_flood import unauthenticated_flood
+from bench.stress_grammar import SLOWDOWN_CHECK, bystanders_under_adversarial_grammars
 from bench.stress_load import cancellation_storm, deadlines, memory_pressure, overload
 from bench.stress_process import sigterm_during_load, soak
 from protos.textgen.v1 import textgen_pb2 as pb
@@ -69,6 +70,11 @@ async def test_an_unauthenticated_flood_holds_no_memory_no_thread_per_connection
 async def test_an_engine_fault_fails_only_the_requests_it_touches(tiny_llama):
     result = await engine_faults(tiny_llama, max_new_tokens=16)
     assert result.failures() == []
+
+
+async def test_adversarial_grammars_fail_alone_and_their_bystanders_keep_their_tokens(tiny_llama):
+    result = await bystanders_under_adversarial_grammars(tiny_llama, num_plain=2, max_new_tokens=24)
+    assert result.failures(SLOWDOWN_CHECK) == []  # a timing is for `make stress` on a quiet machine
 
 
 async def test_sigterm_during_load_completes_every_stream_in_flight_and_exits_zero(tiny_llama, tmp_path):

@@ -147,3 +147,15 @@ def test_prefix_cache_lookups_are_counted_in_tokens(traffic):
     assert after.value("textgen_prefix_cache_queries_total") == prompt_tokens
     assert after.value("textgen_prefix_cache_hits_total") == 0  # short, different prompts: no whole block
     assert after.value("textgen_prefix_cache_blocks") >= 0
+
+
+def test_vllm_named_gauges_agree_with_textgens_own(traffic):
+    """The aliases the Gateway API Inference Extension's endpoint picker reads (telemetry/vllm_metrics.py)."""
+    during, after = traffic.during, traffic.after
+    assert during.value("vllm:num_requests_running") == during.value("textgen_batch_size") == 1
+    assert during.value("vllm:num_requests_waiting") == during.value("textgen_queue_size") == 0
+    assert during.value("vllm:kv_cache_usage_perc") > 0
+    assert after.value("vllm:num_requests_running") == after.value("vllm:num_requests_waiting") == 0
+    assert after.value("vllm:kv_cache_usage_perc") == after.value("textgen_kv_cache_usage_ratio") == 0
+    total = after.value("textgen_kv_cache_blocks")
+    assert after.value("vllm:cache_config_info", num_gpu_blocks=str(int(total))) == 1

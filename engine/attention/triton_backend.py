@@ -3,7 +3,8 @@
 One program per (sequence, KV head) walks the sequence's block table, reading each KV block straight
 from the cache, and keeps an online softmax (running max and sum) in float32, so the whole context is
 read once and nothing is padded. The query heads that share a KV head are handled together.
-Tested against the torch path on the CPU with TRITON_INTERPRET=1 (tests/test_attention_kernels.py).
+Tested against the torch path on the CPU with TRITON_INTERPRET=1 (tests/test_attention_kernels.py,
+tests/test_triton_offsets.py) and compiled ahead of time for sm_80 and sm_90 (bench/triton_aot.py).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # 64-bit offsets: a layer's pool can hold over 2^31 elements, and `kv_head * stride_kh` (int32 times
+    # int32) would wrap around past that.
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1).to(tl.int64)
     context_len = tl.load(lens_ptr + seq)
     groups = tl.arange(0, GROUP_P2)
     dims = tl.arange(0, HEAD_DIM_P2)
@@ -42,7 +45,7 @@ def _paged_decode_kernel(
     acc = tl.zeros([GROUP_P2, HEAD_DIM_P2], dtype=tl.float32)
     offsets = tl.arange(0, BLOCK_SIZE)
     for i in range(0, tl.cdiv(context_len, BLOCK_SIZE)):
-        block = tl.load(tables_ptr + seq * stride_tb + i)
+        block = tl.load(tables_ptr + seq * stride_tb + i).to(tl.int64)
         valid = i * BLOCK_SIZE + offsets < context_len
         slots = block * BLOCK_SIZE + offsets
         kv_offsets = kv_head * stride_kh + slots[:, None] * stride_ks + dims[None, :]

@@ -1,0 +1,130 @@
+"""The prefix cache's events for gateways that route by what each replica has cached (SMG's KV index).
+
+The loop thread reports every block the prefix index gains (`stored`, with its parent's hash and its
+token ids), loses (`removed`, on eviction) or drops all at once (`cleared`); at the end of each loop
+iteration `publish` turns what it reported into one numbered batch. Any thread may read the batches
+after a sequence number (`since`) and ask to be told when there are new ones (`subscribe`). A bounded
+history lets a subscriber that reconnects resume where it left off; one that fell further behind is told
+so (`since` returns None) and starts over.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from array import array
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+MAX_BATCHES = 4096  # the history a reconnecting subscriber can resume from
+
+
+@dataclass(slots=True)
+class BlocksStored:
+    """Full blocks newly indexed, each chained on the one before; the first on `parent_hash` (None: the
+    first block of a prompt). `token_ids` holds every block's tokens, `block_size` per block."""
+
+    block_hashes: list[bytes]
+    parent_hash: bytes | None
+    token_ids: array  # of int32: a history of batches holds many
+
+
+@dataclass(slots=True)
+class BlocksRemoved:
+    """Blocks evicted from the prefix index."""
+
+    block_hashes: list[bytes]
+
+
+@dataclass(slots=True)
+class AllBlocksCleared:
+    """The whole prefix index was dropped."""
+
+
+KvEvent = BlocksStored | BlocksRemoved | AllBlocksCleared
+
+
+@dataclass(frozen=True, slots=True)
+class KvEventBatch:
+    """One loop iteration's events; sequence numbers start at 1 and have no gaps."""
+
+    sequence_number: int
+    timestamp: float  # time.time() when published
+    events: tuple[KvEvent, ...]
+
+
+@dataclass(slots=True)
+class KvEventLog:
+    """Events reported by the loop thread, published as numbered batches to readers on any thread."""
+
+    block_size: int
+    max_batches: int = MAX_BATCHES
+    _pending: list[KvEvent] = field(default_factory=list)  # the loop thread's only
+    _history: deque[KvEventBatch] = field(default_factory=deque)
+    _last: int = 0
+    _subscribers: list[Callable[[], None]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ---- the loop thread --------------------------------------------------------------------------------
+
+    def stored(self, block_hash: bytes, parent_hash: bytes | None, token_ids: list[int]) -> None:
+        """A block was indexed; one that continues the previous stored block joins its event."""
+        last = self._pending[-1] if self._pending else None
+        continues = isinstance(last, BlocksStored) and parent_hash == last.block_hashes[-1]
+        if continues and parent_hash is not None:
+            last.block_hashes.append(block_hash)
+            last.token_ids.extend(token_ids)
+        else:
+            self._pending.append(BlocksStored([block_hash], parent_hash, array("i", token_ids)))
+
+    def removed(self, block_hash: bytes) -> None:
+        last = self._pending[-1] if self._pending else None
+        if isinstance(last, BlocksRemoved):
+            last.block_hashes.append(block_hash)
+        else:
+            self._pending.append(BlocksRemoved([block_hash]))
+
+    def cleared(self) -> None:
+        self._pending = [AllBlocksCleared()]  # what came before in this batch is void
+
+    def publish(self) -> None:
+        """Number what was reported since the last call as one batch and tell the subscribers."""
+        if not self._pending:
+            return
+        events, self._pending = tuple(self._pending), []
+        with self._lock:
+            self._last += 1
+            self._history.append(KvEventBatch(self._last, time.time(), events))
+            if len(self._history) > self.max_batches:
+                self._history.popleft()
+            subscribers = list(self._subscribers)
+        for notify in subscribers:
+            notify()
+
+    # ---- any thread -------------------------------------------------------------------------------------
+
+    @property
+    def last_sequence_number(self) -> int:
+        with self._lock:
+            return self._last
+
+    def since(self, sequence_number: int) -> list[KvEventBatch] | None:
+        """The batches after `sequence_number`; None when the history no longer reaches back that far or
+        the number was never published (a subscriber of an earlier server process)."""
+        with self._lock:
+            if sequence_number > self._last:
+                return None
+            count = self._last - sequence_number
+            if count > len(self._history):
+                return None
+            return [self._history[-k] for k in range(count, 0, -1)]  # from the newest end: no whole copy
+
+    def subscribe(self, notify: Callable[[], None]) -> None:
+        """Call `notify()` (on the loop thread: it must only hand over) after each published batch."""
+        with self._lock:
+            self._subscribers.append(notify)
+
+    def unsubscribe(self, notify: Callable[[], None]) -> None:
+        with self._lock:
+            self._subscribers.remove(notify)
