@@ -196,11 +196,13 @@ class Engine:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render chat messages with the model's template, ready for the assistant's reply."""
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Render chat messages with the model's template, ready for the assistant's reply; `tools` (OpenAI's
+        function descriptions) go to a template that renders them."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("chat", "this model has no chat template; send a prompt instead")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        extra = {"tools": tools} if tools else {}
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def compile_response_format(self, response_format: ResponseFormat) -> None:

@@ -296,10 +296,11 @@ def _response_format_violations(
         "json_schema": response_format.json_schema,
         "regex": response_format.regex,
         "choice.choices": response_format.choice,
+        "lark": response_format.lark,
     }
     given = [(name, value) for name, value in formats.items() if value is not None]
     if len(given) != 1:
-        return [("sampling.response_format", "exactly one of json_schema, regex or choice is required")]
+        return [("sampling.response_format", "exactly one of json_schema, regex, choice or lark is required")]
     name, value = given[0]
     field = f"sampling.response_format.{name}"
     violations = []

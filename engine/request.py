@@ -19,11 +19,13 @@ class FinishReason(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class ResponseFormat:
     """What the output must be (structured output): exactly one of a JSON schema (as JSON text), a regular
-    expression the whole output matches, or one of a list of strings. Hashable: grammars are cached by it."""
+    expression the whole output matches, one of a list of strings, or a grammar in llguidance's Lark syntax
+    (the servers build those, for tool calls). Hashable: grammars are cached by it."""
 
     json_schema: str | None = None
     regex: str | None = None
     choice: tuple[str, ...] | None = None
+    lark: str | None = None
 
 
 # Temperatures below this are greedy decoding (vLLM's rule): logits divided by a smaller one leave float32's

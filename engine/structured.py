@@ -37,7 +37,7 @@ from engine.request import ResponseFormat
 GRAMMAR_CACHE_SIZE = 256  # compiled formats kept; a matcher copy costs microseconds, a compile milliseconds
 # A JSON schema's output has no whitespace between tokens (a schema's "x-guidance" may say otherwise):
 # whitespace is where a model could wander forever without breaking the grammar.
-_JSON_OPTIONS = {"whitespace_flexible": False}
+JSON_OPTIONS = {"whitespace_flexible": False}
 
 # Explicit bounds on one matcher's work (llguidance's ParserLimits: its defaults, but for fewer lexer
 # states and terse errors). Whatever the grammar, a mask or a token's advance costs at most about 20 ms of
@@ -183,6 +183,8 @@ def _field(response_format: ResponseFormat) -> str:
         return "sampling.response_format.json_schema"
     if response_format.regex is not None:
         return "sampling.response_format.regex"
+    if response_format.lark is not None:
+        return "sampling.response_format.lark"
     return "sampling.response_format.choice.choices"
 
 
@@ -196,9 +198,11 @@ def _grammar(response_format: ResponseFormat) -> str:
             raise InvalidRequestError(field, f"is not valid JSON: {e}") from e
         if not isinstance(schema, dict | bool):
             raise InvalidRequestError(field, "must be a JSON object (a JSON schema)")
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     if response_format.regex is not None:
         return llguidance.LLMatcher.grammar_from_regex(response_format.regex)
+    if response_format.lark is not None:
+        return llguidance.LLMatcher.grammar_from_lark(response_format.lark)
     assert response_format.choice is not None
     lark = "start: " + " | ".join(json.dumps(choice) for choice in response_format.choice)
     return llguidance.LLMatcher.grammar_from_lark(lark)

@@ -64,6 +64,7 @@ class ServerConfig:
     log_level: str = "INFO"
     metrics_port: int = 9464  # Prometheus /metrics; 0: none (README: Observability)
     http_port: int | None = None  # the OpenAI-compatible HTTP front; None: off, 0: a free port
+    reasoning_parser: str = "none"  # "think": `<think>` blocks apart from the answer (service/reasoning.py)
     max_request_bytes: int = 4 * 1024 * 1024  # the largest request message gRPC receives
     max_metadata_bytes: int = 8 * 1024  # a call's headers
     max_connection_age_s: float = 300.0  # then GOAWAY: clients reconnect, spread over replicas; 0: never
@@ -158,6 +159,9 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     _flag(server, "http-port", None, "also serve the OpenAI-compatible HTTP API (/v1/completions, "
           "/v1/chat/completions, /v1/models, /health) on this port, same engine and keys; unset: off; "
           "0 picks a free one", type=int)  # fmt: skip
+    _flag(server, "reasoning-parser", "none", "think: a chat answer that begins with a <think>...</think> "
+          "block returns it apart, as reasoning_content (HTTP) and reasoning (gRPC); none: all of it is "
+          "content", choices=["none", "think"])  # fmt: skip
     _flag(server, "allowed-hosts", None, "comma-separated host names the HTTP front answers in the Host "
           "(and Origin) header, against DNS rebinding; '*': any; unset: localhost, 127.0.0.1, ::1 and "
           "--host when there are no API keys and --host is a loopback address, else any")  # fmt: skip
@@ -281,6 +285,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         log_level=args.log_level,
         metrics_port=args.metrics_port,
         http_port=args.http_port,
+        reasoning_parser=args.reasoning_parser,
         max_request_bytes=args.max_request_bytes,
         max_metadata_bytes=args.max_metadata_bytes,
         max_connection_age_s=args.max_connection_age_s,

@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 from engine.engine import Engine
 from engine.errors import EngineStoppedError, InvalidRequestError
 from engine.request import GenerationEvent, GenerationRequest
-from service import openai_tokenize, worker_http
+from service import openai_tokenize, tools, worker_http
 from service import openai_translate as openai
 from service.auth import ApiKeys, bearer_token
 from service.config import ServerConfig
@@ -171,6 +171,7 @@ class OpenAIFront:
         engine, limits = self._generations.ready()
         body = await _json_body(http_request, self._config.idle_timeout_s)
         request = openai.parse_request(endpoint, body, limits)
+        request.reasoning = self._config.reasoning_parser == "think"
         name = _served_model(engine, request.model)
         request_id = _request_id(http_request)
         prompt_ids = await self._prompt_ids(engine, request)
@@ -241,9 +242,9 @@ class OpenAIFront:
             return request.prompt_ids
         if request.prompt is not None:
             return await self._generations.off_loop(engine.tokenize, request.prompt)
-        messages = [{"role": m.role, "content": m.content} for m in request.messages or ()]
+        turns = request.messages or []
         try:
-            return await self._generations.off_loop(engine.apply_chat_template, messages)
+            return await self._generations.off_loop(tools.chat_prompt_ids, engine, turns, request.tools)
         except InvalidRequestError as e:  # the model has no chat template
             raise request.invalid_argument(e) from e
         except Exception as e:  # the template rejects the conversation (roles, order): the client's to fix

@@ -31,6 +31,9 @@ from engine.request import (
     StoppingParams,
     TokenInfo,
 )
+from service import tool_calls
+from service import tools as tool_requests
+from service.chat_output import ChatOutput
 from service.status import (
     InvalidArgument,
     ModelNotFound,
@@ -56,7 +59,8 @@ _COMMON = {
 }  # fmt: skip
 _PARAMETERS = {
     COMPLETION: _COMMON | {"prompt", "echo"},
-    CHAT: _COMMON | {"messages", "max_completion_tokens", "top_logprobs"},
+    CHAT: _COMMON
+    | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"},
 }
 _FINISH_REASONS = {
     FinishReason.LENGTH: "length",
@@ -67,12 +71,7 @@ _FINISH_REASONS = {
 _GUIDED = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice"}
 
 
-@dataclass(slots=True)
-class ChatMessage:
-    """One message of a chat body, its content as text."""
-
-    role: str
-    content: str
+ChatMessage = tool_requests.ChatTurn  # one message of a chat body, its content as text
 
 
 @dataclass(slots=True)
@@ -95,10 +94,20 @@ class OpenAIRequest:
     continuous_usage: bool = False  # vLLM's `continuous_usage_stats`: the usage so far in every chunk
     n: int = 1
     logprobs: bool = False  # report each token's log-probability (and `sampling.top_logprobs` alternatives)
+    tools: tool_requests.ToolRequest | None = None  # a chat's tools (service/tools.py)
+    reasoning: bool = False  # split `<think>` blocks into `reasoning_content` (--reasoning-parser)
     echo: bool = False  # completions: the prompt (and its tokens' log-probabilities) before the completion
     echo_only: bool = False  # `max_tokens: 0` with echo: the prompt alone, scored; the token made is left out
     cache_salt: str = ""  # vLLM's: the prefix-cache partition within the caller's (service/tenancy.py)
     params: dict[str, str] = field(default_factory=dict)  # engine field -> the parameter the body named
+
+    def chat_output(self) -> ChatOutput | None:
+        """A reader of one choice's reasoning and tool calls; None when its text is all content."""
+        if self.endpoint != CHAT or not (
+            self.reasoning or (self.tools is not None and self.tools.calls_allowed)
+        ):
+            return None
+        return ChatOutput(self.tools, self.reasoning)
 
     def param(self, engine_field: str) -> str:
         """The body's parameter for an engine field path (`sampling.top_p`, `prompt_ids[3]`, ...)."""
@@ -144,6 +153,7 @@ def parse_request(endpoint: str, body: object, limits: RequestLimits) -> OpenAIR
         _prompt(fields, request)
     else:
         _messages(fields, request)
+        _tools(fields, request)
     size_violations = _input_size_violations(request, limits)
     if size_violations:
         raise PromptTooLong(size_violations)
@@ -350,6 +360,21 @@ def _openai_response_format(fields: _Fields, value: dict) -> list[tuple[str, str
     return [("response_format.json_schema.schema", "json", schema)]
 
 
+def _tools(fields: _Fields, request: OpenAIRequest) -> None:
+    """`tools`, `tool_choice`, `parallel_tool_calls`: calls are grammar-constrained from the first token, or
+    in `auto` from the model's first call tag (service/tool_calls.py)."""
+    request.tools = tool_requests.parse_openai(fields.body, fields.violations)
+    if request.tools is None or not request.tools.calls_allowed:
+        return
+    if request.sampling.response_format is not None:
+        fields.violations.append(
+            ("tools", "cannot be combined with a structured output, unless tool_choice is none")
+        )
+        return
+    request.sampling.response_format = ResponseFormat(lark=tool_calls.grammar(request.tools))
+    request.params.update({"sampling.response_format": "tools", "sampling.response_format.lark": "tools"})
+
+
 def _stream_options(fields: _Fields, request: OpenAIRequest) -> None:
     """`include_usage`: a last chunk with the usage; vLLM's `continuous_usage_stats`: the usage so far in
     every chunk (guidellm asks for both)."""
@@ -403,13 +428,16 @@ def _messages(fields: _Fields, request: OpenAIRequest) -> None:
             fields.violations.append((f"messages[{i}]", "must be an object with a role and a content"))
             continue
         role, content = message.get("role"), _content(message.get("content"))
-        unknown = sorted(set(message) - {"role", "content"})
+        tool_fields = tool_requests.parse_openai_message(message, f"messages[{i}]", fields.violations)
+        unknown = sorted(set(message) - {"role", "content", "tool_calls", "tool_call_id", "name"})
         fields.violations += [(f"messages[{i}].{name}", "is not supported") for name in unknown]
         if not isinstance(role, str) or not role:
             fields.violations.append((f"messages[{i}].role", "must be a non-empty string"))
-        if content is None:
+        if content is None and not (message.get("content") is None and tool_fields.get("tool_calls")):
             fields.violations.append((f"messages[{i}].content", "must be a string or a list of text parts"))
-        request.messages.append(ChatMessage(role if isinstance(role, str) else "", content or ""))
+        request.messages.append(
+            ChatMessage(role if isinstance(role, str) else "", content or "", **tool_fields)
+        )
 
 
 def _content(content: object) -> str | None:
@@ -504,6 +532,9 @@ def response(
         choice = _choice(header, index, prefix + text, chunk=False, first=True)
         choice["logprobs"] = _choice_logprobs(header, request, tokens, len(prefix), echo, scored)
         choice["finish_reason"] = "length" if request.echo_only else _FINISH_REASONS[last.finish_reason]
+        if (output := request.chat_output()) is not None:
+            choice["message"] = output.message(text)
+            choice["finish_reason"] = _finish_reason(last, output)
         choices.append(choice)
         completion_tokens += request.answered_tokens(last.completion_tokens)
     first = by_index[min(by_index)][-1]
@@ -520,6 +551,7 @@ class StreamState:
     prompt_tokens: int = 0
     echo: EchoedPrompt | None = None
     text_offsets: dict[int, int] = field(default_factory=dict)
+    outputs: dict[int, ChatOutput | None] = field(default_factory=dict)  # each choice's reader
     num_tokens: dict[int, int] = field(default_factory=dict)  # each choice's tokens so far
     completion_tokens: int = 0
     scored: tuple[TokenInfo, ...] = ()  # the prompt's tokens, scored: completion 0's first event brings them
@@ -547,10 +579,19 @@ class StreamState:
             if event.index == 0:
                 self.cached_tokens = event.cached_prompt_tokens
         logprobs = request.logprobs and bool(tokens)  # tokens whose text is held back have some
-        if not (text or logprobs or finish_reason or (first and (header.endpoint == CHAT or echo))):
+        if first:
+            self.outputs[event.index] = request.chat_output()
+        output, delta = self.outputs[event.index], None
+        if output is not None:
+            delta = output.delta(text, event.finished)
+            finish_reason = _finish_reason(event, output) if event.finished else None
+        said = text if delta is None else delta
+        if not (said or logprobs or finish_reason or (first and (header.endpoint == CHAT or echo))):
             return []
         echoed = echo if first else None
         choice = _choice(header, event.index, (echoed.text if echoed else "") + text, chunk=True, first=first)
+        if delta is not None:
+            choice["delta"] = ({"role": "assistant"} if first else {}) | delta
         choice["logprobs"] = _choice_logprobs(header, request, tokens, offset, echoed, self.scored)
         choice["finish_reason"] = finish_reason
         chunk = {**header.fields(chunk=True), "choices": [choice]}
@@ -567,6 +608,13 @@ class StreamState:
             "choices": [],
             "usage": usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens),
         }
+
+
+def _finish_reason(last: GenerationEvent, output: ChatOutput) -> str:
+    """`tool_calls` when the model ended after calling tools, else the engine's reason."""
+    if output.called and last.finish_reason == FinishReason.EOS:
+        return "tool_calls"
+    return _FINISH_REASONS[last.finish_reason]
 
 
 def _choice(header: ResponseHeader, index: int, text: str, chunk: bool, first: bool) -> dict:

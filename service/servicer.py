@@ -17,12 +17,13 @@ from engine.limits import RequestLimits
 from engine.request import GenerationEvent, GenerationRequest
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
-from service import translate
+from service import tool_protos, translate
 from service.auth import bearer_token
 from service.config import MIN_CLIENT_PING_INTERVAL_S, ServerConfig
 from service.generations import Generations
 from service.status import InvalidArgument, NotReady, abort
 from service.tenancy import cache_tenant
+from service.tools import chat_prompt_ids
 from service.validation import check_generate_request, check_tokenize_request
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         try:
             async with contextlib.aclosing(self._events(request, context, whole_answer=True)) as events:
                 collected = [event async for event in events]
-            return await self._generations.off_loop(
-                translate.response, collected
-            )  # a large one stalls no call
+            response = await self._generations.off_loop(translate.response, collected)  # stalls no call
+            return self._chat_output(request).response(response)
         except Exception as e:
             await abort(context, e)
 
@@ -52,10 +52,16 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
             async with contextlib.aclosing(self._events(request, context)) as events:
+                output = self._chat_output(request)
                 async for event in events:
-                    yield translate.stream_response(event)
+                    message = translate.stream_response(event)
+                    output.stream_response(event, message)
+                    yield message
         except Exception as e:
             await abort(context, e)
+
+    def _chat_output(self, request: pb.GenerateRequest) -> tool_protos.ProtoChatOutput:
+        return tool_protos.ProtoChatOutput(request, self._config.reasoning_parser == "think")
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
@@ -153,6 +159,6 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
     @staticmethod
     def _apply_chat_template(engine: Engine, chat: pb.ChatInput) -> list[int]:
         try:
-            return engine.apply_chat_template(translate.chat_messages(chat))
+            return chat_prompt_ids(engine, tool_protos.turns(chat), tool_protos.tool_request(chat))
         except Exception as e:  # the template rejects the conversation (roles, order): the client's to fix
             raise InvalidArgument([("chat.messages", f"the model's chat template rejected them: {e}")]) from e

@@ -17,6 +17,7 @@ from engine.request import (
     TokenInfo,
 )
 from protos.textgen.v1 import textgen_pb2 as pb
+from service import tool_protos
 from service.status import InvalidArgument, invalid_argument_class
 
 FINISH_REASONS = {
@@ -49,6 +50,8 @@ def request_sampling(request: pb.GenerateRequest) -> SamplingParams:
     params.prompt_logprobs = request.prompt_logprobs
     if request.HasField("response_format"):
         params.response_format = response_format(request.response_format)
+    else:
+        params.response_format = tool_protos.response_format(request)  # a chat's tool calls, if any
     return params
 
 
@@ -74,10 +77,6 @@ def num_completions(request: pb.GenerateRequest) -> int:
     return request.n or 1
 
 
-def chat_messages(chat: pb.ChatInput) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in chat.messages]
-
-
 # SamplingParams fields that are GenerateRequest fields in the proto.
 _REQUEST_LEVEL = ("sampling.top_logprobs", "sampling.prompt_logprobs", "sampling.response_format")
 
@@ -91,6 +90,8 @@ def proto_field(engine_field: str, input_kind: str) -> str:
     the client sent token ids, and a chat's `messages` are `chat.messages`.
     """
     name, bracket, index = engine_field.partition("[")
+    if name == "sampling.response_format.lark":  # only ever the grammar of a chat's tool calls
+        return "chat.tools"
     if name.startswith(_REQUEST_LEVEL):
         return engine_field.removeprefix("sampling.")
     if name == "messages":

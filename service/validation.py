@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from engine.limits import RequestLimits, input_size_violations, n_violations, parameter_violations
 from protos.textgen.v1 import textgen_pb2 as pb
-from service import translate
+from service import tool_protos, translate
 from service.status import InvalidArgument, PromptTooLong
 
 MAX_REQUEST_ID_LENGTH = 128
@@ -22,6 +22,8 @@ def check_generate_request(request: pb.GenerateRequest, limits: RequestLimits) -
     if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
         violations.append(("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters"))
     violations += _input_violations(request)
+    if request.WhichOneof("input") == "chat":
+        violations += tool_protos.violations(request)
     sampling = translate.request_sampling(request)
     stopping = translate.stopping_params(request.stopping)
     kind = request.WhichOneof("input")
@@ -38,7 +40,7 @@ def check_tokenize_request(request: pb.TokenizeRequest, limits: RequestLimits) -
         raise InvalidArgument([("input", "one of text or chat is required")])
     check_input_size(request, limits)
     if kind == "chat":
-        violations = _chat_violations(request.chat)
+        violations = _chat_violations(request.chat) + tool_protos.violations(request)
         if violations:
             raise InvalidArgument(violations)
 
