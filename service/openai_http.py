@@ -357,7 +357,8 @@ def _deadline(request: web.Request) -> float | None:
 
 # ---- tracing --------------------------------------------------------------------------------------------
 
-_STREAM_ERROR = "textgen.stream_error"  # (status, code) of an error sent inside a stream, for its span
+# (status, code) of an error sent inside a stream, for its span
+_STREAM_ERROR = web.RequestKey("textgen.stream_error", tuple)
 
 
 def _tracing(tracer: trace.Tracer):
