@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import llguidance
 import llguidance.hf
@@ -70,9 +71,15 @@ class GrammarMatcher:
     """
 
     def __init__(
-        self, matcher: llguidance.LLMatcher, field: str, vocab_size: int, eos_token_ids: Collection[int]
+        self,
+        matcher: llguidance.LLMatcher,
+        field: str,
+        vocab_size: int,
+        eos_token_ids: Collection[int],
+        on_unusable: Callable[[str], None] = lambda error: None,
     ) -> None:
         self.field = field  # the request's format field (engine path): where its error points
+        self._on_unusable = on_unusable  # told when the grammar fails before any output: see `_fail`
         self.done = False  # an end-of-sequence token was taken: the grammar is complete
         self.error: str | None = None  # why the grammar engine can go no further
         self._matcher = matcher
@@ -111,7 +118,7 @@ class GrammarMatcher:
             if self._matcher.is_error():
                 self._fail()
         except Exception as exc:  # a fault of the grammar engine is this request's alone
-            self.error = f"the grammar engine failed: {exc}"
+            self._fail(f"the grammar engine failed: {exc}")
 
     def limit_error(self) -> GrammarLimitError:
         """The error that ends this matcher's request, naming its format field."""
@@ -129,8 +136,10 @@ class GrammarMatcher:
             raise self.limit_error()
         return _unpack(words[None, :], self._vocab_size)[0]
 
-    def _fail(self) -> None:
-        self.error = f"the grammar engine stopped: {_error_message(self._matcher)}"
+    def _fail(self, error: str | None = None) -> None:
+        self.error = error or f"the grammar engine stopped: {_error_message(self._matcher)}"
+        if self._num_taken == 0:  # no output yet: the format itself fails, for every request that uses it
+            self._on_unusable(self.error)
 
 
 class GrammarCompiler:
@@ -144,11 +153,19 @@ class GrammarCompiler:
         self._tokenizer_lock = threading.Lock()
         self._lock = threading.Lock()  # the cache's, never held while compiling
         self._cache: OrderedDict[ResponseFormat, llguidance.LLMatcher] = OrderedDict()
+        # Formats whose grammar failed before any output (the lexer a format's matchers share went over its
+        # limits): refused at admission from then on, so they cost no prefill and no step of anyone's.
+        self._unusable: OrderedDict[ResponseFormat, str] = OrderedDict()
 
     def compile(self, response_format: ResponseFormat) -> llguidance.LLMatcher:
         """The compiled grammar of `response_format` (from the cache when there); raises `InvalidRequestError`
-        naming the field when the schema, regex or choice cannot be compiled."""
+        naming the field when the schema, regex or choice cannot be compiled, `GrammarLimitError` when a
+        request of this format already failed before any output."""
         with self._lock:
+            unusable = self._unusable.get(response_format)
+            if unusable is not None:
+                message = f"{unusable} (a request of this format already failed before any output)"
+                raise GrammarLimitError(_field(response_format), message)
             compiled = self._cache.get(response_format)
             if compiled is not None:
                 self._cache.move_to_end(response_format)
@@ -167,7 +184,15 @@ class GrammarCompiler:
     def matcher(self, response_format: ResponseFormat) -> GrammarMatcher:
         """A new sequence's matcher for `response_format` (compiled here unless cached)."""
         compiled = self.compile(response_format).deep_copy()
-        return GrammarMatcher(compiled, _field(response_format), self._vocab_size, self._eos_token_ids)
+        field, unusable = _field(response_format), partial(self._mark_unusable, response_format)
+        return GrammarMatcher(compiled, field, self._vocab_size, self._eos_token_ids, unusable)
+
+    def _mark_unusable(self, response_format: ResponseFormat, error: str) -> None:
+        with self._lock:  # called from the grammar workers
+            self._cache.pop(response_format, None)
+            self._unusable[response_format] = error
+            if len(self._unusable) > GRAMMAR_CACHE_SIZE:
+                self._unusable.popitem(last=False)
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
         with self._tokenizer_lock:

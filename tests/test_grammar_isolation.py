@@ -198,3 +198,35 @@ def unpacked(status, kind) -> list:
         if detail.Unpack(message):
             found.append(message)
     return found
+
+
+class _FailingMatcher:
+    """An llguidance matcher whose every mask fails: a grammar over its limits from the first token on."""
+
+    def unsafe_compute_mask_ptr(self, pointer: int, size: int) -> None:
+        raise RuntimeError("lexer error: too many expressions constructed")
+
+
+def test_a_format_that_failed_before_any_output_is_refused_at_admission(engine):
+    response_format = ResponseFormat(regex="(b|bb){5}c")
+    matcher = engine.grammars.matcher(response_format)
+    matcher._matcher = _FailingMatcher()
+    with pytest.raises(GrammarLimitError, match="too many expressions"):
+        matcher.allowed()
+    # The next request of that format costs no prefill and no step: it is refused before it is queued.
+    with pytest.raises(GrammarLimitError, match="already failed before any output") as refused:
+        sampling = SamplingParams(response_format=response_format)
+        engine.generate(["Say b:"], sampling, StoppingParams(max_new_tokens=8))
+    assert refused.value.field == "sampling.response_format.regex"
+    assert engine.num_waiting == 0 and engine.num_running == 0
+
+
+def test_a_format_that_failed_after_some_output_is_still_admitted(engine):
+    response_format = ResponseFormat(regex="(d|dd){5}e")
+    matcher = engine.grammars.matcher(response_format)
+    assert matcher.allowed() is not None
+    matcher.accept(engine.tokenize("d")[0])
+    matcher._matcher = _FailingMatcher()
+    with pytest.raises(GrammarLimitError, match="at output token 1"):
+        matcher.allowed()
+    engine.compile_response_format(response_format)  # a path-dependent failure does not condemn the format
