@@ -32,6 +32,7 @@ from smg_grpc_proto.generated import common_pb2
 from engine import kv_events
 from engine.engine import Engine
 from engine.errors import InvalidRequestError
+from engine.limits import RequestLimits
 from engine.request import GenerationEvent, GenerationRequest
 from service import worker_translate as translate
 from service.generations import Generations
@@ -120,12 +121,16 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
         except InvalidRequestError as e:
             raise translate.invalid_argument(e) from e
 
-    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        """Cancel requests by id (unknown or finished ones are ignored); KV is freed at the next step."""
+    async def _ready(self, context: grpc.aio.ServicerContext) -> tuple[Engine, RequestLimits]:
+        """The engine and its limits; the call ends with the status of `NotReady` while there is none."""
         try:
-            engine, _ = self._generations.ready()
+            return self._generations.ready()
         except Exception as e:
             await abort(context, e)
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        """Cancel requests by id (unknown or finished ones are ignored); KV is freed at the next step."""
+        engine, _ = await self._ready(context)
         for request_id in request.request_ids:
             engine.cancel(request_id)
         return pb.AbortResponse()
@@ -147,10 +152,7 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        try:
-            engine, limits = self._generations.ready()
-        except Exception as e:
-            await abort(context, e)
+        engine, limits = await self._ready(context)
         info = engine.model_info
         hf_config = getattr(engine.model_runner.model, "config", None)
         tokenizer = engine.tokenizer
@@ -172,10 +174,7 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServerInfoResponse:
-        try:
-            engine, _ = self._generations.ready()
-        except Exception as e:
-            await abort(context, e)
+        engine, _ = await self._ready(context)
         info = engine.model_info
         return pb.GetServerInfoResponse(
             active_requests=self._generations.num_in_flight,
@@ -278,10 +277,7 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
         self, request: common_pb2.FlushCacheRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.FlushCacheResponse:
         """Drop the prefix cache's index at the loop's next iteration; requests keep their blocks."""
-        try:
-            engine, _ = self._generations.ready()
-        except Exception as e:
-            await abort(context, e)
+        engine, _ = await self._ready(context)
         try:
             num_blocks = await asyncio.wait_for(
                 asyncio.wrap_future(engine.clear_prefix_cache()), FLUSH_TIMEOUT_S
