@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ if not torch.cuda.is_available():
     # Without CUDA, Triton kernels run in Triton's interpreter, which is chosen when triton is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import openai
 import pytest
 import transformers
 from transformers import AutoTokenizer
@@ -273,3 +275,39 @@ def serve_with_telemetry(server_config):
     for server in servers:
         if not server.stopped:
             server.stop()
+
+
+# ---- the OpenAI-compatible HTTP front ----------------------------------------------------------------------
+
+
+def start_http_server(server_config, telemetry: Telemetry | None = None, **overrides) -> ServerThread:
+    """A tiny-model server with the HTTP front on a free port; `overrides` are ServerConfig fields."""
+    engine = {name: overrides.pop(name) for name in ("batch", "max_queue_size") if name in overrides}
+    config = dataclasses.replace(server_config(**engine), http_port=0, **overrides)
+    if telemetry is not None:
+        return TelemetryServerThread(config, telemetry).start()
+    return ServerThread(config).start()
+
+
+def base_url(server: ServerThread, scheme: str = "http") -> str:
+    return f"{scheme}://127.0.0.1:{server.server.http.port}"
+
+
+@pytest.fixture(scope="module")
+def http_server(server_config):
+    """One HTTP-front server per test module (a module may define its own)."""
+    server = start_http_server(server_config)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(http_server):
+    """The official `openai` client on `http_server`."""
+    with openai.OpenAI(base_url=base_url(http_server) + "/v1", api_key="unused", max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def model(http_server) -> str:
+    return http_server.engine.model_info.name

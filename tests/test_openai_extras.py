@@ -9,31 +9,14 @@ import asyncio
 
 import openai
 import pytest
-from test_openai_http import assert_openai_error, base_url, post, start_http_server
+from conftest import base_url
+from test_openai_http import assert_openai_error, post
 
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc
 
 PROMPT = "The capital of France is"
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
-
-
-@pytest.fixture(scope="module")
-def http_server(server_config):
-    server = start_http_server(server_config)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(http_server):
-    with openai.OpenAI(base_url=base_url(http_server) + "/v1", api_key="unused", max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def model(http_server) -> str:
-    return http_server.engine.model_info.name
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import jsonschema
 import openai
 import pytest
 import trustme
-from conftest import ServerThread, TelemetryServerThread
+from conftest import ServerThread, base_url, start_http_server
 from opentelemetry import propagate
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -37,37 +37,6 @@ PROMPT = "The capital of France is"
 KEY = "http-key-0123456789"
 LONG = 1900  # tokens: seconds of the tiny model, so a request can end long before it would finish
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
-
-
-def start_http_server(server_config, telemetry: Telemetry | None = None, **overrides) -> ServerThread:
-    """A tiny-model server with the HTTP front on a free port; `overrides` are ServerConfig fields."""
-    engine = {name: overrides.pop(name) for name in ("batch", "max_queue_size") if name in overrides}
-    config = dataclasses.replace(server_config(**engine), http_port=0, **overrides)
-    if telemetry is not None:
-        return TelemetryServerThread(config, telemetry).start()
-    return ServerThread(config).start()
-
-
-def base_url(server: ServerThread, scheme: str = "http") -> str:
-    return f"{scheme}://127.0.0.1:{server.server.http.port}"
-
-
-@pytest.fixture(scope="module")
-def http_server(server_config):
-    server = start_http_server(server_config)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(http_server):
-    with openai.OpenAI(base_url=base_url(http_server) + "/v1", api_key="unused", max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def model(http_server) -> str:
-    return http_server.engine.model_info.name
 
 
 @pytest.fixture(scope="module")

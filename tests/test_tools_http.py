@@ -17,12 +17,13 @@ from agents import (
     function_tool,
     set_tracing_disabled,
 )
+from conftest import base_url, start_http_server
 from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from openai import AsyncOpenAI
 from pydantic import BaseModel, ConfigDict, Field
-from test_openai_http import assert_openai_error, base_url, post, start_http_server
+from test_openai_http import assert_openai_error, post
 
 from service.config import parse_config
 from service.tools import ChatTurn, Tool, ToolCall, ToolRequest, chat_prompt_ids
@@ -48,24 +49,6 @@ SCHEMAS = {
 }
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 CALL = {"max_tokens": 120, "seed": 5}
-
-
-@pytest.fixture(scope="module")
-def http_server(server_config):
-    server = start_http_server(server_config)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(http_server):
-    with openai.OpenAI(base_url=base_url(http_server) + "/v1", api_key="unused", max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def model(http_server) -> str:
-    return http_server.engine.model_info.name
 
 
 def assert_valid_calls(tool_calls, names: set[str]) -> None:
