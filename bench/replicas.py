@@ -105,18 +105,22 @@ class NodeLoad:
     def __init__(self, concurrency: int, max_new_tokens: int) -> None:
         self._args = ["--concurrency", str(concurrency), "--max-new-tokens", str(max_new_tokens)]
         self._process: asyncio.subprocess.Process | None = None
+        self._first = b""  # the first call's record, read by `start`
 
     async def start(self, target: str) -> None:
+        """Start the script; return once its first call has ended, so that a phase timed from here sees
+        Node's calls (starting node and connecting takes longer than a short phase)."""
         self._process = await asyncio.create_subprocess_exec(
             "node", "replica_load.js", "--target", target, *self._args,
             cwd=NODE_EXAMPLE, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
+        self._first = await self._process.stdout.readline()
 
     async def stop(self) -> list[CallRecord]:
         """Close the script's standard input: it starts no more calls, ends those in flight and exits."""
         self._process.stdin.close()
         output, _ = await self._process.communicate()
-        records = [json.loads(line) for line in output.decode().splitlines() if line.strip()]
+        records = [json.loads(line) for line in (self._first + output).decode().splitlines() if line.strip()]
         return [
             CallRecord(
                 "node",
