@@ -71,27 +71,27 @@ example: install
 	PYTHONPATH=. $(PY) examples/continuous_batching.py
 
 bench-engine: install
-	$(PY) -m bench.engine_throughput
+	$(PY) -m bench.engine.throughput
 
 # Online serving benchmark: continuous batching vs sequential, static batching and transformers
 # generate on one seeded workload (a few minutes on 2 CPU cores). Flags: BENCH_ARGS="--help".
 bench: install proto
-	$(PY) -m bench.serve_compare $(BENCH_ARGS)
-	$(PY) -m bench.shared_prefix $(PREFIX_ARGS)
+	$(PY) -m bench.serving.compare $(BENCH_ARGS)
+	$(PY) -m bench.serving.shared_prefix $(PREFIX_ARGS)
 
 # Prefix caching on vs off: 32 requests sharing a ~500-token system prompt (PREFIX_ARGS for its flags).
 bench-prefix: install proto
-	$(PY) -m bench.shared_prefix $(PREFIX_ARGS)
+	$(PY) -m bench.serving.shared_prefix $(PREFIX_ARGS)
 
 # The full sweep over request rates; writes JSON and a PNG plot to bench/results/.
 bench-sweep: install proto
-	$(PY) -m bench.sweep $(BENCH_ARGS)
+	$(PY) -m bench.serving.sweep $(BENCH_ARGS)
 
 # textgen against llama.cpp's server on the same GGUF and workloads, one server after the other. The
 # first run builds llama-server from the llama-cpp-python sdist into ~/.cache/textgen/peers (10 minutes
 # or more on 2 cores); `--quick` checks the setup. Flags: BENCH_ARGS="--help".
 bench-llamacpp: install proto
-	$(PY) -m bench.peer_llamacpp $(BENCH_ARGS)
+	$(PY) -m bench.peers.llamacpp $(BENCH_ARGS)
 
 # The first command to run on a CUDA GPU (about 8 minutes at most on an H100 / H200): Triton's toolchain,
 # the CUDA tests, decode step times with and without CUDA graphs, and throughput against transformers'
@@ -100,17 +100,17 @@ bench-llamacpp: install proto
 # torch, triton, transformers, pytest and llguidance, it runs as it is (without .venv); BENCH_ARGS="--smoke"
 # runs tiny shapes on the CPU. Flags: BENCH_ARGS="--help".
 bench-gpu:
-	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m bench.gpu $(BENCH_ARGS)
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m bench.gpu.check $(BENCH_ARGS)
 
 # Replicas that lose nothing: 3 servers (the default model) behind one round_robin channel, one SIGTERMed
 # under load and started again; requests per replica and p99 TTFT per phase. Flags: BENCH_ARGS="--help".
 bench-replicas: install proto
-	$(PY) -m bench.replicas $(BENCH_ARGS)
+	$(PY) -m bench.fleet.replicas $(BENCH_ARGS)
 
 # Reliability under load: one row per scenario (a few minutes on 2 idle CPU cores); the 20-minute soak
 # runs with STRESS_ARGS="--soak-minutes 20". Flags: STRESS_ARGS="--help".
 stress: install proto
-	$(PY) -m bench.stress $(STRESS_ARGS)
+	$(PY) -m bench.stress.run $(STRESS_ARGS)
 
 clean:
 	rm -rf $(VENV) $(PROTO_STAMP) $(PROTO_OUT) $(NODE_EXAMPLE)/node_modules

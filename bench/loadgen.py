@@ -3,7 +3,7 @@
 Each request streams (`GenerateStream`) its prompt as token ids with `ignore_eos`, so it generates
 exactly its workload length; the client records when every token arrived. Another server can be driven
 through the same code (and measured by the same metrics) with a `StreamingClient` of its own
-(bench/llamacpp_client.py for llama.cpp's server).
+(bench/peers/llamacpp_client.py for llama.cpp's server).
 
     python -m bench.loadgen --target 127.0.0.1:50051 --num-requests 64 --request-rate 4 --slo-ttft 1
 """

@@ -13,7 +13,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from engine.loader import LoadedModel, loaded_model
+from engine.execution.loader import LoadedModel, loaded_model
 
 _LLAMA3_VOCAB = 128256
 

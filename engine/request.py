@@ -93,7 +93,7 @@ class GenerationRequest:
     cache_salt: str = ""
     cache_tenant: str = ""
     # The caller builds one answer of every event before sending any (a unary call, an HTTP answer that is
-    # not streamed): its size is bounded at admission (`engine.limits.answer_size_violations`).
+    # not streamed): its size is bounded at admission (`engine.frontend.limits.answer_size_violations`).
     whole_answer: bool = False
 
     @property

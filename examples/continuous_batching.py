@@ -12,8 +12,8 @@ import random
 import time
 
 from engine.batching import BatchConfig, BatchRequest, ContinuousBatcher
-from engine.engine import Engine, EngineConfig
-from engine.observer import EngineObserver
+from engine.core.observer import EngineObserver
+from engine.frontend.engine import Engine, EngineConfig
 from engine.request import GenerationRequest, StoppingParams
 
 

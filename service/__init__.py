@@ -1,1 +1,1 @@
-"""The gRPC front end: `textgen.v1` over grpc.aio, translating between the proto and the engine."""
+"""The servers: the gRPC front (textgen.v1, the SMG worker protocol) and the OpenAI HTTP front, one engine."""

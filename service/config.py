@@ -7,15 +7,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine.attention import ATTENTION_BACKENDS
 from engine.batching import BatchConfig
-from engine.engine import EngineConfig
-from engine.limits import MAX_CHAT_MESSAGES, MAX_N, MAX_PROMPT_CHARS
-from engine.models import MODEL_IMPLS
-from engine.packed_linear import WEIGHT_FORMATS
-from engine.structured import GRAMMAR_STEP_BUDGET_MS
-from service.auth import parse_key_list
-from service.tls import TlsFiles
+from engine.core.structured import GRAMMAR_STEP_BUDGET_MS
+from engine.execution.attention import ATTENTION_BACKENDS
+from engine.execution.models import MODEL_IMPLS
+from engine.execution.packed_linear import WEIGHT_FORMATS
+from engine.frontend.engine import EngineConfig
+from engine.frontend.limits import MAX_CHAT_MESSAGES, MAX_N, MAX_PROMPT_CHARS
+from service.security.auth import parse_key_list
+from service.security.tls import TlsFiles
 
 # The smallest value each numeric flag accepts (BatchConfig checks its own fields).
 _MINIMUMS = {
@@ -64,7 +64,7 @@ class ServerConfig:
     log_level: str = "INFO"
     metrics_port: int = 9464  # Prometheus /metrics; 0: none (README: Observability)
     http_port: int | None = None  # the OpenAI-compatible HTTP front; None: off, 0: a free port
-    reasoning_parser: str = "none"  # "think": `<think>` blocks apart from the answer (service/reasoning.py)
+    reasoning_parser: str = "none"  # "think": `<think>` blocks apart (service/chat/reasoning.py)
     max_request_bytes: int = 4 * 1024 * 1024  # the largest request message gRPC receives
     max_metadata_bytes: int = 8 * 1024  # a call's headers
     max_connection_age_s: float = 300.0  # then GOAWAY: clients reconnect, spread over replicas; 0: never
@@ -78,7 +78,7 @@ class ServerConfig:
     tls: TlsFiles | None = None  # PEM files; None: plaintext (README: Security)
     api_key_file: str | None = None  # one key per line, re-read on SIGHUP
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # from TEXTGEN_API_KEYS; never logged
-    allowed_hosts: tuple[str, ...] | None = None  # HTTP Host/Origin names; None: service/host_check.py
+    allowed_hosts: tuple[str, ...] | None = None  # HTTP Host/Origin; None: service/security/host_check.py
     reload_check_s: float = 10.0  # how often the key and TLS files are checked for changes; 0: SIGHUP only
     shared_prefix_cache: bool = False  # with keys: every key reads one prefix cache (default: one per key)
 

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from engine.engine import Engine
-from engine.limits import RequestLimits
+from engine.frontend.engine import Engine
+from engine.frontend.limits import RequestLimits
 from engine.request import GenerationEvent, GenerationRequest
 from service.status import NotReady
 

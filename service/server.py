@@ -15,20 +15,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from engine.engine import Engine
+from engine.frontend.engine import Engine
 from protos.textgen.v1 import textgen_pb2 as pb
-from service.auth import ApiKeyInterceptor, ApiKeys
 from service.config import ServerConfig, grpc_server_options, parse_config
-from service.file_watch import reload_on_change
 from service.generations import Generations
+from service.grpc.servicer import TextGenerationServicer
 from service.handlers import add_servicer_to_server
 from service.health import BoundedHealthServicer, add_health_to_server
-from service.host_check import is_loopback
-from service.openai_http import OpenAIFront
-from service.servicer import TextGenerationServicer
-from service.tls import ServerCertificates
-from service.worker import SERVICE as WORKER_SERVICE
-from service.worker import VllmWorkerServicer
+from service.openai.http import OpenAIFront
+from service.security.auth import ApiKeyInterceptor, ApiKeys
+from service.security.file_watch import reload_on_change
+from service.security.host_check import is_loopback
+from service.security.tls import ServerCertificates
+from service.worker.servicer import SERVICE as WORKER_SERVICE
+from service.worker.servicer import VllmWorkerServicer
 from telemetry.server import Telemetry
 
 log = logging.getLogger("service")

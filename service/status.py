@@ -73,11 +73,11 @@ class NotReady(Exception):
 
 
 class Unauthenticated(Exception):
-    """The call carries no API key, or one the server does not accept (service/auth.py)."""
+    """The call carries no API key, or one the server does not accept (service/security/auth.py)."""
 
 
 class Unimplemented(Exception):
-    """The call needs what this server does not do (images, KV transfer, profiling: service/worker.py)."""
+    """The call needs what this server does not do (images, KV transfer, profiling: service/worker/)."""
 
 
 class ModelNotFound(Exception):

@@ -1,10 +1,10 @@
-"""Checks of a request's proto shape, plus the engine's rules (`engine/limits.py`) that need no tokens."""
+"""Checks of a request's proto shape, and the engine's rules (engine/frontend/limits.py) needing no tokens."""
 
 from __future__ import annotations
 
-from engine.limits import RequestLimits, input_size_violations, n_violations, parameter_violations
+from engine.frontend.limits import RequestLimits, input_size_violations, n_violations, parameter_violations
 from protos.textgen.v1 import textgen_pb2 as pb
-from service import tool_protos, translate
+from service.grpc import tool_protos, translate
 from service.status import InvalidArgument, PromptTooLong
 
 MAX_REQUEST_ID_LENGTH = 128

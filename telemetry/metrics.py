@@ -11,10 +11,10 @@ from collections.abc import Iterable
 
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
-from engine.engine import Engine
-from engine.observer import EngineObserver
-from engine.sequence import Sequence
-from engine.step import Step
+from engine.core.observer import EngineObserver
+from engine.core.sequence import Sequence
+from engine.core.step import Step
+from engine.frontend.engine import Engine
 from telemetry.outcome import OK, outcome
 from telemetry.tracing import OPERATION
 

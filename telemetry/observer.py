@@ -7,10 +7,10 @@ import logging
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
-from engine.engine import Engine
-from engine.observer import EngineObserver
-from engine.sequence import Sequence
-from engine.step import Step
+from engine.core.observer import EngineObserver
+from engine.core.sequence import Sequence
+from engine.core.step import Step
+from engine.frontend.engine import Engine
 from telemetry.metrics import ServingMetrics
 from telemetry.tracing import RequestTracer
 

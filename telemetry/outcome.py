@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from engine.core.sequence import Sequence
 from engine.errors import DeadlineExceededError, EngineStoppedError, RequestCancelledError, RequestFailedError
-from engine.sequence import Sequence
 
 OK = "ok"
 CANCELLED = "cancelled"

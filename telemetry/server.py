@@ -10,8 +10,8 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
-from engine.engine import Engine
-from engine.observer import EngineObserver
+from engine.core.observer import EngineObserver
+from engine.frontend.engine import Engine
 from telemetry.exporters import metric_readers_from_env, resource, tracer_provider_from_env
 from telemetry.interceptors import server_interceptors
 from telemetry.metrics_endpoint import MetricsEndpoint

@@ -22,9 +22,9 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, Status, StatusCode, TracerProvider
 
-from engine.observer import EngineObserver
-from engine.sequence import Sequence
-from engine.step import Step
+from engine.core.observer import EngineObserver
+from engine.core.sequence import Sequence
+from engine.core.step import Step
 from telemetry.outcome import outcome
 
 OPERATION = "text_completion"

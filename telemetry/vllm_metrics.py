@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine.engine import Engine
+from engine.frontend.engine import Engine
 
 
 class VllmMetrics(Collector):

@@ -17,8 +17,8 @@ import pytest
 import transformers
 from transformers import AutoTokenizer
 
-from engine.engine import Engine, EngineConfig
-from engine.loader import default_model_dir
+from engine.execution.loader import default_model_dir
+from engine.frontend.engine import Engine, EngineConfig
 
 # ---- engine fixtures (lead) -------------------------------------------------------------------------------
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import attention
-from engine.attention import PrefillSegment, StepContext, paged_attention
-from engine.kv_cache import KVCache
+from engine.core.kv_cache import KVCache
+from engine.execution import attention
+from engine.execution.attention import PrefillSegment, StepContext, paged_attention
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE = 2, 8, 4
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8

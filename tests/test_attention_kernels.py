@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import kernels
-from engine.attention import cpu_backend, resolve_decode_backend
-from engine.attention.torch_backend import paged_decode_attention as torch_decode_attention
+from engine.execution import kernels
+from engine.execution.attention import cpu_backend, resolve_decode_backend
+from engine.execution.attention.torch_backend import paged_decode_attention as torch_decode_attention
 
 BACKENDS = ["cpu", "triton"]
 
@@ -15,7 +15,7 @@ BACKENDS = ["cpu", "triton"]
 def kernel_for(backend: str):
     if backend == "triton":
         pytest.importorskip("triton")
-        from engine.attention.triton_backend import paged_decode_attention
+        from engine.execution.attention.triton_backend import paged_decode_attention
 
         return paged_decode_attention, "cuda" if torch.cuda.is_available() else "cpu"
     assert cpu_backend.load() is not None, cpu_backend.load_error()  # gcc is part of the test setup
@@ -85,7 +85,7 @@ def test_without_a_compiler_auto_falls_back_to_torch(monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_with_a_kernel_backend_gives_the_torch_backends_tokens(tiny_model_dir, backend):
-    from engine.engine import Engine, EngineConfig
+    from engine.frontend.engine import Engine, EngineConfig
     from engine.request import StoppingParams
 
     kernel_for(backend)

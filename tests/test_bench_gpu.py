@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bench import gpu
+from bench.gpu import check as gpu
 
 MODES = ("torch eager", "triton eager", "triton padded")  # without CUDA, "padded" stands in for "graphs"
 
@@ -42,7 +42,7 @@ MARKED = "import pytest\n\npytestmark = pytest.mark.cuda\n\n"
 
 
 def run_gate(tmp_path, fake: str, *flags: str) -> tuple[object, dict]:
-    """`bench.gpu --smoke --steps tests` on one fake test file: (its exit code or None, its JSON)."""
+    """`bench.gpu.check --smoke --steps tests` on one fake test file: (its exit code or None, its JSON)."""
     test_file = tmp_path / f"test_{fake}.py"
     test_file.write_text(MARKED + FAKE_TESTS[fake])
     out = tmp_path / "gpu.json"
@@ -127,7 +127,8 @@ def test_the_bench_and_the_cuda_tests_import_nothing_of_the_servers():
     blocked = "".join(f"sys.modules[{name!r}] = None\n" for name in SERVER_ONLY)  # as if not installed
     script = blocked + (
         "sys.path.insert(0, 'tests')\n"
-        "import bench.gpu, bench.engine_throughput, bench.hf_generate, bench.random_model, test_cuda\n"
+        "import bench.gpu.check, bench.engine.throughput, bench.peers.hf_generate, bench.random_model\n"
+        "import test_cuda\n"
         "print('imported')\n"
     )
     command = [sys.executable, "-c", "import sys\n" + script]

@@ -1,4 +1,4 @@
-"""Tests for bench.hf_generate: left padding, exact output lengths, and what a static batch computes."""
+"""Tests for bench.peers.hf_generate: left padding, exact output lengths, and what a static batch computes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.hf_generate import generate_static_batch, left_padded_batch, run_static_batches
+from bench.peers.hf_generate import generate_static_batch, left_padded_batch, run_static_batches
 
 PAD = 0
 

@@ -11,12 +11,12 @@ import math
 import pytest
 import pytest_asyncio
 
-from bench import llamacpp_build
-from bench.llamacpp_build import CMAKE_ARGS, build_key, cached_binary, sdist_version
-from bench.llamacpp_client import EventDecoder, LlamaCppClient, chunk_of, completion_request, event_data
 from bench.loadgen import Chunk, StreamError, run_load
 from bench.metrics import RequestTrace, summarize
-from bench.peer_llamacpp import LLAMACPP, TEXTGEN, comparison_table, scenarios
+from bench.peers import llamacpp_build
+from bench.peers.llamacpp import LLAMACPP, TEXTGEN, comparison_table, scenarios
+from bench.peers.llamacpp_build import CMAKE_ARGS, build_key, cached_binary, sdist_version
+from bench.peers.llamacpp_client import EventDecoder, LlamaCppClient, chunk_of, completion_request, event_data
 from bench.workload import RequestSpec
 
 
@@ -250,8 +250,8 @@ def test_the_table_gives_textgen_over_llamacpp():
     not cached_binary(llamacpp_build.DEFAULT_VERSION).exists(), reason="llama-server not built"
 )
 def test_the_built_server_streams_exactly_the_asked_tokens(tmp_path):
-    from bench.llamacpp_server import LlamaServerProcess
-    from engine.loader import default_gguf_path
+    from bench.peers.llamacpp_server import LlamaServerProcess
+    from engine.execution.loader import default_gguf_path
 
     binary = cached_binary(llamacpp_build.DEFAULT_VERSION)
     flags = ("-np", "2", "-t", "2", "-c", "4096")

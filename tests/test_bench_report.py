@@ -8,9 +8,9 @@ import math
 import pytest
 
 from bench.metrics import RequestTrace, summarize
-from bench.plot import plot_sweep, x_positions
 from bench.report import load_note, markdown_table, to_json
-from bench.sweep import parse_rates
+from bench.serving.plot import plot_sweep, x_positions
+from bench.serving.sweep import parse_rates
 
 
 def test_markdown_table_aligns_columns_and_formats_numbers():

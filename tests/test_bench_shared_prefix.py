@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from bench.shared_prefix import shared_prefix_specs
+from bench.serving.shared_prefix import shared_prefix_specs
 
 
 def test_every_request_has_its_own_question_after_the_same_system_prompt():

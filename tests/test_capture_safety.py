@@ -8,12 +8,12 @@ import pytest
 import torch
 import transformers
 
-from engine.attention import torch_backend
-from engine.capture_safety import CaptureSafetyError, forbid_host_work
-from engine.decode_graphs import DecodeGraphs
-from engine.kv_cache import KVCache
-from engine.model_runner import ModelRunner
-from engine.models.llama import LlamaModel
+from engine.core.kv_cache import KVCache
+from engine.execution.attention import torch_backend
+from engine.execution.capture_safety import CaptureSafetyError, forbid_host_work
+from engine.execution.decode_graphs import DecodeGraphs
+from engine.execution.model_runner import ModelRunner
+from engine.execution.models.llama import LlamaModel
 
 X = torch.arange(6.0)
 

@@ -12,8 +12,8 @@ import torch
 
 from client import AsyncTextGenClient, TextGenClient
 from client.cli import main as cli_main
+from engine.core.observer import EngineObserver
 from engine.errors import InvalidRequestError
-from engine.observer import EngineObserver
 from engine.request import FinishReason, GenerationRequest, ResponseFormat, SamplingParams, StoppingParams
 from protos.textgen.v1 import textgen_pb2 as pb
 from tests.test_engine import make_engine

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from engine.batching import BatchConfig
-from engine.core import EngineCore
+from engine.core.engine_core import EngineCore
+from engine.core.kv_cache import BlockAllocator
+from engine.core.observer import EngineObserver
+from engine.core.output import OutputProcessor
+from engine.core.scheduler import Scheduler, SchedulerConfig
+from engine.core.sequence import Sequence
+from engine.core.step import Step, StepOutput
 from engine.errors import RequestCancelledError, RequestFailedError
-from engine.kv_cache import BlockAllocator
-from engine.observer import EngineObserver
-from engine.output import OutputProcessor
 from engine.request import FinishReason, GenerationEvent, GenerationRequest, StoppingParams
-from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import Sequence
-from engine.step import Step, StepOutput
 
 EOS = 2
 

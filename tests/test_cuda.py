@@ -2,7 +2,7 @@
 
 They run on `TEXTGEN_TEST_DEVICE`: by default CUDA where there is a GPU, else the CPU, with Triton in its
 interpreter and the padded decode buffers run eagerly instead of replayed from graphs, so `make test`
-checks their logic everywhere. Marked `cuda`: `make bench-gpu` (bench/gpu.py) runs them on a GPU with
+checks their logic everywhere. Marked `cuda`: `make bench-gpu` (bench/gpu/check.py) runs them on a GPU with
 `TEXTGEN_TEST_DEVICE=cuda` (they are skipped, and the run fails, if CUDA is missing) and `--noconftest`:
 these tests build their own tiny random-weight models (bench.random_model), since the GPU image lacks the
 server's dependencies.
@@ -22,14 +22,14 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.random_model import random_model, save_random_model  # noqa: E402
-from engine.attention.torch_backend import (  # noqa: E402
+from engine.execution.attention.torch_backend import (  # noqa: E402
     PrefillSegment,
     paged_decode_attention,
     plan_prefill,
     prefill_attention,
 )
-from engine.engine import Engine, EngineConfig  # noqa: E402
-from engine.model_runner import ModelRunner, StepInput  # noqa: E402
+from engine.execution.model_runner import ModelRunner, StepInput  # noqa: E402
+from engine.frontend.engine import Engine, EngineConfig  # noqa: E402
 from engine.request import StoppingParams  # noqa: E402
 
 pytestmark = [
@@ -50,7 +50,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_triton_decode_kernel_matches_the_torch_path_in_bfloat16():
-    from engine.attention.triton_backend import paged_decode_attention as triton_decode
+    from engine.execution.attention.triton_backend import paged_decode_attention as triton_decode
 
     rng = torch.Generator().manual_seed(0)
     k_cache, v_cache = torch.randn(2, 8, 32 * 16, 128, generator=rng).to(DEVICE, torch.bfloat16)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.decode_graphs import decode_buckets
-from engine.model_runner import ModelRunner, StepInput
+from engine.execution.decode_graphs import decode_buckets
+from engine.execution.model_runner import ModelRunner, StepInput
 
 PROMPTS = [[5, 17, 300, 42, 7], [900, 901, 902], list(range(100, 140)), [11, 12, 13, 14, 15, 16, 17, 18, 19]]
 MAX_CONTEXT = 64

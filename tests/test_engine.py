@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.batching import BatchConfig
-from engine.engine import Engine, EngineConfig
+from engine.core.observer import EngineObserver
 from engine.errors import (
     DeadlineExceededError,
     DuplicateRequestError,
@@ -18,7 +18,7 @@ from engine.errors import (
     RequestCancelledError,
     RequestFailedError,
 )
-from engine.observer import EngineObserver
+from engine.frontend.engine import Engine, EngineConfig
 from engine.request import FinishReason, GenerationRequest, SamplingParams, StoppingParams
 from tests.conftest import TINY_ARCHS
 
@@ -404,7 +404,7 @@ async def test_a_fault_outside_the_model_step_fails_in_flight_requests_and_the_l
 
 
 def test_split_prefill_packs_whole_sequences_and_cuts_only_long_ones():
-    from engine.model_runner import StepInput, split_prefill
+    from engine.execution.model_runner import StepInput, split_prefill
 
     a, b, c, d = (StepInput(list(range(n)), 0, [i]) for i, n in enumerate([3, 4, 10, 2]))
     parts = split_prefill([a, b, c, d], budget=8)
@@ -419,7 +419,7 @@ def test_split_prefill_packs_whole_sequences_and_cuts_only_long_ones():
 
 @pytest.mark.parametrize("budget", [7, 16])
 def test_prefill_split_into_passes_gives_the_same_logits(tiny_model_dir, budget):
-    from engine.model_runner import ModelRunner, StepInput
+    from engine.execution.model_runner import ModelRunner, StepInput
 
     path = str(tiny_model_dir("llama"))
     whole = ModelRunner(path, "cpu", "float32", num_kv_blocks=64, prefill_chunk_tokens=0)

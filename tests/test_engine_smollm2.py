@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from bench.cpu_dtype import TEXT, teacher_forced_logits
-from engine.engine import Engine, EngineConfig
-from engine.model_runner import ModelRunner
+from bench.engine.cpu_dtype import TEXT, teacher_forced_logits
+from engine.execution.model_runner import ModelRunner
+from engine.frontend.engine import Engine, EngineConfig
 from engine.request import GenerationRequest, SamplingParams, StoppingParams
 
 NEW_TOKENS = 32

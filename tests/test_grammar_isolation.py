@@ -17,10 +17,10 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from engine.batching import BatchConfig
-from engine.engine import Engine, EngineConfig
+from engine.core.structured import GrammarMatcher
 from engine.errors import GrammarLimitError
+from engine.frontend.engine import Engine, EngineConfig
 from engine.request import GenerationRequest, ResponseFormat, SamplingParams, StoppingParams
-from engine.structured import GrammarMatcher
 from protos.textgen.v1 import textgen_pb2 as pb
 
 # Both compile, then need more lexer than the parser limits allow as soon as the first "a" comes.

@@ -13,10 +13,10 @@ import grpc
 import pytest
 from conftest import ServerThread
 
-from engine.limits import MAX_ANSWER_ENTRIES
+from engine.frontend.limits import MAX_ANSWER_ENTRIES
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc
-from service.json_body import MAX_JSON_DEPTH
+from service.openai.json_body import MAX_JSON_DEPTH
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"

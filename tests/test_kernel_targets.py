@@ -16,10 +16,10 @@ import platform
 import pytest
 import torch
 
-from engine import kernels, quantized
-from engine.attention import cpu_backend
-from engine.engine import Engine, EngineConfig
-from engine.quantized import Q4_1, Q8_0, QuantizedLinear, quantize
+from engine.execution import kernels, quantized
+from engine.execution.attention import cpu_backend
+from engine.execution.quantized import Q4_1, Q8_0, QuantizedLinear, quantize
+from engine.frontend.engine import Engine, EngineConfig
 from engine.request import SamplingParams, StoppingParams
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="the kernels are x86-64 code")

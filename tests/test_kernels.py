@@ -8,8 +8,8 @@ import platform
 import pytest
 import torch
 
-from engine import kernels, quantized
-from engine.quantized import Q4_1, QuantizedLinear, quantize
+from engine.execution import kernels, quantized
+from engine.execution.quantized import Q4_1, QuantizedLinear, quantize
 
 pytestmark = pytest.mark.skipif(
     kernels.compiler() is None or platform.machine() != "x86_64", reason="needs a C compiler on x86-64"

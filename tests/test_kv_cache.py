@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from engine.engine import EngineConfig
-from engine.kv_cache import BlockAllocator, KVCache
-from engine.model_runner import ModelRunner
+from engine.core.kv_cache import BlockAllocator, KVCache
+from engine.execution.model_runner import ModelRunner
+from engine.frontend.engine import EngineConfig
 from service.config import parse_config
 
 

@@ -1,9 +1,9 @@
-"""The prefix cache's events (engine/kv_events.py): what the allocator reports, and how batches are read."""
+"""The prefix cache's events (engine/core/kv_events.py): what the allocator reports, how batches are read."""
 
 from __future__ import annotations
 
-from engine.kv_cache import BlockAllocator, block_hashes
-from engine.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KvEventLog
+from engine.core.kv_cache import BlockAllocator, block_hashes
+from engine.core.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KvEventLog
 from engine.request import StoppingParams
 
 

@@ -1,4 +1,4 @@
-"""The request rules of `engine/limits.py`, one behaviour per test, on plain values (no model, no server)."""
+"""The request rules of `engine/frontend/limits.py`, one behaviour per test, on plain values."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from engine.errors import InvalidRequestError, PromptTooLongError
-from engine.limits import (
+from engine.frontend.limits import (
     MAX_ANSWER_ENTRIES,
     MAX_STOP_SEQUENCE_CHARS,
     MAX_STOP_SEQUENCES,

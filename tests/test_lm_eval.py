@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ServerThread
 
-from engine.engine import EngineConfig
+from engine.frontend.engine import EngineConfig
 from service.config import ServerConfig
 
 TASK = "textgen_tiny_mc"

@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM
 from client import AsyncTextGenClient, TextGenClient
 from client.cli import main as cli_main
 from engine.batching import BatchConfig
-from engine.engine import Engine, EngineConfig
+from engine.core.step import StepRow
 from engine.errors import InvalidRequestError
+from engine.frontend.engine import Engine, EngineConfig
 from engine.request import SamplingParams, StoppingParams
-from engine.step import StepRow
 from protos.textgen.v1 import textgen_pb2 as pb
 
 PROMPT = "The capital of France is Paris, and the capital of Germany is"

@@ -24,13 +24,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from bench.loadgen import run_load
-from bench.openai_client import OpenAIHttpClient
+from bench.serving.openai_client import OpenAIHttpClient
 from bench.workload import RequestSpec
 from engine.batching import BatchConfig
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc
 from service.config import parse_config
-from service.tls import TlsFiles
+from service.security.tls import TlsFiles
 from telemetry.server import Telemetry
 
 PROMPT = "The capital of France is"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.packed_linear import (
+from engine.execution.packed_linear import (
     PackedFp16Linear,
     fbgemm_available,
     pack_linear_layers,

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from engine.batching import BatchConfig
+from engine.core.kv_cache import BlockAllocator, block_hashes
+from engine.core.sequence import Sequence
 from engine.errors import RequestCancelledError
-from engine.kv_cache import BlockAllocator, block_hashes
 from engine.request import GenerationRequest, SamplingParams, StoppingParams
-from engine.sequence import Sequence
 from protos.textgen.v1 import textgen_pb2 as pb
 from tests.test_core import make_core, run_until_idle
 from tests.test_engine import make_engine

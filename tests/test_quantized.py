@@ -10,10 +10,10 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from transformers import AutoModelForCausalLM
 
-from engine import quantized
-from engine.engine import Engine, EngineConfig
-from engine.model_runner import ModelRunner, StepInput
-from engine.quantized import Q4_1, Q8_0, QuantizedLinear, dequantize, quantize
+from engine.execution import quantized
+from engine.execution.model_runner import ModelRunner, StepInput
+from engine.execution.quantized import Q4_1, Q8_0, QuantizedLinear, dequantize, quantize
+from engine.frontend.engine import Engine, EngineConfig
 from engine.request import StoppingParams
 
 pytestmark = pytest.mark.skipif(quantized.load() is None, reason="the quantized kernels cannot be built here")

@@ -1,6 +1,6 @@
 """Replicas that lose nothing: three `python -m service` processes (tiny random-weight models) behind one
 round_robin channel per client, the Python client's and Node.js's (where node is installed), under steady
-load; one replica is sent SIGTERM and started again (bench/replicas.py)."""
+load; one replica is sent SIGTERM and started again (bench/fleet/replicas.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from bench.replicas import NODE_EXAMPLE, NodeLoad, PythonLoad, ReplicaChange, replica_change
-from bench.stress_process import server_args
+from bench.fleet.replicas import NODE_EXAMPLE, NodeLoad, PythonLoad, ReplicaChange, replica_change
+from bench.stress.process import server_args
 from client import TextGenClient, replica_options
 from service.server import NOT_SERVING, SERVICE_NAME, SERVING
 

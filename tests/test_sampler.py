@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.execution.sampler import FAILED, SamplingBatch, _filtered_probs, sample
 from engine.request import GREEDY_BELOW_TEMPERATURE, SamplingParams
-from engine.sampler import FAILED, SamplingBatch, _filtered_probs, sample
 
 
 def make_batch(params: list[SamplingParams], history=None, outputs=None) -> SamplingBatch:

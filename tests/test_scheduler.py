@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from engine.batching import BatchConfig
-from engine.kv_cache import BlockAllocator
+from engine.core.kv_cache import BlockAllocator
+from engine.core.scheduler import Scheduler, SchedulerConfig, make_scheduler
+from engine.core.sequence import Sequence, SequenceStatus
+from engine.core.step import Step, StepOutput
 from engine.request import GenerationRequest
-from engine.scheduler import Scheduler, SchedulerConfig, make_scheduler
-from engine.sequence import Sequence, SequenceStatus
-from engine.step import Step, StepOutput
 
 
 class Clock:

@@ -31,10 +31,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from client import AsyncTextGenClient, TextGenClient, tls_credentials
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc
-from service.auth import ApiKeys, bearer_token, read_key_file
 from service.config import ServerConfig, parse_config
+from service.security.auth import ApiKeys, bearer_token, read_key_file
+from service.security.tls import TlsFiles
 from service.server import Server, exposure_warnings
-from service.tls import TlsFiles
 from telemetry.server import Telemetry
 
 REPO = Path(__file__).resolve().parent.parent

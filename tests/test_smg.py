@@ -1,5 +1,5 @@
 """SMG, the pinned gateway binary (`smg` wheel), in front of two tiny-model servers over SMG's vLLM worker
-protocol (service/worker.py): the OpenAI SDK talks to the gateway, the gateway to the replicas over gRPC."""
+protocol (service/worker/servicer.py): the OpenAI SDK talks to the gateway, it to the replicas over gRPC."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from smg_grpc_proto import vllm_engine_pb2 as pb
 from smg_grpc_proto import vllm_engine_pb2_grpc as pb_grpc
 
-from engine.engine import Engine
+from engine.core.kv_events import BlocksStored
+from engine.core.observer import EngineObserver
 from engine.errors import RequestCancelledError
-from engine.kv_events import BlocksStored
-from engine.observer import EngineObserver
+from engine.frontend.engine import Engine
 from engine.request import SamplingParams, StoppingParams
 from telemetry.vllm_metrics import VllmMetrics
 from tests.conftest import ServerThread

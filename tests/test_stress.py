@@ -1,4 +1,4 @@
-"""Reliability under load: `bench/stress.py`'s scenarios at small sizes, and property-based fuzzing of the
+"""Reliability under load: `bench/stress/run.py`'s scenarios at small sizes, and property-based fuzzing of the
 gRPC API over the real server (every request field, and raw malformed bytes on every method).
 
 `make stress` runs the scenarios at full size, and this module's fuzzing with TEXTGEN_FUZZ_EXAMPLES
@@ -20,11 +20,11 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.stress_faults import engine_faults
-from bench.stress_flood import unauthenticated_flood
-from bench.stress_grammar import SLOWDOWN_CHECK, bystanders_under_adversarial_grammars
-from bench.stress_load import cancellation_storm, deadlines, memory_pressure, overload
-from bench.stress_process import sigterm_during_load, soak
+from bench.stress.faults import engine_faults
+from bench.stress.flood import unauthenticated_flood
+from bench.stress.grammar import SLOWDOWN_CHECK, bystanders_under_adversarial_grammars
+from bench.stress.load import cancellation_storm, deadlines, memory_pressure, overload
+from bench.stress.process import sigterm_during_load, soak
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc
 

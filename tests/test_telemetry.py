@@ -21,9 +21,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from client import AsyncTextGenClient, TextGenClient
-from engine.engine import Engine, EngineConfig
+from engine.core.observer import EngineObserver
 from engine.errors import RequestFailedError
-from engine.observer import EngineObserver
+from engine.frontend.engine import Engine, EngineConfig
 from engine.request import StoppingParams
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc

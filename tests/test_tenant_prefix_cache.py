@@ -12,7 +12,7 @@ import openai
 import pytest
 from conftest import ServerThread
 
-from engine.kv_cache import block_hashes, cache_seed
+from engine.core.kv_cache import block_hashes, cache_seed
 from engine.request import GenerationRequest, StoppingParams
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc

@@ -14,8 +14,8 @@ import trustme
 from conftest import ServerThread
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service import tls
-from service.tls import TlsFiles
+from service.security import tls
+from service.security.tls import TlsFiles
 
 FRESH = [("grpc.use_local_subchannel_pool", 1)]  # a new connection, so a new handshake, per check
 

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from engine.request import ResponseFormat
-from service.chat_output import ChatOutput
-from service.reasoning import ReasoningSplitter
-from service.tool_calls import ToolCallParser, grammar, parse_all
-from service.tools import ChatTurn, Tool, ToolCall, ToolRequest, chat_prompt_ids, template_inputs
+from service.chat.output import ChatOutput
+from service.chat.reasoning import ReasoningSplitter
+from service.chat.tool_calls import ToolCallParser, grammar, parse_all
+from service.chat.tools import ChatTurn, Tool, ToolCall, ToolRequest, chat_prompt_ids, template_inputs
 
 WEATHER = Tool(
     "get_weather",

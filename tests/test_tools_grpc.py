@@ -14,7 +14,7 @@ from test_service_errors import violated_fields
 
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc
-from service.tools import ChatTurn, Tool, ToolCall, ToolRequest, chat_prompt_ids
+from service.chat.tools import ChatTurn, Tool, ToolCall, ToolRequest, chat_prompt_ids
 
 PARAMETERS = {
     "type": "object",

@@ -25,8 +25,8 @@ from openai import AsyncOpenAI
 from pydantic import BaseModel, ConfigDict, Field
 from test_openai_http import assert_openai_error, post
 
+from service.chat.tools import ChatTurn, Tool, ToolCall, ToolRequest, chat_prompt_ids
 from service.config import parse_config
-from service.tools import ChatTurn, Tool, ToolCall, ToolRequest, chat_prompt_ids
 
 WEATHER_PARAMETERS = {  # bounded, so that even the random-weight model completes a call well within budget
     "type": "object",

@@ -1,4 +1,4 @@
-"""The Triton decode kernel compiles to cubins for sm_80 and sm_90 without a GPU (bench.triton_aot)."""
+"""The Triton decode kernel compiles to cubins for sm_80 and sm_90 without a GPU (bench.gpu.triton_aot)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from bench.triton_aot import ARCHS, GROUPS, HEAD_DIMS, Variant, compile_all  # noqa: E402
+from bench.gpu.triton_aot import ARCHS, GROUPS, HEAD_DIMS, Variant, compile_all  # noqa: E402
 
 
 def test_the_decode_kernel_compiles_for_every_target_gpu_head_dim_and_gqa_group():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.attention.torch_backend import paged_decode_attention as torch_decode
+from engine.execution.attention.torch_backend import paged_decode_attention as torch_decode
 
 pytest.importorskip("triton")
 
@@ -21,7 +21,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_the_triton_kernel_reads_kv_heads_that_start_past_two_to_the_31_elements():
-    from engine.attention.triton_backend import paged_decode_attention as triton_decode
+    from engine.execution.attention.triton_backend import paged_decode_attention as triton_decode
 
     slots = (1 << 30) // DIM  # each head's stride is 2^30 elements: below 2^31, so passed as int32
     try:

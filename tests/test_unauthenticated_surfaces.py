@@ -20,7 +20,7 @@ from conftest import ServerThread
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.config import ServerConfig, grpc_server_options, parse_config
-from service.host_check import allowed_hosts
+from service.security.host_check import allowed_hosts
 from service.server import SERVICE_NAME
 from telemetry.metrics_endpoint import MetricsEndpoint
 

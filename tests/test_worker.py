@@ -1,4 +1,4 @@
-"""SMG's vLLM worker protocol (service/worker.py) through the generated client stubs of the pinned
+"""SMG's vLLM worker protocol (service/worker/servicer.py) through the generated client stubs of the pinned
 `smg-grpc-proto`: what tests/test_smg.py does not reach through the gateway."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from smg_grpc_proto import vllm_engine_pb2_grpc as pb_grpc
 from smg_grpc_proto.generated import common_pb2
 from transformers import AutoTokenizer
 
-from service.worker import block_id
+from service.worker.servicer import block_id
 from tests.conftest import ServerThread
 
 BLOCK_SIZE = 8

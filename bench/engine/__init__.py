@@ -1,0 +1,1 @@
+"""Engine benchmarks, offline: throughput, dtype and weight formats, profiles, grammar and tracing costs."""

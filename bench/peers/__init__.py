@@ -1,0 +1,1 @@
+"""Peers to compare with: llama.cpp's server (built, started, driven) and transformers' generate."""

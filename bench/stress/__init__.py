@@ -1,0 +1,1 @@
+"""Reliability under load (make stress): one scenario a module, run by bench.stress.run."""

@@ -1,0 +1,32 @@
+"""Hooks the engine calls as requests and steps progress; telemetry implements them."""
+
+from __future__ import annotations
+
+from engine.core.sequence import Sequence
+from engine.core.step import Step
+
+
+class EngineObserver:
+    """No-op base class. All hooks but `request_queued` run on the step-loop thread: keep them cheap.
+
+    Hooks must not raise: an exception would stop the step loop. `request_admitted` fires again when a
+    preempted sequence is readmitted for recomputation.
+    """
+
+    def request_queued(self, seq: Sequence) -> None:
+        """Called by `submit()` on the caller's thread."""
+
+    def request_admitted(self, seq: Sequence) -> None:
+        """The sequence leaves the queue for its first prefill chunk."""
+
+    def first_token(self, seq: Sequence) -> None:
+        """The sequence's first output token was sampled."""
+
+    def request_preempted(self, seq: Sequence) -> None:
+        """The sequence lost its KV blocks and went back to the queue."""
+
+    def request_finished(self, seq: Sequence, error: Exception | None) -> None:
+        """The sequence ended: `seq.finish_reason` is set, or `error` says why it failed."""
+
+    def step_finished(self, step: Step, start: float, end: float, kv_used: int, kv_total: int) -> None:
+        """One engine step ran; `start`/`end` are `time.monotonic()` instants."""

@@ -1,0 +1,403 @@
+"""Decides what each engine step runs, and applies what it produced.
+
+Policy (`Scheduler`, continuous batching), checked at every step:
+1. Prefill when a prompt is part-way through a chunked prefill, or when the batcher is ready (the seed's
+   `min_batch_size` / `max_wait_ms`) and there is a free sequence slot. Prefill first because a new
+   request's time to first token is what a queue hurts most, while a decode step only adds one token.
+2. ...unless prefill steps have held decoding off for `max_decode_stall_ms` already: then decode
+   first, so a stream of arrivals or a long chunked prompt cannot starve the sequences generating.
+3. Otherwise decode every running sequence. When a decode step finds no free KV block, preempt the
+   lowest-priority, newest sequence (free its blocks, requeue it, recompute its tokens later).
+
+With prefix caching, an admitted sequence first takes the cached blocks of its longest prefix of whole
+blocks (never its last token: that one's logits give the first new token) and prefills only the rest;
+every block a step fills is indexed for the sequences after it (`engine.core.kv_cache`). A sequence that
+scores its prompt (`prompt_logprobs`) takes none: scoring needs the logits of every prompt position.
+
+The completions of a request with n > 1 prefill its prompt once: completions 1 to n - 1 wait, outside the
+queue, until completion 0's prefill is done, then share its whole prompt blocks (whether or not prefix
+caching is on) and compute only the rest of the prompt's last block. Only completion 0 scores the prompt.
+
+`StaticScheduler` is the traditional scheme, kept as a baseline: admit a batch only when nothing runs,
+wait for `max_batch_size` requests or `max_wait_ms`, and keep finished rows in the batch (computing
+padding tokens) until its longest sequence finishes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
+
+from engine.batching import BatchConfig, BatchRequest, ContinuousBatcher
+from engine.core.kv_cache import BlockAllocator, block_hashes
+from engine.core.observer import EngineObserver
+from engine.core.sequence import Sequence, SequenceStatus
+from engine.core.step import Step, StepOutput, StepRow
+from engine.errors import EngineError
+from engine.request import FinishReason
+
+# Prompt tokens scored per prefill step (`prompt_logprobs`): each brings a row of logits back, so this
+# bounds that memory (512 x a 49k vocabulary in float32: 100 MB); a longer prompt is scored over steps.
+MAX_SCORED_TOKENS_PER_STEP = 512
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """Scheduling knobs; `batch` is the seed's batching configuration."""
+
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    max_decode_stall_ms: float = 200.0
+    prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_decode_stall_ms < 0:
+            raise ValueError("max_decode_stall_ms must be >= 0")
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What a step did to its sequences: tokens appended (a sequence whose `finish_reason` is now set is
+    done), and sequences whose row could not be sampled."""
+
+    sampled: list[tuple[Sequence, int, float]] = field(default_factory=list)
+    failed: list[tuple[Sequence, str | EngineError]] = field(default_factory=list)
+
+
+class Scheduler:
+    """Owns the waiting queue (the batcher), the sequences being prefilled and the running ones.
+
+    Single-threaded: only the engine's step loop calls it. `sequences` holds every live sequence by id;
+    `_tickets` their places in the batcher's line, so a preempted sequence goes back where it was.
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        allocator: BlockAllocator,
+        eos_token_ids: Collection[int] = (),
+        observer: EngineObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.eos_token_ids = eos_token_ids
+        self.observer = observer or EngineObserver()
+        self.clock = clock
+        self.batcher = ContinuousBatcher(self._batch_config(config.batch), clock=clock)
+        self.sequences: dict[int, Sequence] = {}
+        self.prefilling: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self._tickets: dict[int, BatchRequest] = {}
+        self._held: dict[int, list[Sequence]] = {}  # group id -> completions waiting for its prefill
+        self._finished_ids: list[int] = []
+        self._preempted_ids: list[int] = []
+        self._prefill_since: float | None = None  # when prefill steps began holding decoding off
+
+    def _batch_config(self, batch: BatchConfig) -> BatchConfig:
+        return batch
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.batcher)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running) + len(self.prefilling)
+
+    def has_work(self) -> bool:
+        return bool(self.prefilling or self.running or self.batcher.ready())
+
+    def idle_timeout(self) -> float | None:
+        """How long an idle loop may sleep: until the oldest queued request reaches max_wait_ms."""
+        waited = self.batcher.peek_oldest_wait()
+        if waited is None:
+            return None
+        return max(self.config.batch.max_wait_ms / 1000 - waited, 0.001)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence (a later completion waits for its request's prefill)."""
+        self.sequences[seq.seq_id] = seq
+        first = self.sequences.get(seq.group_id)
+        if first is not seq and first is not None and first.status is not SequenceStatus.RUNNING:
+            self._held.setdefault(seq.group_id, []).append(seq)
+        else:
+            self._queue(seq)
+
+    def _queue(self, seq: Sequence) -> None:
+        ticket = BatchRequest(str(seq.seq_id), seq.num_tokens, seq.max_new_tokens, seq.priority, payload=seq)
+        self.batcher.add(ticket)
+        self._tickets[seq.seq_id] = ticket
+
+    def schedule(self) -> Step | None:
+        """The next step, or None when there is nothing to run."""
+        now = self.clock()
+        if self._wants_prefill(now):
+            chunks = self._prefill_chunks()
+            if chunks:
+                if self._prefill_since is None and self.running:
+                    self._prefill_since = now
+                return self._step(True, chunks)
+        if self.running:
+            self._prefill_since = None
+            return self._step(False, self._decode_chunks())
+        return None
+
+    def update(self, step: Step, output: StepOutput) -> StepResult:
+        """Record what `step` computed and append its sampled tokens; set the finish reason of every
+        sequence that reached EOS or its length (the caller ends them with `finish`)."""
+        result = StepResult()
+        sampled = iter(zip(output.token_ids, output.logprobs, strict=True))
+        for row in step.rows:
+            token = next(sampled) if row.sample else None
+            seq = self._row_sequence(row.seq_id)
+            if seq is None:
+                continue
+            self._advance(seq, row.num_tokens)
+            if token is None:
+                continue
+            if row.seq_id in output.failed:
+                result.failed.append((seq, output.failed[row.seq_id]))
+            else:
+                self._append(seq, *token, result)
+        return result
+
+    def step_failed(self, step: Step) -> None:
+        """`step` did not run: its news of finished sequences goes to the runner with the next step."""
+        self._finished_ids.extend(step.finished_seq_ids)
+
+    def finish(self, seq: Sequence) -> None:
+        """End a sequence wherever it is: free its blocks and forget it. Idempotent."""
+        if self.sequences.pop(seq.seq_id, None) is not None:
+            self._release(seq)
+
+    # ---- building a step --------------------------------------------------------------------------------
+
+    def _wants_prefill(self, now: float) -> bool:
+        has_slot = len(self.running) + len(self.prefilling) < self.config.batch.max_batch_size
+        stalled_ms = 0.0 if self._prefill_since is None else (now - self._prefill_since) * 1000
+        if self.running and stalled_ms >= self.config.max_decode_stall_ms:
+            return False
+        return bool(self.prefilling) or (has_slot and self.batcher.ready())
+
+    def _prefill_chunks(self) -> list[tuple[Sequence, int]]:
+        budget = self.config.batch.max_batch_tokens
+        scoring_budget = MAX_SCORED_TOKENS_PER_STEP
+        chunks = []
+        for seq in [*self.prefilling, *self._admit(budget)]:
+            n = min(seq.num_uncomputed_tokens, budget)
+            if seq.scores_prompt:
+                n = min(n, scoring_budget)
+                scoring_budget -= n
+            if n:
+                chunks.append((seq, n))
+                budget -= n
+        return chunks
+
+    def _admit(self, budget: int) -> list[Sequence]:
+        """Take a batch from the queue within the token budget, free slots and free KV blocks."""
+        budget -= sum(seq.num_uncomputed_tokens for seq in self.prefilling)
+        slots = self.config.batch.max_batch_size - len(self.running) - len(self.prefilling)
+        if budget <= 0 or slots <= 0 or not self.batcher.ready():
+            return []
+        kv_tokens = self.allocator.num_free * self.allocator.block_size
+        formed = self.batcher.try_form_batch(max_batch_size=slots, max_batch_tokens=min(budget, kv_tokens))
+        admitted = []
+        for i, ticket in enumerate(formed.requests if formed else []):
+            seq: Sequence = ticket.payload
+            self._share_cached_prefix(seq)
+            if not self.allocator.allocate(seq.block_table, seq.num_tokens):
+                self.allocator.free(seq.block_table)
+                seq.num_computed_tokens = 0
+                self.batcher.requeue(formed.requests[i:])  # keeps their places in line
+                break
+            seq.status = SequenceStatus.PREFILLING
+            seq.admitted_time = seq.admitted_time or self.clock()
+            self.prefilling.append(seq)
+            admitted.append(seq)
+            self.observer.request_admitted(seq)
+        return admitted
+
+    def _share_cached_prefix(self, seq: Sequence) -> None:
+        """Start `seq` on the longest run of whole blocks computed before: cached, or completion 0's.
+
+        A sequence that scores its prompt takes no cached blocks: their positions' logits, which scoring
+        needs, are never computed (the blocks it fills are still cached for later prompts)."""
+        bs = self.allocator.block_size
+        limit = (seq.num_tokens - 1) // bs
+        blocks = []
+        if self.config.prefix_caching and not seq.scores_prompt:
+            hashes = block_hashes(seq.token_ids, bs, seq.block_hashes, seq.cache_seed)
+            blocks = self.allocator.cached_prefix(hashes[:limit])
+        first = self.sequences.get(seq.group_id)
+        if first is not seq and first is not None:  # the prompt's blocks, never completion 0's output
+            num_blocks = min(limit, seq.num_prompt_tokens // bs, first.num_computed_tokens // bs)
+            shared = first.block_table[:num_blocks]
+            blocks = max(blocks, shared, key=len)
+        self.allocator.share(seq.block_table, blocks)
+        seq.num_computed_tokens = len(blocks) * bs
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+
+    def _decode_chunks(self) -> list[tuple[Sequence, int]]:
+        for seq in sorted(self.running, key=_priority_order):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            while not self.allocator.allocate(seq.block_table, seq.num_tokens):
+                victim = max(self.running, key=_priority_order)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+        return [(seq, 1) for seq in self.running]
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and queue it again; its tokens are recomputed when readmitted."""
+        self.running.remove(seq)
+        self.allocator.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self._preempted_ids.append(seq.seq_id)
+        self.batcher.requeue([replace(self._tickets[seq.seq_id], input_tokens=seq.num_tokens)])
+        self.observer.request_preempted(seq)
+
+    def _step(self, is_prefill: bool, chunks: list[tuple[Sequence, int]]) -> Step:
+        rows = [
+            StepRow(
+                seq_id=seq.seq_id,
+                token_ids=seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n],
+                start_pos=seq.num_computed_tokens,
+                block_table=seq.block_table,
+                sample=seq.num_computed_tokens + n == seq.num_tokens,
+                sampling=seq.request.sampling,
+                history=seq.token_ids,
+                num_prompt_tokens=seq.num_prompt_tokens,
+                grammar=seq.grammar,
+            )
+            for seq, n in chunks
+        ]
+        finished, self._finished_ids = self._finished_ids, []
+        preempted, self._preempted_ids = self._preempted_ids, []
+        return Step(is_prefill, rows, finished, preempted)
+
+    # ---- applying a step's output -----------------------------------------------------------------------
+
+    def _row_sequence(self, seq_id: int) -> Sequence | None:
+        return self.sequences.get(seq_id)
+
+    def _advance(self, seq: Sequence, num_tokens: int) -> None:
+        bs = self.allocator.block_size
+        first_full = seq.num_computed_tokens // bs
+        seq.num_computed_tokens += num_tokens
+        if self.config.prefix_caching:  # the blocks this step filled, for later prompts to share
+            hashes = block_hashes(seq.token_ids, bs, seq.block_hashes, seq.cache_seed)
+            for index in range(first_full, seq.num_computed_tokens // bs):
+                parent = hashes[index - 1] if index else None
+                tokens = seq.token_ids[index * bs : (index + 1) * bs]
+                self.allocator.cache(seq.block_table[index], hashes[index], parent, tokens)
+        if seq.status is SequenceStatus.PREFILLING and seq.num_uncomputed_tokens == 0:
+            self.prefilling.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._release_held(seq)
+
+    def _append(self, seq: Sequence, token_id: int, logprob: float, result: StepResult) -> None:
+        seq.token_ids.append(token_id)
+        if seq.first_token_time is None:
+            seq.first_token_time = self.clock()
+            self.observer.first_token(seq)
+        if token_id in self.eos_token_ids and not seq.request.stopping.ignore_eos:
+            seq.finish_reason = FinishReason.EOS
+        elif seq.num_completion_tokens >= seq.max_new_tokens:
+            seq.finish_reason = FinishReason.LENGTH
+        result.sampled.append((seq, token_id, logprob))
+
+    def _release(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.prefilling:
+            self.prefilling.remove(seq)
+        elif seq.seq_id in self._tickets:
+            self.batcher.remove(str(seq.seq_id))
+        else:  # a completion still waiting for its request's prefill
+            self._held[seq.group_id].remove(seq)
+        self.allocator.free(seq.block_table)
+        seq.status = SequenceStatus.FINISHED
+        self._tickets.pop(seq.seq_id, None)
+        self._finished_ids.append(seq.seq_id)
+        self._release_held(seq)
+
+    def _release_held(self, first: Sequence) -> None:
+        """Queue the completions that waited for `first`'s prefill (which is done, or will never be)."""
+        for seq in self._held.pop(first.seq_id, ()):
+            self._queue(seq)
+
+
+class StaticScheduler(Scheduler):
+    """Static batching, the baseline: a batch is admitted only when nothing runs, and a finished
+    sequence keeps its row (computing padding tokens, reported to nobody) until the whole batch is done."""
+
+    def __init__(self, *args, max_context_len: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_context_len = max_context_len
+        self.padding: dict[int, Sequence] = {}  # finished sequences whose rows stay in the batch
+
+    def _batch_config(self, batch: BatchConfig) -> BatchConfig:
+        # A batch forms when it is full or the oldest request has waited max_wait_ms.
+        return replace(batch, min_batch_size=batch.max_batch_size)
+
+    @property
+    def num_running(self) -> int:
+        return super().num_running - len(self.padding)
+
+    def _wants_prefill(self, now: float) -> bool:
+        return bool(self.prefilling) or (not self.running and self.batcher.ready())
+
+    def finish(self, seq: Sequence) -> None:
+        if seq.seq_id not in self.sequences:
+            return
+        others_running = any(s is not seq and s.seq_id in self.sequences for s in self.running)
+        if seq.status is SequenceStatus.RUNNING and (others_running or self.prefilling):
+            del self.sequences[seq.seq_id]
+            self.padding[seq.seq_id] = seq
+            return
+        super().finish(seq)
+        if not others_running:
+            self._release_padding()
+
+    def _release_padding(self) -> None:
+        for seq in self.padding.values():
+            self._release(seq)
+        self.padding.clear()
+
+    def _row_sequence(self, seq_id: int) -> Sequence | None:
+        return self.sequences.get(seq_id) or self.padding.get(seq_id)
+
+    def _append(self, seq: Sequence, token_id: int, logprob: float, result: StepResult) -> None:
+        if seq.seq_id not in self.padding:
+            super()._append(seq, token_id, logprob, result)
+        elif seq.num_tokens + 1 < self.max_context_len:
+            seq.token_ids.append(token_id)
+        else:  # a padding row may not grow past the context: it leaves the batch early
+            del self.padding[seq.seq_id]
+            self._release(seq)
+
+
+def _priority_order(seq: Sequence) -> tuple[int, float]:
+    """Sort key: highest priority first, then oldest first; the max is the preemption victim."""
+    return (-seq.priority, seq.request.arrival_time)
+
+
+SCHEDULING_MODES = ("continuous", "static")
+
+
+def make_scheduler(
+    scheduling: str, config: SchedulerConfig, allocator: BlockAllocator, **kwargs
+) -> Scheduler:
+    """The scheduler for a `--scheduling` mode; `max_context_len` is needed by (and only by) static mode."""
+    if scheduling not in SCHEDULING_MODES:
+        raise ValueError(f"scheduling must be 'continuous' or 'static', not {scheduling!r}")
+    max_context_len = kwargs.pop("max_context_len")
+    if scheduling == "static":
+        return StaticScheduler(config, allocator, max_context_len=max_context_len, **kwargs)
+    return Scheduler(config, allocator, **kwargs)

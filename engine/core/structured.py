@@ -1,0 +1,307 @@
+"""Structured output: a request's `ResponseFormat` compiled to a grammar, and each step's token masks.
+
+The grammar engine is llguidance (guidance-ai; vLLM's "guidance" structured-output backend, optional in
+llama.cpp): a Rust library whose wheel needs nothing else from Python (no torch of its own), that parses
+JSON schemas, regular expressions and Lark grammars. It computes each token mask on demand from
+an Earley parser and a token trie instead of precomputing masks over the vocabulary, so a grammar is
+ready in milliseconds even for a large schema (README, "Structured output"), where xgrammar and
+outlines-core spend their compile time building per-state vocabulary masks.
+
+Compiling happens on the caller's thread (the server's tokenizer threads), never the engine loop's, and
+is cached by format; each request gets its own matcher, a cheap copy of the compiled one. A matcher
+allows an end-of-sequence token only where the grammar accepts, and nothing else once it is complete.
+
+Each step's masks are computed on grammar worker threads while the model runs, within explicit limits
+(`PARSER_LIMITS`) and a time budget per step; a grammar that fails or is late fails only its own request
+(`GrammarLimitError`, INVALID_ARGUMENT), never its batchmates (README, "Structured output").
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Collection
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+import llguidance
+import llguidance.hf
+import numpy as np
+import torch
+
+from engine.errors import GrammarLimitError, InvalidRequestError
+from engine.request import ResponseFormat
+
+GRAMMAR_CACHE_SIZE = 256  # compiled formats kept; a matcher copy costs microseconds, a compile milliseconds
+# A JSON schema's output has no whitespace between tokens (a schema's "x-guidance" may say otherwise):
+# whitespace is where a model could wander forever without breaking the grammar.
+JSON_OPTIONS = {"whitespace_flexible": False}
+
+# Explicit bounds on one matcher's work (llguidance's ParserLimits: its defaults, but for fewer lexer
+# states and terse errors). Whatever the grammar, a mask or a token's advance costs at most about 20 ms of
+# one core; a grammar that needs more fails its own request (`GrammarLimitError`), as does one that builds
+# too large a lexer (`(a|aa){300,3000}b` does at its first token) or an Earley row too wide.
+PARSER_LIMITS = dict(
+    max_items_in_row=2_000,  # the branching of one grammar row
+    initial_lexer_fuel=1_000_000,  # building the lexer's first regexes (about 50k a millisecond)
+    step_lexer_fuel=200_000,  # lexer work of one mask (about 14k a millisecond)
+    step_max_items=50_000,  # Earley items of one mask (about 20k a millisecond)
+    max_lexer_states=50_000,  # lexer states of one grammar (its requests share them), 1-2 kB each
+    max_grammar_size=500_000,  # symbols in the grammar's productions
+    verbose_errors=False,  # the parser's state and the grammar stay out of the messages clients get
+)
+_LIMITS = llguidance.LLParserLimits(**PARSER_LIMITS)
+_NOT_VERBOSE = "<non-verbose/>"  # what llguidance puts where the details would be
+# How long a step waits for its rows' grammar work after the forward pass before failing the late rows:
+# a backstop to PARSER_LIMITS (which keep a mask to tens of milliseconds), generous for a loaded machine.
+GRAMMAR_STEP_BUDGET_MS = 500.0
+GRAMMAR_THREADS = 4  # each row's mask is one task; llguidance releases the GIL, so they run in parallel
+
+
+class GrammarMatcher:
+    """One sequence's place in its grammar: which tokens may come next, and the tokens taken so far.
+
+    `accept` only records the token taken; `fill_mask` consumes it and computes the next mask, on a grammar
+    worker thread (`GrammarWorkers`), so that both halves of a row's grammar work run there, timed together.
+    A matcher that cannot go on (over its limits, or any fault of the grammar engine) sets `error` and stays
+    failed; only its own request ends (`limit_error`).
+    """
+
+    def __init__(
+        self,
+        matcher: llguidance.LLMatcher,
+        field: str,
+        vocab_size: int,
+        eos_token_ids: Collection[int],
+        on_unusable: Callable[[str], None] = lambda error: None,
+    ) -> None:
+        self.field = field  # the request's format field (engine path): where its error points
+        self._on_unusable = on_unusable  # told when the grammar fails before any output: see `_fail`
+        self.done = False  # an end-of-sequence token was taken: the grammar is complete
+        self.error: str | None = None  # why the grammar engine can go no further
+        self._matcher = matcher
+        self._vocab_size = vocab_size
+        self._eos_token_ids = eos_token_ids
+        self._pending: int | None = None  # the token taken, consumed with the next mask
+        self._num_taken = 0  # output tokens taken, the end-of-sequence one aside
+
+    @property
+    def active(self) -> bool:
+        """Whether the next token still needs this grammar's mask."""
+        return not self.done and self.error is None
+
+    def accept(self, token_id: int) -> None:
+        """Take the token sampled under the last mask; the grammar consumes it with the next `fill_mask`."""
+        if self.done:
+            return
+        self.done = token_id in self._eos_token_ids
+        if not self.done:
+            self._pending = token_id
+            self._num_taken += 1
+
+    def fill_mask(self, out: np.ndarray) -> None:
+        """Consume the token taken, then write the mask of the tokens allowed next into `out`: int32 words,
+        token i is bit i % 32 of word i // 32. Sets `error` instead when the grammar cannot go on.
+
+        llguidance releases the GIL throughout, so rows run in parallel on the grammar workers; its limits
+        (`PARSER_LIMITS`) bound the work of one call whatever the grammar."""
+        try:
+            if self._pending is not None:
+                token_id, self._pending = self._pending, None
+                if not self._matcher.consume_token(token_id):
+                    self._fail()
+                    return
+            self._matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
+            if self._matcher.is_error():
+                self._fail()
+        except Exception as exc:  # a fault of the grammar engine is this request's alone
+            self._fail(f"the grammar engine failed: {exc}")
+
+    def limit_error(self) -> GrammarLimitError:
+        """The error that ends this matcher's request, naming its format field."""
+        where = f"at output token {self._num_taken}" if self._num_taken else "before any output"
+        return GrammarLimitError(self.field, f"{self.error} ({where})")
+
+    def allowed(self) -> np.ndarray | None:
+        """A bool mask [vocab] of the tokens that may come next, computed on the caller's thread; None once
+        done. Raises `GrammarLimitError` when the grammar cannot go on."""
+        if self.done:
+            return None
+        words = np.empty(_mask_words(self._vocab_size), dtype=np.int32)
+        self.fill_mask(words)
+        if self.error is not None:
+            raise self.limit_error()
+        return _unpack(words[None, :], self._vocab_size)[0]
+
+    def _fail(self, error: str | None = None) -> None:
+        self.error = error or f"the grammar engine stopped: {_error_message(self._matcher)}"
+        if self._num_taken == 0:  # no output yet: the format itself fails, for every request that uses it
+            self._on_unusable(self.error)
+
+
+class GrammarCompiler:
+    """Compiles response formats for one tokenizer, thread-safe and cached by format (least recently used)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Collection[int]) -> None:
+        self._hf_tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._eos_token_ids = frozenset(eos_token_ids)
+        self._tokenizer: llguidance.LLTokenizer | None = None  # built at the first compile (about a second)
+        self._tokenizer_lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache's, never held while compiling
+        self._cache: OrderedDict[ResponseFormat, llguidance.LLMatcher] = OrderedDict()
+        # Formats whose grammar failed before any output (the lexer a format's matchers share went over its
+        # limits): refused at admission from then on, so they cost no prefill and no step of anyone's.
+        self._unusable: OrderedDict[ResponseFormat, str] = OrderedDict()
+
+    def compile(self, response_format: ResponseFormat) -> llguidance.LLMatcher:
+        """The compiled grammar of `response_format` (from the cache when there); raises `InvalidRequestError`
+        naming the field when the schema, regex or choice cannot be compiled, `GrammarLimitError` when a
+        request of this format already failed before any output."""
+        with self._lock:
+            unusable = self._unusable.get(response_format)
+            if unusable is not None:
+                message = f"{unusable} (a request of this format already failed before any output)"
+                raise GrammarLimitError(_field(response_format), message)
+            compiled = self._cache.get(response_format)
+            if compiled is not None:
+                self._cache.move_to_end(response_format)
+                return compiled
+        grammar = _grammar(response_format)
+        compiled = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0, limits=_LIMITS)
+        if compiled.is_error():  # llguidance reports a grammar it cannot build this way, never by raising
+            message = f"cannot be compiled: {_error_message(compiled)}"
+            raise InvalidRequestError(_field(response_format), message)
+        with self._lock:
+            self._cache[response_format] = compiled
+            if len(self._cache) > GRAMMAR_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def matcher(self, response_format: ResponseFormat) -> GrammarMatcher:
+        """A new sequence's matcher for `response_format` (compiled here unless cached)."""
+        compiled = self.compile(response_format).deep_copy()
+        field, unusable = _field(response_format), partial(self._mark_unusable, response_format)
+        return GrammarMatcher(compiled, field, self._vocab_size, self._eos_token_ids, unusable)
+
+    def _mark_unusable(self, response_format: ResponseFormat, error: str) -> None:
+        with self._lock:  # called from the grammar workers
+            self._cache.pop(response_format, None)
+            self._unusable[response_format] = error
+            if len(self._unusable) > GRAMMAR_CACHE_SIZE:
+                self._unusable.popitem(last=False)
+
+    def _llg_tokenizer(self) -> llguidance.LLTokenizer:
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                eos = sorted(self._eos_token_ids)
+                self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, self._vocab_size, eos)
+            return self._tokenizer
+
+
+def _field(response_format: ResponseFormat) -> str:
+    """The engine field path of the format's one set field."""
+    if response_format.json_schema is not None:
+        return "sampling.response_format.json_schema"
+    if response_format.regex is not None:
+        return "sampling.response_format.regex"
+    if response_format.lark is not None:
+        return "sampling.response_format.lark"
+    return "sampling.response_format.choice.choices"
+
+
+def _grammar(response_format: ResponseFormat) -> str:
+    """The llguidance grammar of a format that `engine.frontend.limits` found well formed."""
+    if response_format.json_schema is not None:
+        field = _field(response_format)
+        try:
+            schema = json.loads(response_format.json_schema)
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError(field, f"is not valid JSON: {e}") from e
+        if not isinstance(schema, dict | bool):
+            raise InvalidRequestError(field, "must be a JSON object (a JSON schema)")
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    if response_format.regex is not None:
+        return llguidance.LLMatcher.grammar_from_regex(response_format.regex)
+    if response_format.lark is not None:
+        return llguidance.LLMatcher.grammar_from_lark(response_format.lark)
+    assert response_format.choice is not None
+    lark = "start: " + " | ".join(json.dumps(choice) for choice in response_format.choice)
+    return llguidance.LLMatcher.grammar_from_lark(lark)
+
+
+def _error_message(matcher: llguidance.LLMatcher) -> str:
+    return matcher.get_error().replace(_NOT_VERBOSE, "").strip()
+
+
+def _mask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def _unpack(words: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Bool masks [rows, vocab] from bitmasks [rows, words] (token i: bit i % 32 of word i // 32)."""
+    bits = np.unpackbits(words.view(np.uint8), axis=1, count=vocab_size, bitorder="little")
+    return bits.view(np.bool_)
+
+
+class GrammarWorkers:
+    """Threads that do a step's grammar work: one task per constrained row, all rows in parallel and beside
+    the model's forward pass (llguidance releases the GIL), the step waiting at most `budget_ms` for them
+    after its forward pass.
+
+    A row whose grammar fails, or is not done within the budget, fails alone: its mask allows everything
+    (its token is thrown away) and `StepMasks.result` names it; the other rows get their masks as usual.
+    A late task finishes on its own (its work is bounded by `PARSER_LIMITS`) and is then forgotten.
+    (llguidance's `LLExecutor` computes a batch of masks in parallel too, but in one call that returns when
+    the slowest row is done: one slow grammar would hold every row.)
+    """
+
+    def __init__(self, budget_ms: float = GRAMMAR_STEP_BUDGET_MS, num_threads: int = GRAMMAR_THREADS) -> None:
+        self.budget_ms = budget_ms
+        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="textgen-grammar")
+
+    def start(self, matchers: list[GrammarMatcher | None], vocab_size: int) -> StepMasks:
+        """Start the masks of a step's sampling rows (None: a row without a grammar)."""
+        words = np.full((len(matchers), _mask_words(vocab_size)), -1, dtype=np.int32)
+        tasks = {  # each task holds its row of `words`: a late one writes there, never into freed memory
+            i: self._pool.submit(matcher.fill_mask, words[i])
+            for i, matcher in enumerate(matchers)
+            if matcher is not None and matcher.active
+        }
+        return StepMasks(matchers, words, tasks, vocab_size, self.budget_ms)
+
+    def close(self) -> None:
+        """Stop the threads once their tasks are done; tasks not started are dropped."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(slots=True)
+class StepMasks:
+    """One step's grammar masks, being computed by `GrammarWorkers`."""
+
+    matchers: list[GrammarMatcher | None]
+    words: np.ndarray  # int32 [rows, words]: every bit set where a row has no grammar
+    tasks: dict[int, Future]  # row index -> its task
+    vocab_size: int
+    budget_ms: float
+
+    def result(self, device: torch.device) -> tuple[torch.Tensor, dict[int, GrammarLimitError]]:
+        """The bool mask [rows, vocab] of the tokens each row may sample, and the rows whose grammar failed
+        (by index), waiting at most the budget for tasks not done yet."""
+        futures.wait(self.tasks.values(), timeout=self.budget_ms / 1000)
+        failed: dict[int, GrammarLimitError] = {}
+        for i, matcher in enumerate(self.matchers):
+            if matcher is None or matcher.done:
+                continue
+            task = self.tasks.get(i)
+            if task is not None and not task.done():
+                matcher.error = f"the grammar took longer than the per-step budget of {self.budget_ms:g} ms"
+            if matcher.error is not None:
+                failed[i] = matcher.limit_error()
+        allowed = _unpack(self.words, self.vocab_size)
+        if failed:  # a failed row's token is thrown away: let it sample anything rather than nothing
+            allowed[list(failed)] = True
+        return torch.from_numpy(allowed).to(device), failed

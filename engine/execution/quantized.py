@@ -1,0 +1,270 @@
+"""Block-quantized weights (GGUF's Q4_1 and Q8_0) and the C kernels that compute with them on the CPU.
+
+`--weight-format q4_1` keeps every linear layer's weight as Q4_1 blocks (a quarter of float16's bytes)
+and the output head as Q8_0. Where the model was converted from a GGUF whose blocks dequantize exactly to
+its weights (the default SmolLM2: its GGUF is Q4_1 throughout, its embedding Q8_0), those blocks are used
+as they are, so the weights are exactly the float32 model's; otherwise the weights are quantized here.
+The kernels (engine/execution/csrc/quantized.c) quantize each activation row to int8 blocks and take integer
+dot products, as llama.cpp does: not the float32 model's arithmetic, so `--weight-format native` stays the
+exact path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.execution import kernels
+
+log = logging.getLogger(__name__)
+
+Q4_1, Q8_0 = 1, 2
+BLOCK = 32
+BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
+_GGUF_TYPES = {"Q4_1": Q4_1, "Q8_0": Q8_0}
+
+
+class Matrix(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("format", ctypes.c_int64),
+    ]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("qkv", Matrix),
+        ("o", Matrix),
+        ("gate_up", Matrix),
+        ("down", Matrix),
+    ]
+
+
+class Shape(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "intermediate")),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
+
+
+class Step(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("k_cache", "v_cache", "slots", "tables", "lens")),
+        *((name, ctypes.c_int64) for name in ("num_slots", "width", "block_size")),
+        ("cos", ctypes.c_void_p),
+        ("sin", ctypes.c_void_p),
+    ]
+
+
+class Scratch(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("h", "qkv", "q", "attn", "gu")]
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    library.quantized_matmul.restype = ctypes.c_int
+    library.quantized_matmul.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_int64,
+        ctypes.c_int,
+    ]  # fmt: skip
+    library.decode_layer.restype = ctypes.c_int
+    library.decode_layer.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(Layer), ctypes.POINTER(Shape), ctypes.POINTER(Step),
+        ctypes.POINTER(Scratch),
+    ]  # fmt: skip
+
+
+_library = kernels.Library("quantized", _declare)
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel library, built on first call; None (the reason in `load_error()`) if it cannot be."""
+    return _library.get()
+
+
+def load_error() -> str | None:
+    return _library.error
+
+
+class QuantizedLinear:
+    """A linear layer on block-quantized weights (`blocks` [n, k / 32 * bytes per block], GGUF's layout),
+    with an optional float32 bias. The kernels read the blocks re-laid by `pack`."""
+
+    def __init__(self, blocks: torch.Tensor, bias: torch.Tensor | None, n: int, k: int, format: int) -> None:
+        self.packed = pack(blocks, format, n, k)
+        self.bias, self.n, self.k, self.format = bias, n, k, format
+        self.matrix = Matrix(self.packed.data_ptr(), 0 if bias is None else bias.data_ptr(), n, k, format)
+        self.library = load()
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        """The weights as GGUF blocks (made from the packed copy: for checks, not for computing)."""
+        return unpack(self.packed, self.format, self.n, self.k)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.k).contiguous()
+        out = torch.empty(rows.shape[0], self.n, dtype=torch.float32)
+        status = self.library.quantized_matmul(
+            rows.data_ptr(), rows.shape[0], ctypes.byref(self.matrix), out.data_ptr(), self.n, 0
+        )
+        if status != 0:
+            raise MemoryError("the quantized matmul could not allocate its buffers")
+        return out.view(*x.shape[:-1], self.n)
+
+
+SLACK = 32
+"""Bytes after a packed matrix: the kernels load a row's last scales eight at a time, past its end."""
+
+
+def pack(blocks: torch.Tensor, fmt: int, n: int, k: int) -> torch.Tensor:
+    """GGUF blocks [n, k / 32 * bytes] -> the kernels' layout: each row's blocks as three runs (every
+    block's quantized values, then every scale, then for Q4_1 every minimum), the same bytes in all."""
+    raw = blocks.reshape(n, k // BLOCK, BLOCK_BYTES[fmt])
+    header = 4 if fmt == Q4_1 else 2
+    runs = [raw[:, :, header:], raw[:, :, 0:2], *([raw[:, :, 2:4]] if fmt == Q4_1 else [])]
+    rows = torch.cat([run.reshape(n, -1) for run in runs], dim=1)
+    return torch.cat([rows.reshape(-1), torch.zeros(SLACK, dtype=torch.uint8)])
+
+
+def unpack(packed: torch.Tensor, fmt: int, n: int, k: int) -> torch.Tensor:
+    """The inverse of `pack`: GGUF blocks [n, k / 32 * bytes]."""
+    blocks = k // BLOCK
+    rows = packed[: n * blocks * BLOCK_BYTES[fmt]].reshape(n, -1)
+    values = BLOCK_BYTES[fmt] - (4 if fmt == Q4_1 else 2)
+    q = rows[:, : blocks * values].reshape(n, blocks, values)
+    halves = rows[:, blocks * values :].reshape(n, -1, blocks, 2).transpose(1, 2).reshape(n, blocks, -1)
+    return torch.cat([halves, q], dim=2).reshape(n, -1)
+
+
+@dataclass(eq=False)
+class DualLinear:
+    """A linear layer with its weights twice: for prefill (many rows: FBGEMM's float16 GEMM is faster
+    there) and as blocks for decode steps (a quarter of the bytes, in the batch-invariant C kernels).
+
+    Called, it is the prefill copy; `decode` is the `QuantizedLinear`.
+    """
+
+    prefill: Callable[[torch.Tensor], torch.Tensor]
+    decode: QuantizedLinear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prefill(x)
+
+
+def quantize(weight: torch.Tensor, fmt: int) -> torch.Tensor:
+    """Blocks of `weight` [n, k] as ggml's reference quantizers make them (round to nearest)."""
+    w = weight.detach().float().reshape(-1, BLOCK)
+    if fmt == Q8_0:
+        d = w.abs().amax(dim=1) / 127
+        q = torch.where(d[:, None] > 0, w / d[:, None], 0).round().clamp(-128, 127).to(torch.int8)
+        scales = d.to(torch.float16).view(torch.uint8).reshape(-1, 2)
+        raw = torch.cat([scales, q.view(torch.uint8)], dim=1)
+    else:
+        low, high = w.amin(dim=1), w.amax(dim=1)
+        d = (high - low) / 15
+        inverse = torch.where(d > 0, 1 / d, 0)
+        q = ((w - low[:, None]) * inverse[:, None] + 0.5).floor().clamp(0, 15).to(torch.uint8)
+        nibbles = q[:, :16] | (q[:, 16:] << 4)
+        scales = torch.stack([d, low], dim=1).to(torch.float16).view(torch.uint8).reshape(-1, 4)
+        raw = torch.cat([scales, nibbles], dim=1)
+    return raw.reshape(weight.shape[0], -1).contiguous()
+
+
+def dequantize(blocks: torch.Tensor, fmt: int, n: int, k: int) -> torch.Tensor:
+    """The float32 weights [n, k] of `blocks`, computed as the gguf package dequantizes them."""
+    raw = blocks.reshape(-1, BLOCK_BYTES[fmt])
+    d = raw[:, :2].contiguous().view(torch.float16).float()
+    if fmt == Q8_0:
+        return (raw[:, 2:].contiguous().view(torch.int8).float() * d).reshape(n, k)
+    m = raw[:, 2:4].contiguous().view(torch.float16).float()
+    nibbles = raw[:, 4:]
+    q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=1).float()
+    return (d * q + m).reshape(n, k)
+
+
+def gguf_blocks(path: Path, num_heads: int, num_kv_heads: int) -> dict[str, tuple[torch.Tensor, int]]:
+    """The Q4_1 and Q8_0 tensors of a GGUF file by name, q and k rows in transformers' order (the GGUF keeps
+    them permuted for llama.cpp's RoPE; transformers undoes that when it converts)."""
+    from gguf import GGUFReader
+
+    found = {}
+    for tensor in GGUFReader(str(path)).tensors:
+        fmt = _GGUF_TYPES.get(tensor.tensor_type.name)
+        if fmt is None:
+            continue
+        rows = np.asarray(tensor.data)
+        if ".attn_q." in tensor.name or ".attn_k." in tensor.name:
+            heads = num_heads if ".attn_q." in tensor.name else num_kv_heads
+            half = rows.shape[0] // heads // 2
+            rows = rows.reshape(heads, half, 2, -1).swapaxes(2, 1).reshape(rows.shape)
+        found[tensor.name] = (torch.from_numpy(np.array(rows, copy=True)), fmt)
+    return found
+
+
+_GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+class QuantizedLinearFactory:
+    """Makes `QuantizedLinear`s from a model's weights: Q4_1 for the layers, Q8_0 for the output head,
+    from the GGUF's own blocks where they dequantize exactly to the weight, else quantized here."""
+
+    def __init__(self, hf_model, gguf_path: Path | None = None) -> None:
+        if load() is None:
+            raise ValueError(f"the quantized CPU kernels could not be built: {load_error()}")
+        self._gguf: dict[int, tuple[torch.Tensor, int]] = {}
+        self.num_from_gguf = self.num_quantized = 0
+        if gguf_path is not None:
+            config = hf_model.config
+            blocks = gguf_blocks(gguf_path, config.num_attention_heads, config.num_key_value_heads)
+            for name, param in hf_model.named_parameters():
+                gguf_name = _gguf_name(name)
+                if gguf_name in blocks:
+                    self._gguf[param.data_ptr()] = blocks[gguf_name]
+
+    def __call__(
+        self, parts: list[torch.Tensor], bias: torch.Tensor | None, head: bool = False
+    ) -> QuantizedLinear:
+        fmt = Q8_0 if head else Q4_1
+        blocks = torch.cat([self._blocks(part, fmt) for part in parts])
+        n, k = sum(part.shape[0] for part in parts), parts[0].shape[1]
+        bias = None if bias is None else bias.detach().float().contiguous()
+        return QuantizedLinear(blocks, bias, n, k, fmt)
+
+    def _blocks(self, weight: torch.Tensor, fmt: int) -> torch.Tensor:
+        found = self._gguf.get(weight.data_ptr())
+        if found is not None:
+            blocks, gguf_fmt = found
+            if torch.equal(dequantize(blocks, gguf_fmt, *weight.shape), weight.detach().float()):
+                self.num_from_gguf += 1
+                return blocks
+        self.num_quantized += 1
+        return quantize(weight, fmt)
+
+
+def _gguf_name(param_name: str) -> str | None:
+    if param_name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return "token_embd.weight"
+    parts = param_name.split(".")  # model.layers.{i}.{module}.{proj}.weight
+    if len(parts) == 6 and parts[1] == "layers" and parts[5] == "weight":
+        role = _GGUF_NAMES.get(f"{parts[3]}.{parts[4]}")
+        return None if role is None else f"blk.{parts[2]}.{role}.weight"
+    return None

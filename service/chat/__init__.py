@@ -1,0 +1,1 @@
+"""Chat tools and reasoning, shared by the gRPC and HTTP fronts."""

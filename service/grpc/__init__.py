@@ -1,0 +1,1 @@
+"""The textgen.v1 front: the gRPC servicer and its proto translation."""
