@@ -5,8 +5,10 @@ validation `make lint` runs on the custom kinds, shown to fail on broken input."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import re
 import socket
 import ssl
@@ -177,10 +179,13 @@ def test_smg_may_reach_the_textgen_grpc_port_and_the_kubernetes_api(gateway):
 
 class FakeKubernetesApi:
     """The Kubernetes API as SMG's discovery sees it, for one namespace's pods: lists them (filtered by
-    `labelSelector`, as the API server does), holds a watch open without events, and records every request."""
+    `labelSelector`, as the API server does), streams the changes `change` makes to a watch, and records
+    every request."""
 
     def __init__(self, pods: list[dict]) -> None:
+        self.pods = {p["metadata"]["name"]: p for p in pods}
         self.requests: list[tuple[str, str, dict[str, list[str]]]] = []
+        self.events: queue.Queue[dict] = queue.Queue()
         self.closing = threading.Event()
         api = self
 
@@ -199,11 +204,15 @@ class FakeKubernetesApi:
                     self.send_header("Transfer-Encoding", "chunked")
                     self.end_headers()
                     self.wfile.flush()
-                    api.closing.wait(START_TIMEOUT_S)
+                    while not api.closing.is_set():
+                        with contextlib.suppress(queue.Empty):
+                            line = json.dumps(api.events.get(timeout=0.2)).encode() + b"\n"
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                            self.wfile.flush()
                     self.wfile.write(b"0\r\n\r\n")
                     return None
                 wanted = dict(pair.split("=", 1) for pair in query["labelSelector"][0].split(","))
-                items = [p for p in pods if matches(wanted, p["metadata"]["labels"])]
+                items = [p for p in api.pods.values() if matches(wanted, p["metadata"]["labels"])]
                 return self.reply(200, {"kind": "PodList", "apiVersion": "v1",
                                         "metadata": {"resourceVersion": "1"}, "items": items})  # fmt: skip
 
@@ -225,6 +234,11 @@ class FakeKubernetesApi:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_port}"
+
+    def change(self, pod: dict) -> None:
+        """Replace a pod, as a watch event."""
+        self.pods[pod["metadata"]["name"]] = pod
+        self.events.put({"type": "MODIFIED", "object": pod})
 
     def stop(self) -> None:
         self.closing.set()
@@ -258,7 +272,13 @@ def ready_pod(name: str, labels: dict[str, str]) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": NAMESPACE, "uid": f"uid-{name}", "labels": labels},
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "uid": f"uid-{name}",
+            "labels": labels,
+            "resourceVersion": "1",
+        },
         "spec": {"containers": [{"name": "textgen", "image": "textgen"}]},
         "status": {
             "phase": "Running",
@@ -296,8 +316,9 @@ def test_smg_discovers_the_textgen_pod_through_the_kubernetes_api_and_serves_it(
 ):
     """The pinned smg, started with the overlay's arguments (ports moved to free ones on loopback), finds a
     textgen server through a Kubernetes API that lists one pod labelled as the overlay's textgen pods, with
-    only the requests its Role allows; registers it as a gRPC worker on the discovery port; and serves a
-    chat completion over HTTPS to a client with the key, refusing one without."""
+    only the requests its Role allows; registers it as a gRPC worker on the discovery port; serves a chat
+    completion over HTTPS to a client with the key, refusing one without; and drops the worker when the pod
+    starts terminating."""
     server = start_server()
     pod_labels = template(gateway, "textgen")["metadata"]["labels"]
     api = FakeKubernetesApi([ready_pod("textgen-0", pod_labels)])
@@ -346,6 +367,10 @@ def test_smg_discovers_the_textgen_pod_through_the_kubernetes_api_and_serves_it(
         keyless = httpx.post(base + "/v1/chat/completions", verify=trusted, timeout=10,
                              json={"model": model, "messages": HELLO})  # fmt: skip
         assert keyless.status_code == 401
+        terminating = ready_pod("textgen-0", pod_labels)
+        terminating["metadata"] |= {"resourceVersion": "2", "deletionTimestamp": "2026-01-01T00:00:00Z"}
+        api.change(terminating)  # a rollout's or scale-down's SIGTERM
+        wait_for(lambda: https.get(base + "/workers").json()["workers"] == [], "smg to drop the worker")
     finally:
         smg.terminate()
         smg.wait(timeout=60)
