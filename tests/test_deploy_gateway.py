@@ -492,8 +492,9 @@ def extractor(config: dict) -> dict:
          "pluginRef 'lora-scorer' names no plugin"),
         (lambda c: extractor(c)["engineConfigs"][0].update(kvUsage="x"), "'kvUsage' was unexpected"),
         (lambda c: c.pop("schedulingProfiles"), "'schedulingProfiles' is a required property"),
+        (lambda c: c.update(apiVersion="inference.networking.x-k8s.io/v9"), "no schema for"),
     ],
-    ids=["dangling-plugin-ref", "misspelt-extractor-parameter", "no-profiles"],
+    ids=["dangling-plugin-ref", "misspelt-extractor-parameter", "no-profiles", "unknown-version"],
 )  # fmt: skip
 def test_the_validator_refuses_a_broken_endpoint_picker_config(tmp_path, pool_text, change, expected):
     result = validate(tmp_path, broken_epp_config(pool_text, change))

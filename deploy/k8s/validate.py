@@ -1,7 +1,8 @@
 """Validate rendered Kubernetes manifests offline: `python deploy/k8s/validate.py rendered.yaml`.
 
 Built-in kinds are checked strictly against the Kubernetes 1.37 schemas kubernetes-validate ships; custom
-resources (cert-manager's Certificate), which it does not know and would only warn about, against the
+resources (cert-manager's Certificate, the Inference Extension's InferencePool), which it does not know and
+would only warn about, against the
 schemas in schemas/ (`<kind>-<apiVersion with / as ->.json`). A kind with neither fails, so nothing goes
 unchecked. A ConfigMap entry that is itself a versioned configuration file (`apiVersion` and `kind`, such
 as the endpoint picker's EndpointPickerConfig) is checked against its schema in schemas/ too, when there is
@@ -61,10 +62,13 @@ def config_file_problems(config_map: dict, name: str) -> list[str]:
         if not (isinstance(config, dict) and "apiVersion" in config and "kind" in config):
             continue
         where = f"{name}: data.{key} ({config['kind']})"
-        shape = schema_problems(config, where) or []
-        found += shape
-        if config["kind"] == "EndpointPickerConfig" and not shape:  # references are read from a valid shape
-            found += plugin_reference_problems(config, where)
+        shape = schema_problems(config, where)
+        if config["kind"] == "EndpointPickerConfig":  # the endpoint picker's, never left unchecked
+            if shape is None:
+                found.append(f"{where}: no schema for {config['apiVersion']}: add one to {SCHEMAS}")
+            elif not shape:  # references are read from a valid shape
+                found += plugin_reference_problems(config, where)
+        found += shape or []
     return found
 
 
