@@ -373,7 +373,11 @@ def test_smg_discovers_the_textgen_pod_through_the_kubernetes_api_and_serves_it(
         wait_for(lambda: https.get(base + "/workers").json()["workers"] == [], "smg to drop the worker")
     finally:
         smg.terminate()
-        smg.wait(timeout=60)
+        try:
+            smg.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            smg.kill()
+            smg.wait()
         log.close()
         api.stop()
     assert {"list", "watch"} <= api.verbs() <= set(gateway["Role", "smg-discovery"]["rules"][0]["verbs"])
