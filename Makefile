@@ -44,8 +44,9 @@ serve: install proto
 
 # The Dockerfiles (hadolint) and the Kubernetes manifests: each kustomization rendered by kubectl's built-in
 # kustomize and every resource validated offline, built-in kinds against the Kubernetes 1.37 schemas and
-# cert-manager's Certificate against deploy/k8s/schemas (deploy/k8s/validate.py; README: Deploy).
-K8S_KUSTOMIZATIONS := deploy/k8s/base deploy/k8s/cuda
+# custom ones (cert-manager's Certificate, the Inference Extension's InferencePool and the endpoint picker's
+# configuration) against deploy/k8s/schemas (deploy/k8s/validate.py; README: Deploy).
+K8S_KUSTOMIZATIONS := deploy/k8s/base deploy/k8s/cuda deploy/k8s/gateway deploy/k8s/inference-pool
 
 lint: install proto
 	$(VENV)/bin/ruff check .
