@@ -383,7 +383,7 @@ async def wait_for_idle(engine: Engine, timeout: float = 5.0) -> None:
 async def test_a_fault_outside_the_model_step_fails_in_flight_requests_and_the_loop_keeps_serving(
     llama_engine, monkeypatch
 ):
-    scheduler = llama_engine.scheduler
+    scheduler = llama_engine.core.scheduler
     real_schedule = scheduler.schedule
     calls = {"n": 0}
 

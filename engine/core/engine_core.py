@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Protocol
 
+from engine.core.load import EngineLoad
 from engine.core.observer import EngineObserver
 from engine.core.output import OutputProcessor
 from engine.core.scheduler import Scheduler
@@ -47,6 +48,17 @@ class EngineCore:
         self.runner = runner
         self.outputs = outputs
         self.observer = observer
+
+    def load(self) -> EngineLoad:
+        """The scheduler's and the KV cache's numbers now, for the loop thread to publish."""
+        allocator = self.scheduler.allocator
+        return EngineLoad(
+            self.scheduler.num_waiting,
+            self.scheduler.num_running,
+            allocator.num_free,
+            allocator.num_cached,
+            allocator.num_blocks,
+        )
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)

@@ -1,8 +1,9 @@
-"""The one door between callers' threads and the engine's loop thread: commands, and the ids in flight.
+"""The one door between callers' threads and the engine's loop thread: commands in, the load out.
 
 Callers append `Add` and `Cancel` commands; only the loop thread takes them and applies them to the
 engine's state. The inbox also knows which request ids are in flight, so that a duplicate is refused at
-once and an id is free again the moment its request is cancelled or ends.
+once and an id is free again the moment its request is cancelled or ends. The other way, the loop thread
+publishes an `EngineLoad` snapshot after each pass: callers read loop state only from it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from engine.core.load import EngineLoad
 from engine.core.sequence import Sequence
 from engine.errors import DuplicateRequestError, QueueFullError, RequestCancelledError
 
@@ -38,7 +40,7 @@ Announce = Callable[[Sequence], None]
 
 
 class Inbox:
-    """Commands for the loop thread and the request ids in flight, under one lock."""
+    """Commands for the loop thread, the request ids in flight and the loop's last load, under one lock."""
 
     def __init__(self, max_queue_size: int) -> None:
         self.max_queue_size = max_queue_size
@@ -47,15 +49,24 @@ class Inbox:
         self._commands: list[Command] = []
         self._live: dict[str, int] = {}  # request id -> its sequences' group id, until the request ends
         self._stopped = False
+        self.load = EngineLoad()  # replaced whole by `publish`: read it without the lock
+        self._num_taken = 0  # sequences the loop took since its last `publish`, not in `load` yet
 
     @property
-    def num_pending_adds(self) -> int:
+    def num_waiting(self) -> int:
+        """Sequences waiting: in the scheduler's queue at the last `publish`, or on their way to it."""
         with self._lock:
-            return self._pending_adds()
+            return self._num_waiting()
 
-    def add(self, seqs: list[Sequence], sink: object, num_waiting: int, announce: Announce) -> None:
+    def publish(self, load: EngineLoad) -> None:
+        """The loop thread's load after applying the commands it took and running a step."""
+        with self._lock:
+            self.load = load
+            self._num_taken = 0
+
+    def add(self, seqs: list[Sequence], sink: object, announce: Announce) -> None:
         """Queue one request's `seqs` unless its id is in flight or they do not fit in the queue
-        (`num_waiting` plus pending adds, in sequences).
+        (`num_waiting` and them, in sequences).
 
         `announce` runs for each once the request is accepted and before the loop thread can see it.
         """
@@ -63,7 +74,7 @@ class Inbox:
         with self._wakeup:
             if first.id in self._live:
                 raise DuplicateRequestError(f"request_id {first.id!r} is already in flight")
-            if num_waiting + self._pending_adds() + len(seqs) > self.max_queue_size:
+            if self._num_waiting() + len(seqs) > self.max_queue_size:
                 raise QueueFullError(f"the queue is full ({self.max_queue_size} requests waiting)")
             for seq in seqs:
                 announce(seq)
@@ -117,7 +128,12 @@ class Inbox:
 
     def _take(self) -> list[Command]:
         commands, self._commands = self._commands, []
+        self._num_taken += _num_seqs(commands)
         return commands
 
-    def _pending_adds(self) -> int:
-        return sum(len(command.seqs) for command in self._commands if isinstance(command, Add))
+    def _num_waiting(self) -> int:
+        return self.load.num_waiting + self._num_taken + _num_seqs(self._commands)
+
+
+def _num_seqs(commands: list[Command]) -> int:
+    return sum(len(command.seqs) for command in commands if isinstance(command, Add))

@@ -22,6 +22,7 @@ from engine.core.engine_core import EngineCore, Outbox
 from engine.core.inbox import Add, Cancel, ClearPrefixCache, Command, Inbox
 from engine.core.kv_cache import check_block_size
 from engine.core.kv_events import KvEventLog
+from engine.core.load import EngineLoad
 from engine.core.observer import EngineObserver
 from engine.core.output import OutputProcessor
 from engine.core.scheduler import SchedulerConfig, make_scheduler
@@ -131,9 +132,8 @@ class Engine:
         self._go = threading.Event()
         self.core = self._start_loop_thread()
         self.model_runner: ModelRunner = self.core.runner
-        self.scheduler = self.core.scheduler
         self.tokenizer = self.model_runner.tokenizer
-        self.eos_token_ids: set[int] = self.scheduler.eos_token_ids
+        self.eos_token_ids: set[int] = self.core.scheduler.eos_token_ids
         self.max_context_len = _max_context_len(self.model_runner, config)
         allocator = self.model_runner.allocator
         # The prefix cache's events, for gateways that route by it; the loop thread has not started yet.
@@ -169,26 +169,31 @@ class Engine:
         )
 
     @property
+    def load(self) -> EngineLoad:
+        """The loop thread's numbers after its last pass (published whole: one moment's numbers)."""
+        return self._inbox.load
+
+    @property
     def num_kv_blocks(self) -> int:
-        return self.model_runner.allocator.num_blocks
+        return self._inbox.load.num_kv_blocks
 
     @property
     def num_free_kv_blocks(self) -> int:
-        return self.model_runner.allocator.num_free
+        return self._inbox.load.num_free_kv_blocks
 
     @property
     def num_cached_kv_blocks(self) -> int:
         """Blocks in the prefix cache's index, in use or free (free ones are evicted when needed)."""
-        return self.model_runner.allocator.num_cached
+        return self._inbox.load.num_cached_kv_blocks
 
     @property
     def num_waiting(self) -> int:
-        """Requests submitted and not yet admitted (the loop thread may not have seen the newest)."""
-        return self.scheduler.num_waiting + self._inbox.num_pending_adds
+        """Sequences submitted and not yet admitted, those the loop thread has not seen yet included."""
+        return self._inbox.num_waiting
 
     @property
     def num_running(self) -> int:
-        return self.scheduler.num_running
+        return self._inbox.load.num_running
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
@@ -296,7 +301,7 @@ class Engine:
         if request.sampling.response_format is not None:
             for seq in seqs:  # a matcher of its own each: a completion's output advances only its own state
                 seq.grammar = self.grammars.matcher(request.sampling.response_format)
-        self._inbox.add(seqs, sink, self.scheduler.num_waiting, self.observer.request_queued)
+        self._inbox.add(seqs, sink, self.observer.request_queued)
         return seqs
 
     async def _events(self, first: Sequence, n: int, events: asyncio.Queue) -> AsyncIterator[GenerationEvent]:
@@ -328,6 +333,7 @@ class Engine:
         def main() -> None:
             try:
                 built.append(_build_core(self.config, self.observer))
+                self._inbox.publish(built[0].load())
             except BaseException as exc:  # handed to the constructor's thread, which raises it
                 built.append(exc)
                 return
@@ -348,7 +354,7 @@ class Engine:
         return built[0]
 
     def _loop(self) -> None:
-        scheduler = self.scheduler
+        scheduler = self.core.scheduler
         while (commands := self._inbox.take(scheduler.has_work, scheduler.idle_timeout)) is not None:
             outbox: Outbox = []
             try:
@@ -357,11 +363,13 @@ class Engine:
             except Exception as exc:  # a bug outside the model step: fail what is in flight, keep serving
                 log.exception("engine loop failed")
                 self.core.fail_all(RequestFailedError(f"engine fault: {exc}"), outbox)
+            self._inbox.publish(self.core.load())
             self.kv_events.publish()  # before the events: a request's blocks are published when it ends
             self._dispatch(outbox)
         outbox = []
         self._apply(self._inbox.drain(), outbox)
         self.core.fail_all(EngineStoppedError("the engine stopped"), outbox)
+        self._inbox.publish(self.core.load())
         self._dispatch(outbox)
 
     def _apply(self, commands: list[Command], outbox: Outbox) -> None:
