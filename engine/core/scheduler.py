@@ -67,8 +67,9 @@ class StepResult:
 class Scheduler:
     """Owns the waiting queue (the batcher), the sequences being prefilled and the running ones.
 
-    Single-threaded: only the engine's step loop calls it. `sequences` holds every live sequence by id;
-    `_tickets` their places in the batcher's line, so a preempted sequence goes back where it was.
+    Single-threaded: only the engine's step loop calls it, so its batcher has no lock. `sequences` holds
+    every live sequence by id; a queued sequence holds its own place in the batcher's line
+    (`Sequence.ticket`), so a preempted one goes back where it was.
     """
 
     def __init__(
@@ -84,11 +85,10 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.observer = observer or EngineObserver()
         self.clock = clock
-        self.batcher = ContinuousBatcher(self._batch_config(config.batch), clock=clock)
+        self.batcher = ContinuousBatcher(self._batch_config(config.batch), clock=clock, thread_safe=False)
         self.sequences: dict[int, Sequence] = {}
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
-        self._tickets: dict[int, BatchRequest] = {}
         self._held: dict[int, list[Sequence]] = {}  # group id -> completions waiting for its prefill
         self._finished_ids: list[int] = []
         self._preempted_ids: list[int] = []
@@ -125,9 +125,10 @@ class Scheduler:
             self._queue(seq)
 
     def _queue(self, seq: Sequence) -> None:
-        ticket = BatchRequest(str(seq.seq_id), seq.num_tokens, seq.max_new_tokens, seq.priority, payload=seq)
-        self.batcher.add(ticket)
-        self._tickets[seq.seq_id] = ticket
+        seq.ticket = BatchRequest(
+            str(seq.seq_id), seq.num_tokens, seq.max_new_tokens, seq.priority, payload=seq
+        )
+        self.batcher.add(seq.ticket)
 
     def schedule(self) -> Step | None:
         """The next step, or None when there is nothing to run."""
@@ -258,7 +259,8 @@ class Scheduler:
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self._preempted_ids.append(seq.seq_id)
-        self.batcher.requeue([replace(self._tickets[seq.seq_id], input_tokens=seq.num_tokens)])
+        seq.ticket.input_tokens = seq.num_tokens  # taken from the batcher at admission: this one is ours
+        self.batcher.requeue([seq.ticket])
         self.observer.request_preempted(seq)
 
     def _step(self, is_prefill: bool, chunks: list[tuple[Sequence, int]]) -> Step:
@@ -317,13 +319,12 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.prefilling:
             self.prefilling.remove(seq)
-        elif seq.seq_id in self._tickets:
-            self.batcher.remove(str(seq.seq_id))
+        elif seq.ticket is not None:
+            self.batcher.remove(seq.ticket.id)
         else:  # a completion still waiting for its request's prefill
             self._held[seq.group_id].remove(seq)
         self.allocator.free(seq.block_table)
         seq.status = SequenceStatus.FINISHED
-        self._tickets.pop(seq.seq_id, None)
         self._finished_ids.append(seq.seq_id)
         self._release_held(seq)
 

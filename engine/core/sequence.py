@@ -7,6 +7,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from engine.batching import BatchRequest
 from engine.core.kv_cache import cache_seed
 from engine.core.structured import GrammarMatcher
 from engine.request import FinishReason, GenerationRequest
@@ -46,6 +47,7 @@ class Sequence:
     first_token_time: float | None = None
     num_preemptions: int = 0
     grammar: GrammarMatcher | None = None  # with a response format: where its output stands in the grammar
+    ticket: BatchRequest | None = None  # its place in the scheduler's queue, from when it is first queued
     index: int = 0
     group_id: int = -1  # -1: this sequence's own id (completion 0)
 
