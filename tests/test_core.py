@@ -42,9 +42,10 @@ class ScriptedRunner:
 def make_core(num_blocks: int = 16) -> tuple[EngineCore, ScriptedRunner]:
     allocator = BlockAllocator(num_blocks, block_size=4)
     config = SchedulerConfig(BatchConfig(max_batch_tokens=64))
-    scheduler = Scheduler(config, allocator, eos_token_ids={EOS})
+    scheduler = Scheduler(config, allocator)
     runner = ScriptedRunner()
-    return EngineCore(scheduler, runner, OutputProcessor(LetterTokenizer(), {EOS}), EngineObserver()), runner
+    outputs = OutputProcessor(LetterTokenizer(), {EOS}, eos_token_ids={EOS})
+    return EngineCore(scheduler, runner, outputs, EngineObserver()), runner
 
 
 def submit(core: EngineCore, runner: ScriptedRunner, tokens: list[int], **stopping) -> Sequence:
@@ -159,3 +160,31 @@ def test_a_failed_step_hands_its_finished_sequences_on_to_the_next_step():
     assert runner.steps[1].finished_seq_ids == [short.seq_id]
     run_until_idle(core)
     assert short.seq_id in runner.steps[2].finished_seq_ids  # the runner can still drop its state
+
+
+class RecordingGrammar:
+    """Stands in for a sequence's grammar matcher: records the tokens it is advanced with."""
+
+    def __init__(self) -> None:
+        self.accepted: list[int] = []
+
+    def accept(self, token_id: int) -> None:
+        self.accepted.append(token_id)
+
+
+def test_the_loop_side_advances_a_sequences_grammar_with_each_sampled_token_and_not_a_failed_ones():
+    core, runner = make_core()
+    seq = submit(core, runner, [3, 4, EOS])
+    failing = submit(core, runner, [3, 4])
+    seq.grammar, failing.grammar = RecordingGrammar(), RecordingGrammar()
+    runner.fail.add(failing.seq_id)
+    run_until_idle(core)
+    assert seq.grammar.accepted == [3, 4, EOS]  # the scripted runner never touches it: the update does
+    assert failing.grammar.accepted == []
+
+
+def test_a_stop_sequence_completed_by_an_eos_token_at_the_length_limit_is_the_finish_reason():
+    core, runner = make_core()
+    seq = submit(core, runner, [3, EOS], max_new_tokens=2, stop_sequences=("dc",))  # EOS reads "c"
+    events = events_of(run_until_idle(core), seq)
+    assert events[-1].finish_reason is FinishReason.STOP_SEQUENCE and events[-1].completion_tokens == 2

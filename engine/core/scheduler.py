@@ -26,7 +26,7 @@ padding tokens) until its longest sequence finishes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from engine.batching import BatchConfig, BatchRequest, ContinuousBatcher
@@ -35,7 +35,6 @@ from engine.core.observer import EngineObserver
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.core.step import Step, StepOutput, StepRow
 from engine.errors import EngineError
-from engine.request import FinishReason
 
 # Prompt tokens scored per prefill step (`prompt_logprobs`): each brings a row of logits back, so this
 # bounds that memory (512 x a 49k vocabulary in float32: 100 MB); a longer prompt is scored over steps.
@@ -57,8 +56,7 @@ class SchedulerConfig:
 
 @dataclass(slots=True)
 class StepResult:
-    """What a step did to its sequences: tokens appended (a sequence whose `finish_reason` is now set is
-    done), and sequences whose row could not be sampled."""
+    """What a step did to its sequences: tokens appended, and sequences whose row could not be sampled."""
 
     sampled: list[tuple[Sequence, int, float]] = field(default_factory=list)
     failed: list[tuple[Sequence, str | EngineError]] = field(default_factory=list)
@@ -76,13 +74,11 @@ class Scheduler:
         self,
         config: SchedulerConfig,
         allocator: BlockAllocator,
-        eos_token_ids: Collection[int] = (),
         observer: EngineObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.allocator = allocator
-        self.eos_token_ids = eos_token_ids
         self.observer = observer or EngineObserver()
         self.clock = clock
         self.batcher = ContinuousBatcher(self._batch_config(config.batch), clock=clock, thread_safe=False)
@@ -145,8 +141,8 @@ class Scheduler:
         return None
 
     def update(self, step: Step, output: StepOutput) -> StepResult:
-        """Record what `step` computed and append its sampled tokens; set the finish reason of every
-        sequence that reached EOS or its length (the caller ends them with `finish`)."""
+        """Record what `step` computed, append its sampled tokens and advance the sequences' grammars with
+        them (whether a token ends its sequence is the output processor's to say)."""
         result = StepResult()
         sampled = iter(zip(output.token_ids, output.logprobs, strict=True))
         for row in step.rows:
@@ -159,8 +155,10 @@ class Scheduler:
                 continue
             if row.seq_id in output.failed:
                 result.failed.append((seq, output.failed[row.seq_id]))
-            else:
-                self._append(seq, *token, result)
+                continue
+            if seq.grammar is not None:
+                seq.grammar.accept(token[0])
+            self._append(seq, *token, result)
         return result
 
     def step_failed(self, step: Step) -> None:
@@ -308,10 +306,6 @@ class Scheduler:
         if seq.first_token_time is None:
             seq.first_token_time = self.clock()
             self.observer.first_token(seq)
-        if token_id in self.eos_token_ids and not seq.request.stopping.ignore_eos:
-            seq.finish_reason = FinishReason.EOS
-        elif seq.num_completion_tokens >= seq.max_new_tokens:
-            seq.finish_reason = FinishReason.LENGTH
         result.sampled.append((seq, token_id, logprob))
 
     def _release(self, seq: Sequence) -> None:

@@ -19,7 +19,7 @@ class StepRow:
 
     `history` is the sequence's tokens before this step (prompt and output: the penalties read it);
     the first `num_prompt_tokens` of it are the prompt. `grammar` (structured output) says which tokens the
-    row may sample; the runner advances it with the token sampled.
+    row may sample: the runner only reads its mask; the scheduler's `update` advances it with the token.
     """
 
     seq_id: int

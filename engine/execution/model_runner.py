@@ -174,8 +174,6 @@ class ModelRunner:
                 failed[row.seq_id] = grammar_failed[i]
             elif token_id == FAILED:
                 failed[row.seq_id] = "non-finite logits or probabilities"
-            elif row.grammar is not None:
-                row.grammar.accept(token_id)
         top: dict[int, list[tuple[int, float]]] = {}
         if wanted := [i for i, row in enumerate(rows) if row.sampling.top_logprobs]:
             ks = [rows[i].sampling.top_logprobs for i in wanted]

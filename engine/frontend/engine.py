@@ -133,7 +133,7 @@ class Engine:
         self.core = self._start_loop_thread()
         self.model_runner: ModelRunner = self.core.runner
         self.tokenizer = self.model_runner.tokenizer
-        self.eos_token_ids: set[int] = self.core.scheduler.eos_token_ids
+        self.eos_token_ids: set[int] = self.core.outputs.eos_token_ids
         self.max_context_len = _max_context_len(self.model_runner, config)
         allocator = self.model_runner.allocator
         # The prefix cache's events, for gateways that route by it; the loop thread has not started yet.
@@ -434,10 +434,9 @@ def _build_core(config: EngineConfig, observer: EngineObserver) -> EngineCore:
         SchedulerConfig(config.batch, config.max_decode_stall_ms, config.prefix_caching),
         runner.allocator,
         max_context_len=_max_context_len(runner, config),
-        eos_token_ids=_eos_token_ids(runner),
         observer=observer,
     )
-    outputs = OutputProcessor(runner.tokenizer, set(runner.tokenizer.all_special_ids))
+    outputs = OutputProcessor(runner.tokenizer, set(runner.tokenizer.all_special_ids), _eos_token_ids(runner))
     return EngineCore(scheduler, runner, outputs, observer)
 
 
