@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 from engine.batching import BatchConfig
 from engine.core.engine_core import EngineCore
 from engine.core.kv_cache import BlockAllocator
@@ -188,3 +190,41 @@ def test_a_stop_sequence_completed_by_an_eos_token_at_the_length_limit_is_the_fi
     seq = submit(core, runner, [3, EOS], max_new_tokens=2, stop_sequences=("dc",))  # EOS reads "c"
     events = events_of(run_until_idle(core), seq)
     assert events[-1].finish_reason is FinishReason.STOP_SEQUENCE and events[-1].completion_tokens == 2
+
+
+def submit_n(core: EngineCore, runner: ScriptedRunner, n: int) -> Sequence:
+    """A request of `n` completions, each scripted to sample 3, 4, 5, 6 (forks' ids are made later)."""
+    runner.script = defaultdict(lambda: [3, 4, 5, 6])
+    seq = Sequence(GenerationRequest([10, 11, 12], stopping=StoppingParams(max_new_tokens=4), n=n), 4)
+    core.add(seq)
+    return seq
+
+
+def test_the_forked_completions_run_and_finish_like_completion_0():
+    core, runner = make_core()
+    first = submit_n(core, runner, n=3)
+    outbox = run_until_idle(core)
+    finished = sorted(item.index for seq, item in outbox if item.finished and seq.group is first.group)
+    assert finished == [0, 1, 2] and "".join(e.text for e in events_of(outbox, first)) == "defg"
+    assert core.scheduler.allocator.num_free == 16 and not core.scheduler.sequences
+
+
+def test_cancelling_a_request_before_its_prefill_ends_completion_0_and_forks_nothing():
+    core, runner = make_core()
+    first = submit_n(core, runner, n=3)
+    outbox: list = []
+    core.abort_group(first.group_id, RequestCancelledError("cancelled"), outbox)
+    assert [type(item) for _, item in outbox] == [RequestCancelledError]
+    assert not core.scheduler.has_work() and not core.scheduler.sequences
+
+
+def test_cancelling_a_request_after_the_forks_ends_every_live_completion_and_frees_their_blocks():
+    core, runner = make_core()
+    first = submit_n(core, runner, n=3)
+    outbox: list = []
+    core.step(outbox)  # completion 0's prefill: the two forks are queued
+    core.step(outbox)  # their prefill
+    assert len(core.scheduler.sequences) == 3
+    core.abort_group(first.group_id, RequestCancelledError("cancelled"), outbox)
+    ended = sorted(seq.index for seq, item in outbox if isinstance(item, RequestCancelledError))
+    assert ended == [0, 1, 2] and core.scheduler.allocator.num_free == 16

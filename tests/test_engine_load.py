@@ -17,8 +17,9 @@ from engine.errors import QueueFullError
 from engine.request import GenerationRequest, StoppingParams
 
 
-def sequences(n: int = 1) -> list[Sequence]:
-    return [Sequence(GenerationRequest([1, 2, 3]), 4) for _ in range(n)]
+def submitted(n: int = 1) -> Sequence:
+    """A request's completion 0, as submitted: it counts as its `n` completions in the queue."""
+    return Sequence(GenerationRequest([1, 2, 3], n=n), 4)
 
 
 def test_a_published_load_is_replaced_whole_never_changed():
@@ -35,17 +36,17 @@ def test_a_published_load_is_replaced_whole_never_changed():
 def test_the_queue_full_check_counts_the_snapshot_and_the_sequences_on_their_way():
     inbox = Inbox(max_queue_size=3)
     inbox.publish(EngineLoad(num_waiting=1))
-    inbox.add(sequences(), sink=None, announce=lambda seq: None)
+    inbox.add(submitted(), announce=lambda seq: None)
     assert inbox.num_waiting == 2
     taken = inbox.take(lambda: False, lambda: None)
     assert len(taken) == 1 and inbox.num_waiting == 2  # taken, not yet in a published load: still counted
-    inbox.add(sequences(), sink=None, announce=lambda seq: None)
+    inbox.add(submitted(), announce=lambda seq: None)
     with pytest.raises(QueueFullError, match=r"the queue is full \(3 requests waiting\)"):
-        inbox.add(sequences(), sink=None, announce=lambda seq: None)
+        inbox.add(submitted(), announce=lambda seq: None)
     inbox.take(lambda: False, lambda: None)
     inbox.publish(EngineLoad(num_waiting=0))  # the loop admitted all it took
     assert inbox.num_waiting == 0
-    inbox.add(sequences(3), sink=None, announce=lambda seq: None)
+    inbox.add(submitted(n=3), announce=lambda seq: None)
     assert inbox.num_waiting == 3
 
 

@@ -70,6 +70,11 @@ class EngineCore:
         if seq is not None:
             self.finish(seq, outbox, error)
 
+    def abort_group(self, group_id: int, error: Exception, outbox: Outbox) -> None:
+        """End every live completion of one request with `error` (a scan: cancels are rare next to steps)."""
+        for seq in [s for s in self.scheduler.sequences.values() if s.group_id == group_id]:
+            self.finish(seq, outbox, error)
+
     def fail_all(self, error: Exception, outbox: Outbox) -> None:
         for seq in list(self.scheduler.sequences.values()):
             self.finish(seq, outbox, error)
@@ -100,6 +105,8 @@ class EngineCore:
                 self.abort(row.seq_id, RequestFailedError(f"engine fault: {exc}"), outbox)
             return
         result = self.scheduler.update(step, output)
+        for seq in result.forked:
+            self.outputs.add(seq)
         for seq, reason in result.failed:
             if not isinstance(reason, EngineError):  # a row that could not be sampled: an engine fault
                 reason = RequestFailedError(f"sampling failed: {reason}")

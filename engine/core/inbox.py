@@ -20,8 +20,7 @@ from engine.errors import DuplicateRequestError, QueueFullError, RequestCancelle
 
 @dataclass(slots=True)
 class Add:
-    seqs: list[Sequence]  # one request's: one per completion, completion 0 first
-    sink: object  # where the loop thread sends the sequences' events
+    seq: Sequence  # a request's completion 0 (its group's sink says where its events go)
 
 
 @dataclass(slots=True)
@@ -64,22 +63,20 @@ class Inbox:
             self.load = load
             self._num_taken = 0
 
-    def add(self, seqs: list[Sequence], sink: object, announce: Announce) -> None:
-        """Queue one request's `seqs` unless its id is in flight or they do not fit in the queue
-        (`num_waiting` and them, in sequences).
+    def add(self, first: Sequence, announce: Announce) -> None:
+        """Queue a request's completion 0 unless its id is in flight or its `n` completions do not fit in
+        the queue (`num_waiting` and them, in sequences).
 
-        `announce` runs for each once the request is accepted and before the loop thread can see it.
+        `announce` runs once the request is accepted and before the loop thread can see it.
         """
-        first = seqs[0]
         with self._wakeup:
             if first.id in self._live:
                 raise DuplicateRequestError(f"request_id {first.id!r} is already in flight")
-            if self._num_waiting() + len(seqs) > self.max_queue_size:
+            if self._num_waiting() + first.request.n > self.max_queue_size:
                 raise QueueFullError(f"the queue is full ({self.max_queue_size} requests waiting)")
-            for seq in seqs:
-                announce(seq)
+            announce(first)
             self._live[first.id] = first.group_id
-            self._commands.append(Add(seqs, sink))
+            self._commands.append(Add(first))
             self._wakeup.notify()
 
     def cancel(self, request_id: str, group_id: int | None = None) -> None:
@@ -136,4 +133,4 @@ class Inbox:
 
 
 def _num_seqs(commands: list[Command]) -> int:
-    return sum(len(command.seqs) for command in commands if isinstance(command, Add))
+    return sum(command.seq.request.n for command in commands if isinstance(command, Add))

@@ -14,9 +14,10 @@ blocks (never its last token: that one's logits give the first new token) and pr
 every block a step fills is indexed for the sequences after it (`engine.core.kv_cache`). A sequence that
 scores its prompt (`prompt_logprobs`) takes none: scoring needs the logits of every prompt position.
 
-The completions of a request with n > 1 prefill its prompt once: completions 1 to n - 1 wait, outside the
-queue, until completion 0's prefill is done, then share its whole prompt blocks (whether or not prefix
-caching is on) and compute only the rest of the prompt's last block. Only completion 0 scores the prompt.
+The completions of a request with n > 1 prefill its prompt once: only completion 0 is queued, and once its
+prefill is done the scheduler forks completions 1 to n - 1 from it into the queue; they share its whole
+prompt blocks (whether or not prefix caching is on) and compute only the rest of the prompt's last block.
+Only completion 0 scores the prompt.
 
 `StaticScheduler` is the traditional scheme, kept as a baseline: admit a batch only when nothing runs,
 wait for `max_batch_size` requests or `max_wait_ms`, and keep finished rows in the batch (computing
@@ -56,10 +57,12 @@ class SchedulerConfig:
 
 @dataclass(slots=True)
 class StepResult:
-    """What a step did to its sequences: tokens appended, and sequences whose row could not be sampled."""
+    """What a step did to its sequences: tokens appended, sequences whose row could not be sampled, and the
+    completions forked from a request's completion 0 (queued already)."""
 
     sampled: list[tuple[Sequence, int, float]] = field(default_factory=list)
     failed: list[tuple[Sequence, str | EngineError]] = field(default_factory=list)
+    forked: list[Sequence] = field(default_factory=list)
 
 
 class Scheduler:
@@ -85,7 +88,6 @@ class Scheduler:
         self.sequences: dict[int, Sequence] = {}
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
-        self._held: dict[int, list[Sequence]] = {}  # group id -> completions waiting for its prefill
         self._finished_ids: list[int] = []
         self._preempted_ids: list[int] = []
         self._prefill_since: float | None = None  # when prefill steps began holding decoding off
@@ -112,15 +114,8 @@ class Scheduler:
         return max(self.config.batch.max_wait_ms / 1000 - waited, 0.001)
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence (a later completion waits for its request's prefill)."""
+        """Queue a new sequence (a request's completion 0: the others are forked from it)."""
         self.sequences[seq.seq_id] = seq
-        first = self.sequences.get(seq.group_id)
-        if first is not seq and first is not None and first.status is not SequenceStatus.RUNNING:
-            self._held.setdefault(seq.group_id, []).append(seq)
-        else:
-            self._queue(seq)
-
-    def _queue(self, seq: Sequence) -> None:
         seq.ticket = BatchRequest(
             str(seq.seq_id), seq.num_tokens, seq.max_new_tokens, seq.priority, payload=seq
         )
@@ -150,7 +145,7 @@ class Scheduler:
             seq = self._row_sequence(row.seq_id)
             if seq is None:
                 continue
-            self._advance(seq, row.num_tokens)
+            self._advance(seq, row.num_tokens, result)
             if token is None:
                 continue
             if row.seq_id in output.failed:
@@ -285,7 +280,7 @@ class Scheduler:
     def _row_sequence(self, seq_id: int) -> Sequence | None:
         return self.sequences.get(seq_id)
 
-    def _advance(self, seq: Sequence, num_tokens: int) -> None:
+    def _advance(self, seq: Sequence, num_tokens: int, result: StepResult) -> None:
         bs = self.allocator.block_size
         first_full = seq.num_computed_tokens // bs
         seq.num_computed_tokens += num_tokens
@@ -299,7 +294,16 @@ class Scheduler:
             self.prefilling.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self._release_held(seq)
+            if seq.index == 0 and not seq.num_completion_tokens:  # its first prefill, not a recompute
+                self._fork(seq, result)
+
+    def _fork(self, first: Sequence, result: StepResult) -> None:
+        """`first`'s prompt is prefilled: queue the request's other completions, which start on its blocks."""
+        for index in range(1, first.request.n):
+            seq = first.fork(index)
+            self.add(seq)
+            self.observer.request_queued(seq)
+            result.forked.append(seq)
 
     def _append(self, seq: Sequence, token_id: int, logprob: float, result: StepResult) -> None:
         seq.token_ids.append(token_id)
@@ -313,19 +317,11 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.prefilling:
             self.prefilling.remove(seq)
-        elif seq.ticket is not None:
+        else:
             self.batcher.remove(seq.ticket.id)
-        else:  # a completion still waiting for its request's prefill
-            self._held[seq.group_id].remove(seq)
         self.allocator.free(seq.block_table)
         seq.status = SequenceStatus.FINISHED
         self._finished_ids.append(seq.seq_id)
-        self._release_held(seq)
-
-    def _release_held(self, first: Sequence) -> None:
-        """Queue the completions that waited for `first`'s prefill (which is done, or will never be)."""
-        for seq in self._held.pop(first.seq_id, ()):
-            self._queue(seq)
 
 
 class StaticScheduler(Scheduler):

@@ -26,7 +26,7 @@ from engine.core.load import EngineLoad
 from engine.core.observer import EngineObserver
 from engine.core.output import OutputProcessor
 from engine.core.scheduler import SchedulerConfig, make_scheduler
-from engine.core.sequence import Sequence
+from engine.core.sequence import Sequence, SequenceGroup
 from engine.core.structured import GRAMMAR_STEP_BUDGET_MS, GrammarCompiler
 from engine.errors import EngineStoppedError, InvalidRequestError, RequestFailedError
 from engine.execution.model_runner import ModelRunner
@@ -126,8 +126,6 @@ class Engine:
         self.config = config = config or EngineConfig()
         self.observer = observer or EngineObserver()
         self._inbox = Inbox(config.max_queue_size)
-        self._sinks: dict[int, _AsyncSink | queue.Queue] = {}  # sequence id -> sink; the loop thread's
-        self._groups: dict[int, list[int]] = {}  # group id -> its sequences still live; the loop thread's
         self._accepting = True
         self._go = threading.Event()
         self.core = self._start_loop_thread()
@@ -246,8 +244,8 @@ class Engine:
         iterator before the last event cancels the request.
         """
         sink = _AsyncSink(asyncio.get_running_loop())
-        seqs = self._enqueue(request, sink)
-        return self._events(seqs[0], len(seqs), sink.queue)
+        first = self._enqueue(request, sink)
+        return self._events(first, request.n, sink.queue)
 
     def cancel(self, request_id: str) -> None:
         """Cancel a queued or running request; its blocks are freed at the next step. Idempotent.
@@ -288,21 +286,16 @@ class Engine:
             remaining -= item.finished
         return [_result(r.request_id, collected[r.request_id]) for r in requests]
 
-    def _enqueue(self, request: GenerationRequest, sink: _AsyncSink | queue.Queue) -> list[Sequence]:
-        """One sequence per completion, queued together: completion 0 first, the others in its group."""
+    def _enqueue(self, request: GenerationRequest, sink: _AsyncSink | queue.Queue) -> Sequence:
+        """Queue a request's completion 0, whose group's events go to `sink`; the loop forks the others."""
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down and accepts no new requests")
         max_new_tokens = check_request(request, self.limits)
-        first = Sequence(request, max_new_tokens)
-        seqs = [first] + [
-            Sequence(request.completion(i), max_new_tokens, index=i, group_id=first.seq_id)
-            for i in range(1, request.n)
-        ]
-        if request.sampling.response_format is not None:
-            for seq in seqs:  # a matcher of its own each: a completion's output advances only its own state
-                seq.grammar = self.grammars.matcher(request.sampling.response_format)
-        self._inbox.add(seqs, sink, self.observer.request_queued)
-        return seqs
+        first = Sequence(request, max_new_tokens, group=SequenceGroup(sink))
+        if request.sampling.response_format is not None:  # each fork takes a matcher of its own from it
+            first.grammar = self.grammars.matcher(request.sampling.response_format)
+        self._inbox.add(first, self.observer.request_queued)
+        return first
 
     async def _events(self, first: Sequence, n: int, events: asyncio.Queue) -> AsyncIterator[GenerationEvent]:
         remaining = n
@@ -375,13 +368,9 @@ class Engine:
     def _apply(self, commands: list[Command], outbox: Outbox) -> None:
         for command in commands:
             if isinstance(command, Add):
-                self._groups[command.seqs[0].group_id] = [seq.seq_id for seq in command.seqs]
-                for seq in command.seqs:
-                    self._sinks[seq.seq_id] = command.sink
-                    self.core.add(seq)
+                self.core.add(command.seq)
             elif isinstance(command, Cancel):
-                for seq_id in list(self._groups.get(command.group_id, ())):
-                    self.core.abort(seq_id, command.error, outbox)
+                self.core.abort_group(command.group_id, command.error, outbox)
             elif isinstance(command, ClearPrefixCache):
                 command.done.set_result(self.model_runner.allocator.clear_cache())
 
@@ -389,10 +378,9 @@ class Engine:
         """Hand this step's events to their callers: one thread crossing per asyncio loop per step."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for seq, item in outbox:
-            final = isinstance(item, Exception) or item.finished
-            sink = self._sinks.pop(seq.seq_id) if final else self._sinks[seq.seq_id]
-            if final:
-                self._end_in_group(seq)
+            sink = seq.group.sink
+            if isinstance(item, Exception) or item.finished:
+                self._end(seq)
             if isinstance(sink, _AsyncSink):
                 by_loop.setdefault(sink.loop, []).append((sink.queue, item))
             else:
@@ -401,12 +389,10 @@ class Engine:
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(_deliver, items)
 
-    def _end_in_group(self, seq: Sequence) -> None:
-        """`seq` has ended; once its whole request has, the request id is free again."""
-        live = self._groups[seq.group_id]
-        live.remove(seq.seq_id)
-        if not live:
-            del self._groups[seq.group_id]
+    def _end(self, seq: Sequence) -> None:
+        """`seq` has ended; once its whole request has (forks included), the request id is free again."""
+        seq.group.num_live -= 1
+        if not seq.group.num_live:
             self._inbox.forget(seq)
 
     def _warmup_token(self) -> int:
