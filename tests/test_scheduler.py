@@ -6,7 +6,8 @@ import pytest
 
 from engine.batching import BatchConfig
 from engine.core.kv_cache import BlockAllocator
-from engine.core.scheduler import Scheduler, SchedulerConfig, make_scheduler
+from engine.core.scheduler import Scheduler, SchedulerConfig
+from engine.core.scheduling_modes import make_scheduler
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.core.step import Step, StepOutput
 from engine.request import GenerationRequest

@@ -19,16 +19,14 @@ prefill is done the scheduler forks completions 1 to n - 1 from it into the queu
 prompt blocks (whether or not prefix caching is on) and compute only the rest of the prompt's last block.
 Only completion 0 scores the prompt.
 
-`StaticScheduler` is the traditional scheme, kept as a baseline: admit a batch only when nothing runs,
-wait for `max_batch_size` requests or `max_wait_ms`, and keep finished rows in the batch (computing
-padding tokens) until its longest sequence finishes.
+The static baseline is `engine.core.static_scheduler`; `engine.core.scheduling_modes` picks one.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from engine.batching import BatchConfig, BatchRequest, ContinuousBatcher
 from engine.core.kv_cache import BlockAllocator, block_hashes
@@ -224,10 +222,8 @@ class Scheduler:
             hashes = block_hashes(seq.token_ids, bs, seq.block_hashes, seq.cache_seed)
             blocks = self.allocator.cached_prefix(hashes[:limit])
         first = self.sequences.get(seq.group_id)
-        if first is not seq and first is not None:  # the prompt's blocks, never completion 0's output
-            num_blocks = min(limit, seq.num_prompt_tokens // bs, first.num_computed_tokens // bs)
-            shared = first.block_table[:num_blocks]
-            blocks = max(blocks, shared, key=len)
+        if first is not seq and first is not None:
+            blocks = max(blocks, _prompt_blocks(first, seq, limit, bs), key=len)
         self.allocator.share(seq.block_table, blocks)
         seq.num_computed_tokens = len(blocks) * bs
         if seq.num_preemptions == 0:
@@ -257,20 +253,7 @@ class Scheduler:
         self.observer.request_preempted(seq)
 
     def _step(self, is_prefill: bool, chunks: list[tuple[Sequence, int]]) -> Step:
-        rows = [
-            StepRow(
-                seq_id=seq.seq_id,
-                token_ids=seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n],
-                start_pos=seq.num_computed_tokens,
-                block_table=seq.block_table,
-                sample=seq.num_computed_tokens + n == seq.num_tokens,
-                sampling=seq.request.sampling,
-                history=seq.token_ids,
-                num_prompt_tokens=seq.num_prompt_tokens,
-                grammar=seq.grammar,
-            )
-            for seq, n in chunks
-        ]
+        rows = [_row(seq, n) for seq, n in chunks]
         finished, self._finished_ids = self._finished_ids, []
         preempted, self._preempted_ids = self._preempted_ids, []
         return Step(is_prefill, rows, finished, preempted)
@@ -281,15 +264,10 @@ class Scheduler:
         return self.sequences.get(seq_id)
 
     def _advance(self, seq: Sequence, num_tokens: int, result: StepResult) -> None:
-        bs = self.allocator.block_size
-        first_full = seq.num_computed_tokens // bs
+        first_full = seq.num_computed_tokens // self.allocator.block_size
         seq.num_computed_tokens += num_tokens
         if self.config.prefix_caching:  # the blocks this step filled, for later prompts to share
-            hashes = block_hashes(seq.token_ids, bs, seq.block_hashes, seq.cache_seed)
-            for index in range(first_full, seq.num_computed_tokens // bs):
-                parent = hashes[index - 1] if index else None
-                tokens = seq.token_ids[index * bs : (index + 1) * bs]
-                self.allocator.cache(seq.block_table[index], hashes[index], parent, tokens)
+            _cache_filled_blocks(self.allocator, seq, first_full)
         if seq.status is SequenceStatus.PREFILLING and seq.num_uncomputed_tokens == 0:
             self.prefilling.remove(seq)
             seq.status = SequenceStatus.RUNNING
@@ -324,71 +302,39 @@ class Scheduler:
         self._finished_ids.append(seq.seq_id)
 
 
-class StaticScheduler(Scheduler):
-    """Static batching, the baseline: a batch is admitted only when nothing runs, and a finished
-    sequence keeps its row (computing padding tokens, reported to nobody) until the whole batch is done."""
-
-    def __init__(self, *args, max_context_len: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.max_context_len = max_context_len
-        self.padding: dict[int, Sequence] = {}  # finished sequences whose rows stay in the batch
-
-    def _batch_config(self, batch: BatchConfig) -> BatchConfig:
-        # A batch forms when it is full or the oldest request has waited max_wait_ms.
-        return replace(batch, min_batch_size=batch.max_batch_size)
-
-    @property
-    def num_running(self) -> int:
-        return super().num_running - len(self.padding)
-
-    def _wants_prefill(self, now: float) -> bool:
-        return bool(self.prefilling) or (not self.running and self.batcher.ready())
-
-    def finish(self, seq: Sequence) -> None:
-        if seq.seq_id not in self.sequences:
-            return
-        others_running = any(s is not seq and s.seq_id in self.sequences for s in self.running)
-        if seq.status is SequenceStatus.RUNNING and (others_running or self.prefilling):
-            del self.sequences[seq.seq_id]
-            self.padding[seq.seq_id] = seq
-            return
-        super().finish(seq)
-        if not others_running:
-            self._release_padding()
-
-    def _release_padding(self) -> None:
-        for seq in self.padding.values():
-            self._release(seq)
-        self.padding.clear()
-
-    def _row_sequence(self, seq_id: int) -> Sequence | None:
-        return self.sequences.get(seq_id) or self.padding.get(seq_id)
-
-    def _append(self, seq: Sequence, token_id: int, logprob: float, result: StepResult) -> None:
-        if seq.seq_id not in self.padding:
-            super()._append(seq, token_id, logprob, result)
-        elif seq.num_tokens + 1 < self.max_context_len:
-            seq.token_ids.append(token_id)
-        else:  # a padding row may not grow past the context: it leaves the batch early
-            del self.padding[seq.seq_id]
-            self._release(seq)
-
-
 def _priority_order(seq: Sequence) -> tuple[int, float]:
     """Sort key: highest priority first, then oldest first; the max is the preemption victim."""
     return (-seq.priority, seq.request.arrival_time)
 
 
-SCHEDULING_MODES = ("continuous", "static")
+def _row(seq: Sequence, num_tokens: int) -> StepRow:
+    """`seq`'s part of a step: its next `num_tokens` tokens to compute."""
+    start = seq.num_computed_tokens
+    return StepRow(
+        seq_id=seq.seq_id,
+        token_ids=seq.token_ids[start : start + num_tokens],
+        start_pos=start,
+        block_table=seq.block_table,
+        sample=start + num_tokens == seq.num_tokens,
+        sampling=seq.request.sampling,
+        history=seq.token_ids,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        grammar=seq.grammar,
+    )
 
 
-def make_scheduler(
-    scheduling: str, config: SchedulerConfig, allocator: BlockAllocator, **kwargs
-) -> Scheduler:
-    """The scheduler for a `--scheduling` mode; `max_context_len` is needed by (and only by) static mode."""
-    if scheduling not in SCHEDULING_MODES:
-        raise ValueError(f"scheduling must be 'continuous' or 'static', not {scheduling!r}")
-    max_context_len = kwargs.pop("max_context_len")
-    if scheduling == "static":
-        return StaticScheduler(config, allocator, max_context_len=max_context_len, **kwargs)
-    return Scheduler(config, allocator, **kwargs)
+def _prompt_blocks(first: Sequence, seq: Sequence, limit: int, block_size: int) -> list[int]:
+    """The whole blocks of completion 0's prompt that `seq`, another completion, may start on (never a block
+    holding completion 0's output)."""
+    num_blocks = min(limit, seq.num_prompt_tokens // block_size, first.num_computed_tokens // block_size)
+    return first.block_table[:num_blocks]
+
+
+def _cache_filled_blocks(allocator: BlockAllocator, seq: Sequence, first_full: int) -> None:
+    """Index the blocks of `seq` filled since block `first_full`, for later prompts to share."""
+    bs = allocator.block_size
+    hashes = block_hashes(seq.token_ids, bs, seq.block_hashes, seq.cache_seed)
+    for index in range(first_full, seq.num_computed_tokens // bs):
+        parent = hashes[index - 1] if index else None
+        tokens = seq.token_ids[index * bs : (index + 1) * bs]
+        allocator.cache(seq.block_table[index], hashes[index], parent, tokens)

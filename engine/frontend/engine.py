@@ -1,16 +1,15 @@
 """The engine's front door: submit, cancel and offline generate, served by one step-loop thread.
 
 Callers never touch engine state: `submit` and `cancel` append commands to an `Inbox` that only the
-loop thread applies (the model of TGI's router queue). The loop thread owns everything else, the `EngineCore`
-(scheduler, model runner, output processor) and each request's event sink, and hands events back once
-per step per asyncio loop.
+loop thread (`engine.frontend.loop`) applies, the model of TGI's router queue; the counts callers read
+(`load`, `num_waiting`, ...) come from the snapshot that thread publishes after each pass. The loop thread
+owns everything else: the `EngineCore` (scheduler, model runner, output processor) and each request's
+event sink.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
@@ -18,19 +17,21 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from engine.batching import BatchConfig
-from engine.core.engine_core import EngineCore, Outbox
-from engine.core.inbox import Add, Cancel, ClearPrefixCache, Command, Inbox
+from engine.core.engine_core import EngineCore
+from engine.core.inbox import Inbox
 from engine.core.kv_cache import check_block_size
 from engine.core.kv_events import KvEventLog
 from engine.core.load import EngineLoad
 from engine.core.observer import EngineObserver
 from engine.core.output import OutputProcessor
-from engine.core.scheduler import SchedulerConfig, make_scheduler
+from engine.core.scheduler import SchedulerConfig
+from engine.core.scheduling_modes import make_scheduler
 from engine.core.sequence import Sequence, SequenceGroup
 from engine.core.structured import GRAMMAR_STEP_BUDGET_MS, GrammarCompiler
-from engine.errors import EngineStoppedError, InvalidRequestError, RequestFailedError
+from engine.errors import EngineStoppedError, InvalidRequestError
 from engine.execution.model_runner import ModelRunner
 from engine.frontend.limits import MAX_CHAT_MESSAGES, MAX_N, MAX_PROMPT_CHARS, RequestLimits, check_request
+from engine.frontend.loop import AsyncSink, EngineLoop
 from engine.request import (
     FinishReason,
     GenerationEvent,
@@ -41,8 +42,6 @@ from engine.request import (
     Timing,
     TokenInfo,
 )
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -104,19 +103,6 @@ class GenerationResult:
     timing: Timing
     prompt_logprobs: list[TokenInfo] = field(default_factory=list)  # with SamplingParams.prompt_logprobs
     cached_prompt_tokens: int = 0
-
-
-@dataclass(slots=True)
-class _AsyncSink:
-    """Delivers a request's events to an asyncio queue on the loop that submitted it."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-
-
-def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
 
 
 class Engine:
@@ -243,7 +229,7 @@ class Engine:
         once every completion has finished, or with the first error (which cancels the others). Closing the
         iterator before the last event cancels the request.
         """
-        sink = _AsyncSink(asyncio.get_running_loop())
+        sink = AsyncSink(asyncio.get_running_loop())
         first = self._enqueue(request, sink)
         return self._events(first, request.n, sink.queue)
 
@@ -286,7 +272,7 @@ class Engine:
             remaining -= item.finished
         return [_result(r.request_id, collected[r.request_id]) for r in requests]
 
-    def _enqueue(self, request: GenerationRequest, sink: _AsyncSink | queue.Queue) -> Sequence:
+    def _enqueue(self, request: GenerationRequest, sink: AsyncSink | queue.Queue) -> Sequence:
         """Queue a request's completion 0, whose group's events go to `sink`; the loop forks the others."""
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down and accepts no new requests")
@@ -334,7 +320,7 @@ class Engine:
                 ready.set()
             self._go.wait()
             try:
-                self._loop()
+                EngineLoop(built[0], self._inbox, self.kv_events).run()
             finally:
                 built[0].runner.close()
 
@@ -345,55 +331,6 @@ class Engine:
             self._thread.join()
             raise built[0]
         return built[0]
-
-    def _loop(self) -> None:
-        scheduler = self.core.scheduler
-        while (commands := self._inbox.take(scheduler.has_work, scheduler.idle_timeout)) is not None:
-            outbox: Outbox = []
-            try:
-                self._apply(commands, outbox)
-                self.core.step(outbox)
-            except Exception as exc:  # a bug outside the model step: fail what is in flight, keep serving
-                log.exception("engine loop failed")
-                self.core.fail_all(RequestFailedError(f"engine fault: {exc}"), outbox)
-            self._inbox.publish(self.core.load())
-            self.kv_events.publish()  # before the events: a request's blocks are published when it ends
-            self._dispatch(outbox)
-        outbox = []
-        self._apply(self._inbox.drain(), outbox)
-        self.core.fail_all(EngineStoppedError("the engine stopped"), outbox)
-        self._inbox.publish(self.core.load())
-        self._dispatch(outbox)
-
-    def _apply(self, commands: list[Command], outbox: Outbox) -> None:
-        for command in commands:
-            if isinstance(command, Add):
-                self.core.add(command.seq)
-            elif isinstance(command, Cancel):
-                self.core.abort_group(command.group_id, command.error, outbox)
-            elif isinstance(command, ClearPrefixCache):
-                command.done.set_result(self.model_runner.allocator.clear_cache())
-
-    def _dispatch(self, outbox: Outbox) -> None:
-        """Hand this step's events to their callers: one thread crossing per asyncio loop per step."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for seq, item in outbox:
-            sink = seq.group.sink
-            if isinstance(item, Exception) or item.finished:
-                self._end(seq)
-            if isinstance(sink, _AsyncSink):
-                by_loop.setdefault(sink.loop, []).append((sink.queue, item))
-            else:
-                sink.put((seq.id, item))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is listening any more
-                loop.call_soon_threadsafe(_deliver, items)
-
-    def _end(self, seq: Sequence) -> None:
-        """`seq` has ended; once its whole request has (forks included), the request id is free again."""
-        seq.group.num_live -= 1
-        if not seq.group.num_live:
-            self._inbox.forget(seq)
 
     def _warmup_token(self) -> int:
         return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 0
