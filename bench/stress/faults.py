@@ -53,7 +53,7 @@ def _poisoned(run: Callable) -> Callable:
 
     def poisoned_run(inputs, is_prefill: bool) -> torch.Tensor:
         logits = run(inputs, is_prefill)
-        sampled = [item for item in inputs if item.needs_logits]
+        sampled = [item for item in inputs if item.sample]
         for i, item in enumerate(sampled):
             if item.token_ids[: len(POISON)] == POISON:
                 logits[i] = float("nan")

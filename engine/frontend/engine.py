@@ -149,7 +149,7 @@ class Engine:
             device=str(runner.device),
             dtype=str(runner.dtype).removeprefix("torch."),
             kv_block_size=runner.block_size,
-            num_kv_blocks=runner.allocator.num_blocks,
+            num_kv_blocks=self.num_kv_blocks,
         )
 
     @property
