@@ -71,8 +71,12 @@ class EngineCore:
             self.finish(seq, outbox, error)
 
     def abort_group(self, group_id: int, error: Exception, outbox: Outbox) -> None:
-        """End every live completion of one request with `error` (a scan: cancels are rare next to steps)."""
-        for seq in [s for s in self.scheduler.sequences.values() if s.group_id == group_id]:
+        """End every live completion of one request with `error`."""
+        first = self.scheduler.sequences.get(group_id)
+        if first is not None and first.request.n == 1:
+            self.finish(first, outbox, error)
+            return
+        for seq in [s for s in self.scheduler.sequences.values() if s.group_id == group_id]:  # n > 1: rare
             self.finish(seq, outbox, error)
 
     def fail_all(self, error: Exception, outbox: Outbox) -> None:
