@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import threading
@@ -89,12 +90,17 @@ class ContinuousBatcher:
     A first request longer than `config.max_batch_tokens` could never fit, so it goes alone (a
     batch of one; the engine, which validates prompt lengths, chunks its prefill), but only in a
     step whose token limit is not tighter than the config's: a tighter one means no room now.
+
+    `thread_safe=False` is for an owner that is the only thread to call it (the engine's scheduler, on
+    the loop thread): the same policy without a lock.
     """
 
-    def __init__(self, config: BatchConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, config: BatchConfig, clock: Callable[[], float] = time.monotonic, *, thread_safe: bool = True
+    ) -> None:
         self.config = config
         self.clock = clock
-        self._lock = threading.Lock()
+        self._lock: contextlib.AbstractContextManager = threading.Lock() if thread_safe else _NO_LOCK
         self._heap: list[tuple[int, int, BatchRequest]] = []
         self._queued: dict[str, BatchRequest] = {}
         self._seq = itertools.count()
@@ -192,6 +198,9 @@ class ContinuousBatcher:
         if not self._queued:
             return None
         return self.clock() - min(r.arrival_time for r in self._queued.values())
+
+
+_NO_LOCK = contextlib.nullcontext()
 
 
 def _tighter(limit: int, step_limit: int | None) -> int:

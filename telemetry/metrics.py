@@ -146,7 +146,7 @@ class ServingMetrics(EngineObserver):
         # `_ratio` for the unit "1", so the name carries it.
         meter.create_observable_gauge(
             "textgen.kv_cache.usage_ratio",
-            [lambda _: [Observation(1 - engine.num_free_kv_blocks / engine.num_kv_blocks)]],
+            [lambda _: [Observation(engine.load.kv_usage)]],
             "1",
             "Fraction of the KV-cache blocks in use, 0 to 1",
         )
@@ -182,10 +182,10 @@ class ServingMetrics(EngineObserver):
 
 def _kv_blocks(engine: Engine):
     def observe(options: CallbackOptions) -> Iterable[Observation]:
-        free = engine.num_free_kv_blocks
+        load = engine.load  # one snapshot: used and free add up to the pool
         return [
-            Observation(engine.num_kv_blocks - free, {"state": "used"}),
-            Observation(free, {"state": "free"}),
+            Observation(load.num_used_kv_blocks, {"state": "used"}),
+            Observation(load.num_free_kv_blocks, {"state": "free"}),
         ]
 
     return observe

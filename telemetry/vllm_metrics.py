@@ -33,11 +33,11 @@ class VllmMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         engine = self._engine
-        usage = 1 - engine.num_free_kv_blocks / engine.num_kv_blocks
+        load = engine.load  # one snapshot of the loop's numbers; the inbox adds requests on their way
         for name, documentation, value in (
             ("vllm:num_requests_waiting", "Requests waiting to be admitted", engine.num_waiting),
-            ("vllm:num_requests_running", "Requests in the running batch", engine.num_running),
-            ("vllm:kv_cache_usage_perc", "KV-cache usage, 0 to 1 (1 is all blocks in use)", usage),
+            ("vllm:num_requests_running", "Requests in the running batch", load.num_running),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage, 0 to 1 (1 is all blocks in use)", load.kv_usage),
         ):
             gauge = GaugeMetricFamily(name, documentation, labels=list(self._labels))
             gauge.add_metric(list(self._labels.values()), value)

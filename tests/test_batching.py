@@ -323,3 +323,30 @@ def test_concurrent_add_from_four_threads() -> None:
     for batch, size_limit, token_limit in batches:
         assert 1 <= batch.size <= size_limit
         assert batch.total_input_tokens <= token_limit
+
+
+def test_the_lock_free_batcher_forms_exactly_the_batches_of_the_thread_safe_one() -> None:
+    """The scheduler's batcher (`thread_safe=False`, one owner thread) runs the same policy, op for op."""
+    rng = random.Random(7)
+    clocks = FakeClock(), FakeClock()
+    config = BatchConfig(max_batch_size=4, max_batch_tokens=64, min_batch_size=2, max_wait_ms=5)
+    batchers = ContinuousBatcher(config, clocks[0]), ContinuousBatcher(config, clocks[1], thread_safe=False)
+    outcomes: list[list] = [[], []]
+    for step in range(300):
+        op, tokens, priority, slots = (
+            rng.randrange(4),
+            rng.randrange(1, 80),
+            rng.randrange(3),
+            rng.randrange(1, 5),
+        )
+        for clock, batcher, seen in zip(clocks, batchers, outcomes, strict=True):
+            clock.now += 0.001
+            if op < 2:
+                batcher.add(req(f"r{step}", tokens, priority))
+            elif op == 2:
+                batch = batcher.try_form_batch(max_batch_size=slots)
+                seen.append(None if batch is None else (ids(batch), batch.max_wait_time))
+            else:
+                seen.append((len(batcher), batcher.ready(), batcher.peek_oldest_wait()))
+    assert outcomes[0] == outcomes[1]
+    assert any(isinstance(o, tuple) and isinstance(o[0], list) for o in outcomes[1])  # batches did form

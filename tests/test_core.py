@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 from engine.batching import BatchConfig
 from engine.core.engine_core import EngineCore
 from engine.core.kv_cache import BlockAllocator
@@ -42,9 +44,10 @@ class ScriptedRunner:
 def make_core(num_blocks: int = 16) -> tuple[EngineCore, ScriptedRunner]:
     allocator = BlockAllocator(num_blocks, block_size=4)
     config = SchedulerConfig(BatchConfig(max_batch_tokens=64))
-    scheduler = Scheduler(config, allocator, eos_token_ids={EOS})
+    scheduler = Scheduler(config, allocator)
     runner = ScriptedRunner()
-    return EngineCore(scheduler, runner, OutputProcessor(LetterTokenizer(), {EOS}), EngineObserver()), runner
+    outputs = OutputProcessor(LetterTokenizer(), {EOS}, eos_token_ids={EOS})
+    return EngineCore(scheduler, runner, outputs, EngineObserver()), runner
 
 
 def submit(core: EngineCore, runner: ScriptedRunner, tokens: list[int], **stopping) -> Sequence:
@@ -159,3 +162,69 @@ def test_a_failed_step_hands_its_finished_sequences_on_to_the_next_step():
     assert runner.steps[1].finished_seq_ids == [short.seq_id]
     run_until_idle(core)
     assert short.seq_id in runner.steps[2].finished_seq_ids  # the runner can still drop its state
+
+
+class RecordingGrammar:
+    """Stands in for a sequence's grammar matcher: records the tokens it is advanced with."""
+
+    def __init__(self) -> None:
+        self.accepted: list[int] = []
+
+    def accept(self, token_id: int) -> None:
+        self.accepted.append(token_id)
+
+
+def test_the_loop_side_advances_a_sequences_grammar_with_each_sampled_token_and_not_a_failed_ones():
+    core, runner = make_core()
+    seq = submit(core, runner, [3, 4, EOS])
+    failing = submit(core, runner, [3, 4])
+    seq.grammar, failing.grammar = RecordingGrammar(), RecordingGrammar()
+    runner.fail.add(failing.seq_id)
+    run_until_idle(core)
+    assert seq.grammar.accepted == [3, 4, EOS]  # the scripted runner never touches it: the update does
+    assert failing.grammar.accepted == []
+
+
+def test_a_stop_sequence_completed_by_an_eos_token_at_the_length_limit_is_the_finish_reason():
+    core, runner = make_core()
+    seq = submit(core, runner, [3, EOS], max_new_tokens=2, stop_sequences=("dc",))  # EOS reads "c"
+    events = events_of(run_until_idle(core), seq)
+    assert events[-1].finish_reason is FinishReason.STOP_SEQUENCE and events[-1].completion_tokens == 2
+
+
+def submit_n(core: EngineCore, runner: ScriptedRunner, n: int) -> Sequence:
+    """A request of `n` completions, each scripted to sample 3, 4, 5, 6 (forks' ids are made later)."""
+    runner.script = defaultdict(lambda: [3, 4, 5, 6])
+    seq = Sequence(GenerationRequest([10, 11, 12], stopping=StoppingParams(max_new_tokens=4), n=n), 4)
+    core.add(seq)
+    return seq
+
+
+def test_the_forked_completions_run_and_finish_like_completion_0():
+    core, runner = make_core()
+    first = submit_n(core, runner, n=3)
+    outbox = run_until_idle(core)
+    finished = sorted(item.index for seq, item in outbox if item.finished and seq.group is first.group)
+    assert finished == [0, 1, 2] and "".join(e.text for e in events_of(outbox, first)) == "defg"
+    assert core.scheduler.allocator.num_free == 16 and not core.scheduler.sequences
+
+
+def test_cancelling_a_request_before_its_prefill_ends_completion_0_and_forks_nothing():
+    core, runner = make_core()
+    first = submit_n(core, runner, n=3)
+    outbox: list = []
+    core.abort_group(first.group_id, RequestCancelledError("cancelled"), outbox)
+    assert [type(item) for _, item in outbox] == [RequestCancelledError]
+    assert not core.scheduler.has_work() and not core.scheduler.sequences
+
+
+def test_cancelling_a_request_after_the_forks_ends_every_live_completion_and_frees_their_blocks():
+    core, runner = make_core()
+    first = submit_n(core, runner, n=3)
+    outbox: list = []
+    core.step(outbox)  # completion 0's prefill: the two forks are queued
+    core.step(outbox)  # their prefill
+    assert len(core.scheduler.sequences) == 3
+    core.abort_group(first.group_id, RequestCancelledError("cancelled"), outbox)
+    ended = sorted(seq.index for seq, item in outbox if isinstance(item, RequestCancelledError))
+    assert ended == [0, 1, 2] and core.scheduler.allocator.num_free == 16

@@ -22,13 +22,14 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.random_model import random_model, save_random_model  # noqa: E402
+from engine.core.step import StepRow  # noqa: E402
 from engine.execution.attention.torch_backend import (  # noqa: E402
     PrefillSegment,
     paged_decode_attention,
     plan_prefill,
     prefill_attention,
 )
-from engine.execution.model_runner import ModelRunner, StepInput  # noqa: E402
+from engine.execution.model_runner import ModelRunner  # noqa: E402
 from engine.frontend.engine import Engine, EngineConfig  # noqa: E402
 from engine.request import StoppingParams  # noqa: E402
 
@@ -98,14 +99,14 @@ def test_prefill_in_one_call_matches_attention_per_sequence(starts, lengths):
     torch.testing.assert_close(out.float(), torch.cat(expected), **BF16)
 
 
-def decode_inputs(runner: ModelRunner, prompts: list[list[int]]) -> list[StepInput]:
+def decode_inputs(runner: ModelRunner, prompts: list[list[int]]) -> list[StepRow]:
     inputs = []
     for prompt in prompts:
         table: list[int] = []
         assert runner.allocator.allocate(table, 64)
-        inputs.append(StepInput(prompt, 0, table))
+        inputs.append(StepRow(prompt, 0, table))
     runner.run(inputs, is_prefill=True)
-    return [StepInput([p[-1]], len(p), item.block_table) for p, item in zip(prompts, inputs, strict=True)]
+    return [StepRow([p[-1]], len(p), item.block_table) for p, item in zip(prompts, inputs, strict=True)]
 
 
 def test_decode_replayed_from_cuda_graphs_gives_the_eager_logits():
@@ -137,7 +138,7 @@ def teacher_forced_logits(
     inputs = decode_inputs(runner, prompts)  # the prefill, all prompts in one step
     logits = [runner.run(inputs, is_prefill=False)]
     for step in range(steps):
-        inputs = [StepInput([(s.token_ids[0] * 7 + step) % runner.vocab_size], s.start_pos + 1, s.block_table)
+        inputs = [StepRow([(s.token_ids[0] * 7 + step) % runner.vocab_size], s.start_pos + 1, s.block_table)
                   for s in inputs]  # fmt: skip
         logits.append(runner.run(inputs, is_prefill=False))
     for item in inputs:

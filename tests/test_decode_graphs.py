@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.core.step import StepRow
 from engine.execution.decode_graphs import decode_buckets
-from engine.execution.model_runner import ModelRunner, StepInput
+from engine.execution.model_runner import ModelRunner
 
 PROMPTS = [[5, 17, 300, 42, 7], [900, 901, 902], list(range(100, 140)), [11, 12, 13, 14, 15, 16, 17, 18, 19]]
 MAX_CONTEXT = 64
@@ -35,15 +36,15 @@ def make_runner(path, padded: bool, backend: str = "cpu") -> ModelRunner:
     return runner
 
 
-def prefill(runner: ModelRunner, prompts: list[list[int]]) -> list[StepInput]:
+def prefill(runner: ModelRunner, prompts: list[list[int]]) -> list[StepRow]:
     """Prefill `prompts`; the decode inputs of their next token (each feeds back its prompt's last id)."""
     inputs = []
     for prompt in prompts:
         table: list[int] = []
         assert runner.allocator.allocate(table, MAX_CONTEXT)
-        inputs.append(StepInput(prompt, 0, table))
+        inputs.append(StepRow(prompt, 0, table))
     runner.run(inputs, is_prefill=True)
-    return [StepInput([p[-1]], len(p), item.block_table) for p, item in zip(prompts, inputs, strict=True)]
+    return [StepRow([p[-1]], len(p), item.block_table) for p, item in zip(prompts, inputs, strict=True)]
 
 
 @pytest.fixture(scope="module")

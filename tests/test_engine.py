@@ -251,7 +251,7 @@ async def test_a_row_that_cannot_be_sampled_fails_only_its_own_request(llama_eng
 
     def run(inputs, is_prefill):
         logits = real_run(inputs, is_prefill)
-        sampled = [item for item in inputs if item.needs_logits]
+        sampled = [item for item in inputs if item.sample]
         for i, item in enumerate(sampled):
             if item.token_ids[:4] == poisoned:
                 logits[i] = float("nan")
@@ -383,7 +383,7 @@ async def wait_for_idle(engine: Engine, timeout: float = 5.0) -> None:
 async def test_a_fault_outside_the_model_step_fails_in_flight_requests_and_the_loop_keeps_serving(
     llama_engine, monkeypatch
 ):
-    scheduler = llama_engine.scheduler
+    scheduler = llama_engine.core.scheduler
     real_schedule = scheduler.schedule
     calls = {"n": 0}
 
@@ -404,22 +404,24 @@ async def test_a_fault_outside_the_model_step_fails_in_flight_requests_and_the_l
 
 
 def test_split_prefill_packs_whole_sequences_and_cuts_only_long_ones():
-    from engine.execution.model_runner import StepInput, split_prefill
+    from engine.core.step import StepRow
+    from engine.execution.model_runner import split_prefill
 
-    a, b, c, d = (StepInput(list(range(n)), 0, [i]) for i, n in enumerate([3, 4, 10, 2]))
+    a, b, c, d = (StepRow(list(range(n)), 0, [i]) for i, n in enumerate([3, 4, 10, 2]))
     parts = split_prefill([a, b, c, d], budget=8)
     assert [[len(x.token_ids) for x in part] for part in parts] == [[3, 4], [8], [2], [2]]
     assert parts[0] == [a, b] and parts[3] == [d]
     first, rest = parts[1][0], parts[2][0]  # sequence c, cut in two: the first piece continues into the next
-    assert (first.start_pos, first.needs_logits) == (0, False)
-    assert (rest.start_pos, rest.needs_logits, rest.token_ids) == (8, True, [8, 9])
+    assert (first.start_pos, first.sample) == (0, False)
+    assert (rest.start_pos, rest.sample, rest.token_ids) == (8, True, [8, 9])
     assert first.block_table is c.block_table
     assert split_prefill([a, b], budget=8) == [[a, b]]
 
 
 @pytest.mark.parametrize("budget", [7, 16])
 def test_prefill_split_into_passes_gives_the_same_logits(tiny_model_dir, budget):
-    from engine.execution.model_runner import ModelRunner, StepInput
+    from engine.core.step import StepRow
+    from engine.execution.model_runner import ModelRunner
 
     path = str(tiny_model_dir("llama"))
     whole = ModelRunner(path, "cpu", "float32", num_kv_blocks=64, prefill_chunk_tokens=0)
@@ -430,7 +432,7 @@ def test_prefill_split_into_passes_gives_the_same_logits(tiny_model_dir, budget)
         for prompt in PROMPTS:
             table: list[int] = []
             assert runner.allocator.allocate(table, len(prompt))
-            inputs.append(StepInput(prompt, 0, table))
+            inputs.append(StepRow(prompt, 0, table))
         outputs.append(runner.run(inputs, is_prefill=True))
     assert outputs[0].shape == (len(PROMPTS), whole.vocab_size)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)

@@ -150,7 +150,8 @@ def test_a_one_token_prompt_has_nothing_to_score(tiny_engine):
 
 def test_a_sequence_recomputed_after_preemption_does_not_score_its_prompt_again():
     recompute = [1, 2, 3, 4]  # a prompt of 3 and the token generated before the preemption
-    row = StepRow(1, recompute, 0, [0], True, SamplingParams(prompt_logprobs=True), recompute, 3)
+    params = SamplingParams(prompt_logprobs=True)
+    row = StepRow(recompute, 0, [0], seq_id=1, sampling=params, history=recompute, num_prompt_tokens=3)
 
     assert not row.scores_prompt
     row.token_ids = row.history = recompute[:3]

@@ -10,8 +10,9 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from transformers import AutoModelForCausalLM
 
+from engine.core.step import StepRow
 from engine.execution import quantized
-from engine.execution.model_runner import ModelRunner, StepInput
+from engine.execution.model_runner import ModelRunner
 from engine.execution.quantized import Q4_1, Q8_0, QuantizedLinear, dequantize, quantize
 from engine.frontend.engine import Engine, EngineConfig
 from engine.request import StoppingParams
@@ -122,12 +123,10 @@ def run_steps(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list
         table: list[int] = []
         assert runner.allocator.allocate(table, len(prompt) + steps + 1)
         tables.append(table)
-    logits = [runner.run([StepInput(p, 0, t) for p, t in zip(prompts, tables, strict=True)], True)]
+    logits = [runner.run([StepRow(p, 0, t) for p, t in zip(prompts, tables, strict=True)], True)]
     tokens = logits[-1].argmax(-1).tolist()
     for step in range(steps):
-        inputs = [
-            StepInput([tok], len(p) + step, t) for p, t, tok in zip(prompts, tables, tokens, strict=True)
-        ]
+        inputs = [StepRow([tok], len(p) + step, t) for p, t, tok in zip(prompts, tables, tokens, strict=True)]
         logits.append(runner.run(inputs, False))
         tokens = logits[-1].argmax(-1).tolist()
     return logits

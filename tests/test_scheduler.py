@@ -6,7 +6,8 @@ import pytest
 
 from engine.batching import BatchConfig
 from engine.core.kv_cache import BlockAllocator
-from engine.core.scheduler import Scheduler, SchedulerConfig, make_scheduler
+from engine.core.scheduler import Scheduler, SchedulerConfig
+from engine.core.scheduling_modes import make_scheduler
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.core.step import Step, StepOutput
 from engine.request import GenerationRequest
@@ -202,3 +203,44 @@ def test_a_prompt_being_scored_is_prefilled_at_most_512_tokens_per_step():
 
     assert [row.num_tokens for row in first.rows] == [512, 300]
     assert [row.num_tokens for row in second.rows] == [188] and second.rows[0].sample
+
+
+# ---- n > 1: completions forked from completion 0 --------------------------------------------------------
+
+
+def test_only_completion_0_waits_and_the_others_are_forked_into_the_queue_once_its_prompt_is_prefilled():
+    scheduler = new_scheduler(prefix_caching=False)
+    first = Sequence(GenerationRequest(list(range(1, 11)), n=3), max_new_tokens=8)
+    scheduler.add(first)
+    assert scheduler.num_waiting == 1 and list(scheduler.sequences) == ids(first)
+    step = scheduler.schedule()
+    assert row_ids(step) == ids(first)
+    sampled = len(step.sampled_rows)
+    result = scheduler.update(step, StepOutput([7] * sampled, [0.0] * sampled))
+
+    forks = result.forked
+    assert [seq.index for seq in forks] == [1, 2] and scheduler.num_waiting == 2
+    assert all(seq.group_id == first.seq_id and seq.group is first.group for seq in forks)
+    assert first.group.num_live == 3 and [seq.token_ids for seq in forks] == [list(range(1, 11))] * 2
+    step = scheduler.schedule()
+    assert step.is_prefill and row_ids(step) == ids(*forks)
+    # Two whole prompt blocks of 4 come from completion 0: each fork computes only the last two tokens.
+    assert [row.start_pos for row in step.rows] == [8, 8]
+    assert all(seq.block_table[:2] == first.block_table[:2] for seq in forks)
+
+
+def test_a_recomputed_completion_0_forks_nothing_again():
+    scheduler = new_scheduler(num_blocks=4, prefix_caching=False)
+    first = Sequence(GenerationRequest(list(range(1, 5)), n=2), max_new_tokens=64)
+    scheduler.add(first)
+    step = scheduler.schedule()
+    sampled = len(step.sampled_rows)
+    assert len(scheduler.update(step, StepOutput([7] * sampled, [0.0] * sampled)).forked) == 1
+    fork = scheduler.sequences[max(scheduler.sequences)]
+    scheduler.finish(fork)
+    scheduler._preempt(first)  # as a decode step short of blocks would
+    step = scheduler.schedule()
+    assert step.is_prefill and row_ids(step) == ids(first)
+    sampled = len(step.sampled_rows)
+    assert scheduler.update(step, StepOutput([7] * sampled, [0.0] * sampled)).forked == []
+    assert list(scheduler.sequences) == ids(first)

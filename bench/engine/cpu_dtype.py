@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from engine.execution.model_runner import ModelRunner, StepInput
+from engine.core.step import StepRow
+from engine.execution.model_runner import ModelRunner
 
 # (dtype, weight format, attention backend): the first is the reference the others are compared with.
 CONFIGS = {
@@ -41,7 +42,7 @@ def _tables(runner: ModelRunner, count: int, tokens: int) -> list[list[int]]:
 def decode_step_s(runner: ModelRunner, batch_size: int, context: int, repeats: int) -> float:
     """Median seconds of one decode step of `batch_size` sequences with `context` cached tokens."""
     tables = _tables(runner, batch_size, context + 1)
-    decode = [StepInput([5], context, table) for table in tables]
+    decode = [StepRow([5], context, table) for table in tables]
     runner.run(decode, is_prefill=False)
     times = []
     for _ in range(repeats):
@@ -57,7 +58,7 @@ def prefill_tokens_per_s(runner: ModelRunner, batch_size: int, context: int) -> 
     tables = _tables(runner, batch_size, context)
     prompt = list(range(1000, 1000 + context))
     start = time.perf_counter()
-    runner.run([StepInput(prompt, 0, table) for table in tables], is_prefill=True)
+    runner.run([StepRow(prompt, 0, table) for table in tables], is_prefill=True)
     rate = batch_size * context / (time.perf_counter() - start)
     for table in tables:
         runner.allocator.free(table)
@@ -71,9 +72,9 @@ def teacher_forced_logits(runner: ModelRunner, ids: list[int], prefill_tokens: i
     does not cascade)."""
     table: list[int] = []
     assert runner.allocator.allocate(table, len(ids))
-    rows = [runner.run([StepInput(ids[:prefill_tokens], 0, table)], is_prefill=True).float()]
+    rows = [runner.run([StepRow(ids[:prefill_tokens], 0, table)], is_prefill=True).float()]
     for position in range(prefill_tokens, len(ids) - 1):
-        rows.append(runner.run([StepInput([ids[position]], position, table)], is_prefill=False).float())
+        rows.append(runner.run([StepRow([ids[position]], position, table)], is_prefill=False).float())
     runner.allocator.free(table)
     return torch.cat(rows)
 

@@ -244,7 +244,7 @@ def decode_rows(plan: Plan, shape: str, rate: float | None) -> list[DecodeRow]:
 
 def time_decode(runner, plan: Plan, batch: int) -> float:
     """Median seconds of a decode step of `batch` sequences (the runner's whole step, host work included)."""
-    from engine.execution.model_runner import StepInput
+    from engine.core.step import StepRow
 
     rng = np.random.default_rng(batch)
     vocab = runner.vocab_size
@@ -253,12 +253,12 @@ def time_decode(runner, plan: Plan, batch: int) -> float:
     for _ in range(batch):
         table: list[int] = []
         assert runner.allocator.allocate(table, total)
-        inputs.append(StepInput(rng.integers(3, vocab, plan.context).tolist(), 0, table))
+        inputs.append(StepRow(rng.integers(3, vocab, plan.context).tolist(), 0, table))
     runner.run(inputs, is_prefill=True)
     times = []
     for step in range(plan.warmup_steps + plan.timed_steps):
         position = plan.context + step
-        steps = [StepInput([int(rng.integers(3, vocab))], position, s.block_table) for s in inputs]
+        steps = [StepRow([int(rng.integers(3, vocab))], position, s.block_table) for s in inputs]
         synchronize(plan.device)
         start = time.perf_counter()
         runner.run(steps, is_prefill=False)

@@ -53,7 +53,7 @@ def _poisoned(run: Callable) -> Callable:
 
     def poisoned_run(inputs, is_prefill: bool) -> torch.Tensor:
         logits = run(inputs, is_prefill)
-        sampled = [item for item in inputs if item.needs_logits]
+        sampled = [item for item in inputs if item.sample]
         for i, item in enumerate(sampled):
             if item.token_ids[: len(POISON)] == POISON:
                 logits[i] = float("nan")
@@ -87,7 +87,7 @@ async def engine_faults(model: str, max_new_tokens: int = 48) -> ScenarioResult:
     all_outcomes: list[Outcome] = []
     async with InProcessServer(model, batch=BatchConfig(max_batch_size=4)) as server:
         engine = server.engine
-        faulty = FaultyRunner(engine.model_runner, engine.scheduler)
+        faulty = FaultyRunner(engine.model_runner, engine.core.scheduler)
         engine.core.runner = faulty
         async with grpc.aio.insecure_channel(server.target) as channel:
             stub = pb_grpc.TextGenerationServiceStub(channel)

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Protocol
 
+from engine.core.load import EngineLoad
 from engine.core.observer import EngineObserver
 from engine.core.output import OutputProcessor
 from engine.core.scheduler import Scheduler
@@ -48,6 +49,17 @@ class EngineCore:
         self.outputs = outputs
         self.observer = observer
 
+    def load(self) -> EngineLoad:
+        """The scheduler's and the KV cache's numbers now, for the loop thread to publish."""
+        allocator = self.scheduler.allocator
+        return EngineLoad(
+            self.scheduler.num_waiting,
+            self.scheduler.num_running,
+            allocator.num_free,
+            allocator.num_cached,
+            allocator.num_blocks,
+        )
+
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
         self.outputs.add(seq)
@@ -56,6 +68,15 @@ class EngineCore:
         """End a live sequence with `error` (cancelled, say); nothing happens if it already ended."""
         seq = self.scheduler.sequences.get(seq_id)
         if seq is not None:
+            self.finish(seq, outbox, error)
+
+    def abort_group(self, group_id: int, error: Exception, outbox: Outbox) -> None:
+        """End every live completion of one request with `error`."""
+        first = self.scheduler.sequences.get(group_id)
+        if first is not None and first.request.n == 1:
+            self.finish(first, outbox, error)
+            return
+        for seq in [s for s in self.scheduler.sequences.values() if s.group_id == group_id]:  # n > 1: rare
             self.finish(seq, outbox, error)
 
     def fail_all(self, error: Exception, outbox: Outbox) -> None:
@@ -88,6 +109,8 @@ class EngineCore:
                 self.abort(row.seq_id, RequestFailedError(f"engine fault: {exc}"), outbox)
             return
         result = self.scheduler.update(step, output)
+        for seq in result.forked:
+            self.outputs.add(seq)
         for seq, reason in result.failed:
             if not isinstance(reason, EngineError):  # a row that could not be sampled: an engine fault
                 reason = RequestFailedError(f"sampling failed: {reason}")

@@ -1,8 +1,9 @@
-"""The one door between callers' threads and the engine's loop thread: commands, and the ids in flight.
+"""The one door between callers' threads and the engine's loop thread: commands in, the load out.
 
 Callers append `Add` and `Cancel` commands; only the loop thread takes them and applies them to the
 engine's state. The inbox also knows which request ids are in flight, so that a duplicate is refused at
-once and an id is free again the moment its request is cancelled or ends.
+once and an id is free again the moment its request is cancelled or ends. The other way, the loop thread
+publishes an `EngineLoad` snapshot after each pass: callers read loop state only from it.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from engine.core.load import EngineLoad
 from engine.core.sequence import Sequence
 from engine.errors import DuplicateRequestError, QueueFullError, RequestCancelledError
 
 
 @dataclass(slots=True)
 class Add:
-    seqs: list[Sequence]  # one request's: one per completion, completion 0 first
-    sink: object  # where the loop thread sends the sequences' events
+    seq: Sequence  # a request's completion 0 (its group's sink says where its events go)
 
 
 @dataclass(slots=True)
@@ -38,7 +39,7 @@ Announce = Callable[[Sequence], None]
 
 
 class Inbox:
-    """Commands for the loop thread and the request ids in flight, under one lock."""
+    """Commands for the loop thread, the request ids in flight and the loop's last load, under one lock."""
 
     def __init__(self, max_queue_size: int) -> None:
         self.max_queue_size = max_queue_size
@@ -47,28 +48,35 @@ class Inbox:
         self._commands: list[Command] = []
         self._live: dict[str, int] = {}  # request id -> its sequences' group id, until the request ends
         self._stopped = False
+        self.load = EngineLoad()  # replaced whole by `publish`: read it without the lock
+        self._num_taken = 0  # sequences the loop took since its last `publish`, not in `load` yet
 
     @property
-    def num_pending_adds(self) -> int:
+    def num_waiting(self) -> int:
+        """Sequences waiting: in the scheduler's queue at the last `publish`, or on their way to it."""
         with self._lock:
-            return self._pending_adds()
+            return self._num_waiting()
 
-    def add(self, seqs: list[Sequence], sink: object, num_waiting: int, announce: Announce) -> None:
-        """Queue one request's `seqs` unless its id is in flight or they do not fit in the queue
-        (`num_waiting` plus pending adds, in sequences).
+    def publish(self, load: EngineLoad) -> None:
+        """The loop thread's load after applying the commands it took and running a step."""
+        with self._lock:
+            self.load = load
+            self._num_taken = 0
 
-        `announce` runs for each once the request is accepted and before the loop thread can see it.
+    def add(self, first: Sequence, announce: Announce) -> None:
+        """Queue a request's completion 0 unless its id is in flight or its `n` completions do not fit in
+        the queue (`num_waiting` and them, in sequences).
+
+        `announce` runs once the request is accepted and before the loop thread can see it.
         """
-        first = seqs[0]
         with self._wakeup:
             if first.id in self._live:
                 raise DuplicateRequestError(f"request_id {first.id!r} is already in flight")
-            if num_waiting + self._pending_adds() + len(seqs) > self.max_queue_size:
+            if self._num_waiting() + first.request.n > self.max_queue_size:
                 raise QueueFullError(f"the queue is full ({self.max_queue_size} requests waiting)")
-            for seq in seqs:
-                announce(seq)
+            announce(first)
             self._live[first.id] = first.group_id
-            self._commands.append(Add(seqs, sink))
+            self._commands.append(Add(first))
             self._wakeup.notify()
 
     def cancel(self, request_id: str, group_id: int | None = None) -> None:
@@ -117,7 +125,12 @@ class Inbox:
 
     def _take(self) -> list[Command]:
         commands, self._commands = self._commands, []
+        self._num_taken += _num_seqs(commands)
         return commands
 
-    def _pending_adds(self) -> int:
-        return sum(len(command.seqs) for command in self._commands if isinstance(command, Add))
+    def _num_waiting(self) -> int:
+        return self.load.num_waiting + self._num_taken + _num_seqs(self._commands)
+
+
+def _num_seqs(commands: list[Command]) -> int:
+    return sum(command.seq.request.n for command in commands if isinstance(command, Add))

@@ -7,14 +7,16 @@ from engine.core.step import Step
 
 
 class EngineObserver:
-    """No-op base class. All hooks but `request_queued` run on the step-loop thread: keep them cheap.
+    """No-op base class. All hooks run on the step-loop thread but a request's `request_queued` (on the
+    caller's thread): keep them cheap.
 
     Hooks must not raise: an exception would stop the step loop. `request_admitted` fires again when a
     preempted sequence is readmitted for recomputation.
     """
 
     def request_queued(self, seq: Sequence) -> None:
-        """Called by `submit()` on the caller's thread."""
+        """Called by `submit()` on the caller's thread for a request's completion 0; for completions 1 to
+        n - 1, by the loop thread when it forks them from completion 0 (its prompt prefilled)."""
 
     def request_admitted(self, seq: Sequence) -> None:
         """The sequence leaves the queue for its first prefill chunk."""

@@ -14,13 +14,14 @@ class OutputProcessor:
     """Per-request output state (the incremental detokenizer, scored prompt tokens not yet sent), keyed by
     sequence id.
 
-    `process` may end a sequence by a stop sequence: it sets `finish_reason`, and the caller ends the
-    sequence in the scheduler like one that reached EOS or its length.
+    `process` is the one place that decides whether a token ends its sequence, and why (`finish_reason`:
+    a stop sequence, EOS or the length); the caller then ends a finished sequence with `EngineCore.finish`.
     """
 
-    def __init__(self, tokenizer, special_ids: set[int]) -> None:
+    def __init__(self, tokenizer, special_ids: set[int], eos_token_ids: set[int]) -> None:
         self.tokenizer = tokenizer
         self.special_ids = special_ids
+        self.eos_token_ids = eos_token_ids
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._prompt_logprobs: dict[int, list[TokenInfo]] = {}  # sent with the sequence's first event
 
@@ -41,8 +42,7 @@ class OutputProcessor:
         carries the scored prompt, the last usage and timing."""
         detokenizer = self._detokenizers[seq.seq_id]
         token_text = detokenizer.add_token(token_id)
-        if detokenizer.stopped:  # a stop sequence wins over EOS or length reached by the same token
-            seq.finish_reason = FinishReason.STOP_SEQUENCE
+        seq.finish_reason = self._finish_reason(seq, token_id, detokenizer.stopped)
         final = seq.finish_reason is not None
         token = TokenInfo(token_id, token_text, logprob, token_id in self.special_ids)
         if top:
@@ -53,6 +53,17 @@ class OutputProcessor:
         if final:
             _complete(event, seq)
         return event
+
+    def _finish_reason(self, seq: Sequence, token_id: int, stopped: bool) -> FinishReason | None:
+        """Why `seq` ends with `token_id`, its newest token, or None: a stop sequence wins over EOS or the
+        length reached by the same token."""
+        if stopped:
+            return FinishReason.STOP_SEQUENCE
+        if token_id in self.eos_token_ids and not seq.request.stopping.ignore_eos:
+            return FinishReason.EOS
+        if seq.num_completion_tokens >= seq.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
 
     def add_prompt_logprobs(self, scored: dict[int, list[PositionLogprobs]]) -> None:
         """Keep the prompt positions a step scored (by sequence id) for the sequences' first events."""

@@ -14,20 +14,19 @@ blocks (never its last token: that one's logits give the first new token) and pr
 every block a step fills is indexed for the sequences after it (`engine.core.kv_cache`). A sequence that
 scores its prompt (`prompt_logprobs`) takes none: scoring needs the logits of every prompt position.
 
-The completions of a request with n > 1 prefill its prompt once: completions 1 to n - 1 wait, outside the
-queue, until completion 0's prefill is done, then share its whole prompt blocks (whether or not prefix
-caching is on) and compute only the rest of the prompt's last block. Only completion 0 scores the prompt.
+The completions of a request with n > 1 prefill its prompt once: only completion 0 is queued, and once its
+prefill is done the scheduler forks completions 1 to n - 1 from it into the queue; they share its whole
+prompt blocks (whether or not prefix caching is on) and compute only the rest of the prompt's last block.
+Only completion 0 scores the prompt.
 
-`StaticScheduler` is the traditional scheme, kept as a baseline: admit a batch only when nothing runs,
-wait for `max_batch_size` requests or `max_wait_ms`, and keep finished rows in the batch (computing
-padding tokens) until its longest sequence finishes.
+The static baseline is `engine.core.static_scheduler`; `engine.core.scheduling_modes` picks one.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from engine.batching import BatchConfig, BatchRequest, ContinuousBatcher
 from engine.core.kv_cache import BlockAllocator, block_hashes
@@ -35,7 +34,6 @@ from engine.core.observer import EngineObserver
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.core.step import Step, StepOutput, StepRow
 from engine.errors import EngineError
-from engine.request import FinishReason
 
 # Prompt tokens scored per prefill step (`prompt_logprobs`): each brings a row of logits back, so this
 # bounds that memory (512 x a 49k vocabulary in float32: 100 MB); a longer prompt is scored over steps.
@@ -57,39 +55,37 @@ class SchedulerConfig:
 
 @dataclass(slots=True)
 class StepResult:
-    """What a step did to its sequences: tokens appended (a sequence whose `finish_reason` is now set is
-    done), and sequences whose row could not be sampled."""
+    """What a step did to its sequences: tokens appended, sequences whose row could not be sampled, and the
+    completions forked from a request's completion 0 (queued already)."""
 
     sampled: list[tuple[Sequence, int, float]] = field(default_factory=list)
     failed: list[tuple[Sequence, str | EngineError]] = field(default_factory=list)
+    forked: list[Sequence] = field(default_factory=list)
 
 
 class Scheduler:
     """Owns the waiting queue (the batcher), the sequences being prefilled and the running ones.
 
-    Single-threaded: only the engine's step loop calls it. `sequences` holds every live sequence by id;
-    `_tickets` their places in the batcher's line, so a preempted sequence goes back where it was.
+    Single-threaded: only the engine's step loop calls it, so its batcher has no lock. `sequences` holds
+    every live sequence by id; a queued sequence holds its own place in the batcher's line
+    (`Sequence.ticket`), so a preempted one goes back where it was.
     """
 
     def __init__(
         self,
         config: SchedulerConfig,
         allocator: BlockAllocator,
-        eos_token_ids: Collection[int] = (),
         observer: EngineObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.allocator = allocator
-        self.eos_token_ids = eos_token_ids
         self.observer = observer or EngineObserver()
         self.clock = clock
-        self.batcher = ContinuousBatcher(self._batch_config(config.batch), clock=clock)
+        self.batcher = ContinuousBatcher(self._batch_config(config.batch), clock=clock, thread_safe=False)
         self.sequences: dict[int, Sequence] = {}
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
-        self._tickets: dict[int, BatchRequest] = {}
-        self._held: dict[int, list[Sequence]] = {}  # group id -> completions waiting for its prefill
         self._finished_ids: list[int] = []
         self._preempted_ids: list[int] = []
         self._prefill_since: float | None = None  # when prefill steps began holding decoding off
@@ -116,18 +112,12 @@ class Scheduler:
         return max(self.config.batch.max_wait_ms / 1000 - waited, 0.001)
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence (a later completion waits for its request's prefill)."""
+        """Queue a new sequence (a request's completion 0: the others are forked from it)."""
         self.sequences[seq.seq_id] = seq
-        first = self.sequences.get(seq.group_id)
-        if first is not seq and first is not None and first.status is not SequenceStatus.RUNNING:
-            self._held.setdefault(seq.group_id, []).append(seq)
-        else:
-            self._queue(seq)
-
-    def _queue(self, seq: Sequence) -> None:
-        ticket = BatchRequest(str(seq.seq_id), seq.num_tokens, seq.max_new_tokens, seq.priority, payload=seq)
-        self.batcher.add(ticket)
-        self._tickets[seq.seq_id] = ticket
+        seq.ticket = BatchRequest(
+            str(seq.seq_id), seq.num_tokens, seq.max_new_tokens, seq.priority, payload=seq
+        )
+        self.batcher.add(seq.ticket)
 
     def schedule(self) -> Step | None:
         """The next step, or None when there is nothing to run."""
@@ -144,8 +134,8 @@ class Scheduler:
         return None
 
     def update(self, step: Step, output: StepOutput) -> StepResult:
-        """Record what `step` computed and append its sampled tokens; set the finish reason of every
-        sequence that reached EOS or its length (the caller ends them with `finish`)."""
+        """Record what `step` computed, append its sampled tokens and advance the sequences' grammars with
+        them (whether a token ends its sequence is the output processor's to say)."""
         result = StepResult()
         sampled = iter(zip(output.token_ids, output.logprobs, strict=True))
         for row in step.rows:
@@ -153,13 +143,15 @@ class Scheduler:
             seq = self._row_sequence(row.seq_id)
             if seq is None:
                 continue
-            self._advance(seq, row.num_tokens)
+            self._advance(seq, row.num_tokens, result)
             if token is None:
                 continue
             if row.seq_id in output.failed:
                 result.failed.append((seq, output.failed[row.seq_id]))
-            else:
-                self._append(seq, *token, result)
+                continue
+            if seq.grammar is not None:
+                seq.grammar.accept(token[0])
+            self._append(seq, *token, result)
         return result
 
     def step_failed(self, step: Step) -> None:
@@ -230,10 +222,8 @@ class Scheduler:
             hashes = block_hashes(seq.token_ids, bs, seq.block_hashes, seq.cache_seed)
             blocks = self.allocator.cached_prefix(hashes[:limit])
         first = self.sequences.get(seq.group_id)
-        if first is not seq and first is not None:  # the prompt's blocks, never completion 0's output
-            num_blocks = min(limit, seq.num_prompt_tokens // bs, first.num_computed_tokens // bs)
-            shared = first.block_table[:num_blocks]
-            blocks = max(blocks, shared, key=len)
+        if first is not seq and first is not None:
+            blocks = max(blocks, _prompt_blocks(first, seq, limit, bs), key=len)
         self.allocator.share(seq.block_table, blocks)
         seq.num_computed_tokens = len(blocks) * bs
         if seq.num_preemptions == 0:
@@ -258,24 +248,12 @@ class Scheduler:
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self._preempted_ids.append(seq.seq_id)
-        self.batcher.requeue([replace(self._tickets[seq.seq_id], input_tokens=seq.num_tokens)])
+        seq.ticket.input_tokens = seq.num_tokens  # taken from the batcher at admission: this one is ours
+        self.batcher.requeue([seq.ticket])
         self.observer.request_preempted(seq)
 
     def _step(self, is_prefill: bool, chunks: list[tuple[Sequence, int]]) -> Step:
-        rows = [
-            StepRow(
-                seq_id=seq.seq_id,
-                token_ids=seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n],
-                start_pos=seq.num_computed_tokens,
-                block_table=seq.block_table,
-                sample=seq.num_computed_tokens + n == seq.num_tokens,
-                sampling=seq.request.sampling,
-                history=seq.token_ids,
-                num_prompt_tokens=seq.num_prompt_tokens,
-                grammar=seq.grammar,
-            )
-            for seq, n in chunks
-        ]
+        rows = [_row(seq, n) for seq, n in chunks]
         finished, self._finished_ids = self._finished_ids, []
         preempted, self._preempted_ids = self._preempted_ids, []
         return Step(is_prefill, rows, finished, preempted)
@@ -285,31 +263,31 @@ class Scheduler:
     def _row_sequence(self, seq_id: int) -> Sequence | None:
         return self.sequences.get(seq_id)
 
-    def _advance(self, seq: Sequence, num_tokens: int) -> None:
-        bs = self.allocator.block_size
-        first_full = seq.num_computed_tokens // bs
+    def _advance(self, seq: Sequence, num_tokens: int, result: StepResult) -> None:
+        first_full = seq.num_computed_tokens // self.allocator.block_size
         seq.num_computed_tokens += num_tokens
         if self.config.prefix_caching:  # the blocks this step filled, for later prompts to share
-            hashes = block_hashes(seq.token_ids, bs, seq.block_hashes, seq.cache_seed)
-            for index in range(first_full, seq.num_computed_tokens // bs):
-                parent = hashes[index - 1] if index else None
-                tokens = seq.token_ids[index * bs : (index + 1) * bs]
-                self.allocator.cache(seq.block_table[index], hashes[index], parent, tokens)
+            _cache_filled_blocks(self.allocator, seq, first_full)
         if seq.status is SequenceStatus.PREFILLING and seq.num_uncomputed_tokens == 0:
             self.prefilling.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self._release_held(seq)
+            if seq.index == 0 and not seq.num_completion_tokens:  # its first prefill, not a recompute
+                self._fork(seq, result)
+
+    def _fork(self, first: Sequence, result: StepResult) -> None:
+        """`first`'s prompt is prefilled: queue the request's other completions, which start on its blocks."""
+        for index in range(1, first.request.n):
+            seq = first.fork(index)
+            self.add(seq)
+            self.observer.request_queued(seq)
+            result.forked.append(seq)
 
     def _append(self, seq: Sequence, token_id: int, logprob: float, result: StepResult) -> None:
         seq.token_ids.append(token_id)
         if seq.first_token_time is None:
             seq.first_token_time = self.clock()
             self.observer.first_token(seq)
-        if token_id in self.eos_token_ids and not seq.request.stopping.ignore_eos:
-            seq.finish_reason = FinishReason.EOS
-        elif seq.num_completion_tokens >= seq.max_new_tokens:
-            seq.finish_reason = FinishReason.LENGTH
         result.sampled.append((seq, token_id, logprob))
 
     def _release(self, seq: Sequence) -> None:
@@ -317,70 +295,11 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.prefilling:
             self.prefilling.remove(seq)
-        elif seq.seq_id in self._tickets:
-            self.batcher.remove(str(seq.seq_id))
-        else:  # a completion still waiting for its request's prefill
-            self._held[seq.group_id].remove(seq)
+        else:
+            self.batcher.remove(seq.ticket.id)
         self.allocator.free(seq.block_table)
         seq.status = SequenceStatus.FINISHED
-        self._tickets.pop(seq.seq_id, None)
         self._finished_ids.append(seq.seq_id)
-        self._release_held(seq)
-
-    def _release_held(self, first: Sequence) -> None:
-        """Queue the completions that waited for `first`'s prefill (which is done, or will never be)."""
-        for seq in self._held.pop(first.seq_id, ()):
-            self._queue(seq)
-
-
-class StaticScheduler(Scheduler):
-    """Static batching, the baseline: a batch is admitted only when nothing runs, and a finished
-    sequence keeps its row (computing padding tokens, reported to nobody) until the whole batch is done."""
-
-    def __init__(self, *args, max_context_len: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.max_context_len = max_context_len
-        self.padding: dict[int, Sequence] = {}  # finished sequences whose rows stay in the batch
-
-    def _batch_config(self, batch: BatchConfig) -> BatchConfig:
-        # A batch forms when it is full or the oldest request has waited max_wait_ms.
-        return replace(batch, min_batch_size=batch.max_batch_size)
-
-    @property
-    def num_running(self) -> int:
-        return super().num_running - len(self.padding)
-
-    def _wants_prefill(self, now: float) -> bool:
-        return bool(self.prefilling) or (not self.running and self.batcher.ready())
-
-    def finish(self, seq: Sequence) -> None:
-        if seq.seq_id not in self.sequences:
-            return
-        others_running = any(s is not seq and s.seq_id in self.sequences for s in self.running)
-        if seq.status is SequenceStatus.RUNNING and (others_running or self.prefilling):
-            del self.sequences[seq.seq_id]
-            self.padding[seq.seq_id] = seq
-            return
-        super().finish(seq)
-        if not others_running:
-            self._release_padding()
-
-    def _release_padding(self) -> None:
-        for seq in self.padding.values():
-            self._release(seq)
-        self.padding.clear()
-
-    def _row_sequence(self, seq_id: int) -> Sequence | None:
-        return self.sequences.get(seq_id) or self.padding.get(seq_id)
-
-    def _append(self, seq: Sequence, token_id: int, logprob: float, result: StepResult) -> None:
-        if seq.seq_id not in self.padding:
-            super()._append(seq, token_id, logprob, result)
-        elif seq.num_tokens + 1 < self.max_context_len:
-            seq.token_ids.append(token_id)
-        else:  # a padding row may not grow past the context: it leaves the batch early
-            del self.padding[seq.seq_id]
-            self._release(seq)
 
 
 def _priority_order(seq: Sequence) -> tuple[int, float]:
@@ -388,16 +307,34 @@ def _priority_order(seq: Sequence) -> tuple[int, float]:
     return (-seq.priority, seq.request.arrival_time)
 
 
-SCHEDULING_MODES = ("continuous", "static")
+def _row(seq: Sequence, num_tokens: int) -> StepRow:
+    """`seq`'s part of a step: its next `num_tokens` tokens to compute."""
+    start = seq.num_computed_tokens
+    return StepRow(
+        seq_id=seq.seq_id,
+        token_ids=seq.token_ids[start : start + num_tokens],
+        start_pos=start,
+        block_table=seq.block_table,
+        sample=start + num_tokens == seq.num_tokens,
+        sampling=seq.request.sampling,
+        history=seq.token_ids,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        grammar=seq.grammar,
+    )
 
 
-def make_scheduler(
-    scheduling: str, config: SchedulerConfig, allocator: BlockAllocator, **kwargs
-) -> Scheduler:
-    """The scheduler for a `--scheduling` mode; `max_context_len` is needed by (and only by) static mode."""
-    if scheduling not in SCHEDULING_MODES:
-        raise ValueError(f"scheduling must be 'continuous' or 'static', not {scheduling!r}")
-    max_context_len = kwargs.pop("max_context_len")
-    if scheduling == "static":
-        return StaticScheduler(config, allocator, max_context_len=max_context_len, **kwargs)
-    return Scheduler(config, allocator, **kwargs)
+def _prompt_blocks(first: Sequence, seq: Sequence, limit: int, block_size: int) -> list[int]:
+    """The whole blocks of completion 0's prompt that `seq`, another completion, may start on (never a block
+    holding completion 0's output)."""
+    num_blocks = min(limit, seq.num_prompt_tokens // block_size, first.num_computed_tokens // block_size)
+    return first.block_table[:num_blocks]
+
+
+def _cache_filled_blocks(allocator: BlockAllocator, seq: Sequence, first_full: int) -> None:
+    """Index the blocks of `seq` filled since block `first_full`, for later prompts to share."""
+    bs = allocator.block_size
+    hashes = block_hashes(seq.token_ids, bs, seq.block_hashes, seq.cache_seed)
+    for index in range(first_full, seq.num_computed_tokens // bs):
+        parent = hashes[index - 1] if index else None
+        tokens = seq.token_ids[index * bs : (index + 1) * bs]
+        allocator.cache(seq.block_table[index], hashes[index], parent, tokens)

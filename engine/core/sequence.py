@@ -7,6 +7,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from engine.batching import BatchRequest
 from engine.core.kv_cache import cache_seed
 from engine.core.structured import GrammarMatcher
 from engine.request import FinishReason, GenerationRequest
@@ -22,12 +23,22 @@ class SequenceStatus(enum.Enum):
 
 
 @dataclass(slots=True, eq=False)
+class SequenceGroup:
+    """What the completions of one request share on the loop thread: where their events go, and how many have
+    not ended yet (completion 0 forks the others, `Sequence.fork`, once its prompt is prefilled)."""
+
+    sink: object = None
+    num_live: int = 1
+
+
+@dataclass(slots=True, eq=False)
 class Sequence:
     """Scheduling state of one request; owned by the step-loop thread once submitted.
 
     `seq_id` is unique per submission (a caller may reuse a request id once the first has ended, even
     while the engine is still tearing that one down); every engine-side table is keyed by it. A request
-    with n completions has n sequences, `index` 0 to n - 1, whose `group_id` is completion 0's `seq_id`.
+    with n completions has n sequences, `index` 0 to n - 1, whose `group_id` is completion 0's `seq_id`: only
+    completion 0 is submitted, and the scheduler forks the others from it once its prompt is prefilled.
     """
 
     request: GenerationRequest
@@ -46,8 +57,10 @@ class Sequence:
     first_token_time: float | None = None
     num_preemptions: int = 0
     grammar: GrammarMatcher | None = None  # with a response format: where its output stands in the grammar
+    ticket: BatchRequest | None = None  # its place in the scheduler's queue, from when it is first queued
     index: int = 0
     group_id: int = -1  # -1: this sequence's own id (completion 0)
+    group: SequenceGroup = field(default_factory=SequenceGroup)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.request.prompt_ids)
@@ -55,6 +68,16 @@ class Sequence:
         self.cache_seed = cache_seed(self.request.cache_tenant, self.request.cache_salt)
         if self.group_id < 0:
             self.group_id = self.seq_id
+
+    def fork(self, index: int) -> Sequence:
+        """Completion `index` of this sequence's request (this is completion 0): in its group, with a seed
+        and a grammar matcher of its own, the prompt still to compute (it starts on completion 0's blocks)."""
+        self.group.num_live += 1
+        grammar = None if self.grammar is None else self.grammar.fork()
+        request = self.request.completion(index)
+        return Sequence(
+            request, self.max_new_tokens, grammar=grammar, index=index, group_id=self.seq_id, group=self.group
+        )
 
     @property
     def id(self) -> str:

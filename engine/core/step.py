@@ -1,7 +1,9 @@
 """One engine step as plain values: what the scheduler asks the runner to run, and what comes back.
 
-`Scheduler.schedule()` returns a `Step`; `ModelRunner.execute(step)` returns a `StepOutput`;
-`Scheduler.update(step, output)` applies it. Neither side reaches into the other's state.
+`Scheduler.schedule()` returns a `Step` (its rows, `StepRow`); `ModelRunner.execute(step)` returns a
+`StepOutput` (with the scored prompt positions, `PositionLogprobs`); `Scheduler.update(step, output)` applies
+it. One value each way, as vLLM v1's `SchedulerOutput` and `ModelRunnerOutput`; neither side reaches into
+the other's state.
 """
 
 from __future__ import annotations
@@ -15,21 +17,24 @@ from engine.request import SamplingParams
 
 @dataclass(slots=True)
 class StepRow:
-    """One sequence's part of a step: the tokens to run from `start_pos`, and whether to sample after them.
+    """One sequence's part of a step: the tokens to run from `start_pos`, and whether to sample after them
+    (`sample`: the runner returns the last token's logits; a row that scores its prompt returns every
+    token's). The runner's `run` takes these rows as they are.
 
     `history` is the sequence's tokens before this step (prompt and output: the penalties read it);
     the first `num_prompt_tokens` of it are the prompt. `grammar` (structured output) says which tokens the
-    row may sample; the runner advances it with the token sampled.
+    row may sample: the runner only reads its mask; the scheduler's `update` advances it with the token.
+    The defaults after `sample` are a bare row's, as benchmarks and tests run the model without sampling.
     """
 
-    seq_id: int
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
-    sample: bool
-    sampling: SamplingParams
-    history: list[int]
-    num_prompt_tokens: int
+    sample: bool = True
+    seq_id: int = -1
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    history: list[int] = field(default_factory=list)
+    num_prompt_tokens: int = 0
     grammar: GrammarMatcher | None = None
 
     @property

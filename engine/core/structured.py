@@ -72,7 +72,7 @@ class GrammarMatcher:
 
     def __init__(
         self,
-        matcher: llguidance.LLMatcher,
+        compiled: llguidance.LLMatcher,
         field: str,
         vocab_size: int,
         eos_token_ids: Collection[int],
@@ -82,7 +82,8 @@ class GrammarMatcher:
         self._on_unusable = on_unusable  # told when the grammar fails before any output: see `_fail`
         self.done = False  # an end-of-sequence token was taken: the grammar is complete
         self.error: str | None = None  # why the grammar engine can go no further
-        self._matcher = matcher
+        self._compiled = compiled  # the compiled grammar, never advanced: what `fork` starts from
+        self._matcher = compiled.deep_copy()
         self._vocab_size = vocab_size
         self._eos_token_ids = eos_token_ids
         self._pending: int | None = None  # the token taken, consumed with the next mask
@@ -92,6 +93,12 @@ class GrammarMatcher:
     def active(self) -> bool:
         """Whether the next token still needs this grammar's mask."""
         return not self.done and self.error is None
+
+    def fork(self) -> GrammarMatcher:
+        """A matcher of the same grammar at its start, for another completion of the same request."""
+        return GrammarMatcher(
+            self._compiled, self.field, self._vocab_size, self._eos_token_ids, self._on_unusable
+        )
 
     def accept(self, token_id: int) -> None:
         """Take the token sampled under the last mask; the grammar consumes it with the next `fill_mask`."""
@@ -183,7 +190,7 @@ class GrammarCompiler:
 
     def matcher(self, response_format: ResponseFormat) -> GrammarMatcher:
         """A new sequence's matcher for `response_format` (compiled here unless cached)."""
-        compiled = self.compile(response_format).deep_copy()
+        compiled = self.compile(response_format)
         field, unusable = _field(response_format), partial(self._mark_unusable, response_format)
         return GrammarMatcher(compiled, field, self._vocab_size, self._eos_token_ids, unusable)
 

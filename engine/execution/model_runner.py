@@ -9,7 +9,7 @@ attention is `engine.execution.attention.paged_attention`, which reads and write
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,18 +29,6 @@ from engine.execution.sampler import FAILED, SamplingBatch, prompt_logprobs, sam
 CPU_PREFILL_CHUNK_TOKENS = 512
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class StepInput:
-    """One sequence's part of a step: tokens to run, the position of the first, its block table, and whose
-    logits come back: the last token's (`needs_logits`), or every token's (`all_logits`: prompt scoring)."""
-
-    token_ids: list[int]
-    start_pos: int
-    block_table: list[int]
-    needs_logits: bool = True
-    all_logits: bool = False
 
 
 @dataclass(slots=True)
@@ -144,17 +132,13 @@ class ModelRunner:
         """Run `step` and sample the next token of every row that asks for one (sampling lives here)."""
         for seq_id in step.finished_seq_ids:
             self._generators.pop(seq_id, None)
-        inputs = [
-            StepInput(row.token_ids, row.start_pos, row.block_table, row.sample, row.scores_prompt)
-            for row in step.rows
-        ]
         rows = step.sampled_rows
         masks = None
         if any(row.grammar is not None for row in rows):  # grammar work runs beside the forward pass
             masks = self.grammar_workers.start([row.grammar for row in rows], self.vocab_size)
-        logits = self.run(inputs, step.is_prefill)
+        logits = self.run(step.rows, step.is_prefill)
         scored: dict[int, list[PositionLogprobs]] = {}
-        if any(item.all_logits for item in inputs):
+        if step.is_prefill and any(row.scores_prompt for row in step.rows):  # never a decode row
             logits, scored = _score_prompts(step, logits)
         if not rows:
             return StepOutput([], [], prompt_logprobs=scored)
@@ -174,8 +158,6 @@ class ModelRunner:
                 failed[row.seq_id] = grammar_failed[i]
             elif token_id == FAILED:
                 failed[row.seq_id] = "non-finite logits or probabilities"
-            elif row.grammar is not None:
-                row.grammar.accept(token_id)
         top: dict[int, list[tuple[int, float]]] = {}
         if wanted := [i for i, row in enumerate(rows) if row.sampling.top_logprobs]:
             ks = [rows[i].sampling.top_logprobs for i in wanted]
@@ -197,7 +179,7 @@ class ModelRunner:
         return generator
 
     @torch.inference_mode()
-    def run(self, inputs: list[StepInput], is_prefill: bool) -> torch.Tensor:
+    def run(self, inputs: list[StepRow], is_prefill: bool) -> torch.Tensor:
         """Run one step; return logits [rows, vocab] for the inputs that need them, in order.
 
         A prefill step larger than `prefill_chunk_tokens` runs as several forward passes over whole
@@ -210,7 +192,7 @@ class ModelRunner:
         outputs = [self._forward(part, True) for part in split_prefill(inputs, budget)]
         return torch.cat(outputs, dim=0)
 
-    def _forward(self, inputs: list[StepInput], is_prefill: bool) -> torch.Tensor:
+    def _forward(self, inputs: list[StepRow], is_prefill: bool) -> torch.Tensor:
         """One forward pass over `inputs` packed into one row; logits of the rows that need them."""
         graphs = self._decode_graphs
         if not is_prefill and graphs is not None and len(inputs) <= graphs.max_batch_size:
@@ -229,7 +211,7 @@ class ModelRunner:
             torch.tensor(packed.logit_rows, dtype=torch.long, device=device),
         )
 
-    def _pack(self, inputs: list[StepInput], is_prefill: bool) -> _PackedStep:
+    def _pack(self, inputs: list[StepRow], is_prefill: bool) -> _PackedStep:
         """Token ids, positions and cache slots of every input, one after the other."""
         bs = self.block_size
         packed = _PackedStep([], [], [], [], [])
@@ -247,23 +229,23 @@ class ModelRunner:
                     context = [table[p // bs] * bs + p % bs for p in range(num_context)]
                     context_slots = torch.tensor(context, device=self.device)
                 packed.segments.append(PrefillSegment(start, start + n, num_context, context_slots))
-            if item.all_logits:
+            if item.scores_prompt:
                 packed.logit_rows.extend(range(start, start + n))
-            elif item.needs_logits:
+            elif item.sample:
                 packed.logit_rows.append(start + n - 1)
         return packed
 
-    def _decode_batch(self, inputs: list[StepInput]) -> DecodeBatch:
+    def _decode_batch(self, inputs: list[StepRow]) -> DecodeBatch:
         bs = self.block_size
         return DecodeBatch(
             token_ids=[item.token_ids[0] for item in inputs],
             positions=[item.start_pos for item in inputs],
             slots=[item.block_table[item.start_pos // bs] * bs + item.start_pos % bs for item in inputs],
             block_tables=[item.block_table for item in inputs],
-            logit_rows=[i for i, item in enumerate(inputs) if item.needs_logits],
+            logit_rows=[i for i, item in enumerate(inputs) if item.sample],
         )
 
-    def _decode_tables(self, inputs: list[StepInput]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_tables(self, inputs: list[StepRow]) -> tuple[torch.Tensor, torch.Tensor]:
         """Block tables padded to the longest, and the context lengths (the new token included)."""
         bs = self.block_size
         context_lens = [item.start_pos + 1 for item in inputs]
@@ -275,15 +257,15 @@ class ModelRunner:
         return tables.to(self.device), torch.tensor(context_lens, device=self.device)
 
 
-def split_prefill(inputs: list[StepInput], budget: int) -> list[list[StepInput]]:
+def split_prefill(inputs: list[StepRow], budget: int) -> list[list[StepRow]]:
     """Group prefill inputs, in order, into passes of at most `budget` tokens.
 
     Whole sequences are packed while they fit; a sequence longer than `budget` gets passes of its
     own, cut into pieces whose later parts start where the earlier left off (only its last piece asks
     for logits).
     """
-    parts: list[list[StepInput]] = []
-    current: list[StepInput] = []
+    parts: list[list[StepRow]] = []
+    current: list[StepRow] = []
     used = 0
     for item in inputs:
         n = len(item.token_ids)
@@ -294,9 +276,8 @@ def split_prefill(inputs: list[StepInput], budget: int) -> list[list[StepInput]]
             for offset in range(0, n, budget):
                 piece = item.token_ids[offset : offset + budget]
                 last = offset + budget >= n
-                needs_logits = item.needs_logits and last
                 start = item.start_pos + offset
-                parts.append([StepInput(piece, start, item.block_table, needs_logits, item.all_logits)])
+                parts.append([replace(item, token_ids=piece, start_pos=start, sample=item.sample and last)])
             continue
         if used + n > budget:
             parts.append(current)

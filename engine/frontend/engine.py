@@ -1,16 +1,15 @@
 """The engine's front door: submit, cancel and offline generate, served by one step-loop thread.
 
 Callers never touch engine state: `submit` and `cancel` append commands to an `Inbox` that only the
-loop thread applies (the model of TGI's router queue). The loop thread owns everything else, the `EngineCore`
-(scheduler, model runner, output processor) and each request's event sink, and hands events back once
-per step per asyncio loop.
+loop thread (`engine.frontend.loop`) applies, the model of TGI's router queue; the counts callers read
+(`load`, `num_waiting`, ...) come from the snapshot that thread publishes after each pass. The loop thread
+owns everything else: the `EngineCore` (scheduler, model runner, output processor) and each request's
+event sink.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
@@ -18,18 +17,21 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from engine.batching import BatchConfig
-from engine.core.engine_core import EngineCore, Outbox
-from engine.core.inbox import Add, Cancel, ClearPrefixCache, Command, Inbox
+from engine.core.engine_core import EngineCore
+from engine.core.inbox import Inbox
 from engine.core.kv_cache import check_block_size
 from engine.core.kv_events import KvEventLog
+from engine.core.load import EngineLoad
 from engine.core.observer import EngineObserver
 from engine.core.output import OutputProcessor
-from engine.core.scheduler import SchedulerConfig, make_scheduler
-from engine.core.sequence import Sequence
+from engine.core.scheduler import SchedulerConfig
+from engine.core.scheduling_modes import make_scheduler
+from engine.core.sequence import Sequence, SequenceGroup
 from engine.core.structured import GRAMMAR_STEP_BUDGET_MS, GrammarCompiler
-from engine.errors import EngineStoppedError, InvalidRequestError, RequestFailedError
+from engine.errors import EngineStoppedError, InvalidRequestError
 from engine.execution.model_runner import ModelRunner
 from engine.frontend.limits import MAX_CHAT_MESSAGES, MAX_N, MAX_PROMPT_CHARS, RequestLimits, check_request
+from engine.frontend.loop import AsyncSink, EngineLoop
 from engine.request import (
     FinishReason,
     GenerationEvent,
@@ -40,8 +42,6 @@ from engine.request import (
     Timing,
     TokenInfo,
 )
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -105,19 +105,6 @@ class GenerationResult:
     cached_prompt_tokens: int = 0
 
 
-@dataclass(slots=True)
-class _AsyncSink:
-    """Delivers a request's events to an asyncio queue on the loop that submitted it."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-
-
-def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
-
-
 class Engine:
     """Continuous-batching generation engine. `submit`/`cancel` are safe to call from any thread or loop."""
 
@@ -125,15 +112,12 @@ class Engine:
         self.config = config = config or EngineConfig()
         self.observer = observer or EngineObserver()
         self._inbox = Inbox(config.max_queue_size)
-        self._sinks: dict[int, _AsyncSink | queue.Queue] = {}  # sequence id -> sink; the loop thread's
-        self._groups: dict[int, list[int]] = {}  # group id -> its sequences still live; the loop thread's
         self._accepting = True
         self._go = threading.Event()
         self.core = self._start_loop_thread()
         self.model_runner: ModelRunner = self.core.runner
-        self.scheduler = self.core.scheduler
         self.tokenizer = self.model_runner.tokenizer
-        self.eos_token_ids: set[int] = self.scheduler.eos_token_ids
+        self.eos_token_ids: set[int] = self.core.outputs.eos_token_ids
         self.max_context_len = _max_context_len(self.model_runner, config)
         allocator = self.model_runner.allocator
         # The prefix cache's events, for gateways that route by it; the loop thread has not started yet.
@@ -165,30 +149,35 @@ class Engine:
             device=str(runner.device),
             dtype=str(runner.dtype).removeprefix("torch."),
             kv_block_size=runner.block_size,
-            num_kv_blocks=runner.allocator.num_blocks,
+            num_kv_blocks=self.num_kv_blocks,
         )
 
     @property
+    def load(self) -> EngineLoad:
+        """The loop thread's numbers after its last pass (published whole: one moment's numbers)."""
+        return self._inbox.load
+
+    @property
     def num_kv_blocks(self) -> int:
-        return self.model_runner.allocator.num_blocks
+        return self._inbox.load.num_kv_blocks
 
     @property
     def num_free_kv_blocks(self) -> int:
-        return self.model_runner.allocator.num_free
+        return self._inbox.load.num_free_kv_blocks
 
     @property
     def num_cached_kv_blocks(self) -> int:
         """Blocks in the prefix cache's index, in use or free (free ones are evicted when needed)."""
-        return self.model_runner.allocator.num_cached
+        return self._inbox.load.num_cached_kv_blocks
 
     @property
     def num_waiting(self) -> int:
-        """Requests submitted and not yet admitted (the loop thread may not have seen the newest)."""
-        return self.scheduler.num_waiting + self._inbox.num_pending_adds
+        """Sequences submitted and not yet admitted, those the loop thread has not seen yet included."""
+        return self._inbox.num_waiting
 
     @property
     def num_running(self) -> int:
-        return self.scheduler.num_running
+        return self._inbox.load.num_running
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
@@ -240,9 +229,9 @@ class Engine:
         once every completion has finished, or with the first error (which cancels the others). Closing the
         iterator before the last event cancels the request.
         """
-        sink = _AsyncSink(asyncio.get_running_loop())
-        seqs = self._enqueue(request, sink)
-        return self._events(seqs[0], len(seqs), sink.queue)
+        sink = AsyncSink(asyncio.get_running_loop())
+        first = self._enqueue(request, sink)
+        return self._events(first, request.n, sink.queue)
 
     def cancel(self, request_id: str) -> None:
         """Cancel a queued or running request; its blocks are freed at the next step. Idempotent.
@@ -283,21 +272,16 @@ class Engine:
             remaining -= item.finished
         return [_result(r.request_id, collected[r.request_id]) for r in requests]
 
-    def _enqueue(self, request: GenerationRequest, sink: _AsyncSink | queue.Queue) -> list[Sequence]:
-        """One sequence per completion, queued together: completion 0 first, the others in its group."""
+    def _enqueue(self, request: GenerationRequest, sink: AsyncSink | queue.Queue) -> Sequence:
+        """Queue a request's completion 0, whose group's events go to `sink`; the loop forks the others."""
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down and accepts no new requests")
         max_new_tokens = check_request(request, self.limits)
-        first = Sequence(request, max_new_tokens)
-        seqs = [first] + [
-            Sequence(request.completion(i), max_new_tokens, index=i, group_id=first.seq_id)
-            for i in range(1, request.n)
-        ]
-        if request.sampling.response_format is not None:
-            for seq in seqs:  # a matcher of its own each: a completion's output advances only its own state
-                seq.grammar = self.grammars.matcher(request.sampling.response_format)
-        self._inbox.add(seqs, sink, self.scheduler.num_waiting, self.observer.request_queued)
-        return seqs
+        first = Sequence(request, max_new_tokens, group=SequenceGroup(sink))
+        if request.sampling.response_format is not None:  # each fork takes a matcher of its own from it
+            first.grammar = self.grammars.matcher(request.sampling.response_format)
+        self._inbox.add(first, self.observer.request_queued)
+        return first
 
     async def _events(self, first: Sequence, n: int, events: asyncio.Queue) -> AsyncIterator[GenerationEvent]:
         remaining = n
@@ -328,6 +312,7 @@ class Engine:
         def main() -> None:
             try:
                 built.append(_build_core(self.config, self.observer))
+                self._inbox.publish(built[0].load())
             except BaseException as exc:  # handed to the constructor's thread, which raises it
                 built.append(exc)
                 return
@@ -335,7 +320,7 @@ class Engine:
                 ready.set()
             self._go.wait()
             try:
-                self._loop()
+                EngineLoop(built[0], self._inbox, self.kv_events).run()
             finally:
                 built[0].runner.close()
 
@@ -346,60 +331,6 @@ class Engine:
             self._thread.join()
             raise built[0]
         return built[0]
-
-    def _loop(self) -> None:
-        scheduler = self.scheduler
-        while (commands := self._inbox.take(scheduler.has_work, scheduler.idle_timeout)) is not None:
-            outbox: Outbox = []
-            try:
-                self._apply(commands, outbox)
-                self.core.step(outbox)
-            except Exception as exc:  # a bug outside the model step: fail what is in flight, keep serving
-                log.exception("engine loop failed")
-                self.core.fail_all(RequestFailedError(f"engine fault: {exc}"), outbox)
-            self.kv_events.publish()  # before the events: a request's blocks are published when it ends
-            self._dispatch(outbox)
-        outbox = []
-        self._apply(self._inbox.drain(), outbox)
-        self.core.fail_all(EngineStoppedError("the engine stopped"), outbox)
-        self._dispatch(outbox)
-
-    def _apply(self, commands: list[Command], outbox: Outbox) -> None:
-        for command in commands:
-            if isinstance(command, Add):
-                self._groups[command.seqs[0].group_id] = [seq.seq_id for seq in command.seqs]
-                for seq in command.seqs:
-                    self._sinks[seq.seq_id] = command.sink
-                    self.core.add(seq)
-            elif isinstance(command, Cancel):
-                for seq_id in list(self._groups.get(command.group_id, ())):
-                    self.core.abort(seq_id, command.error, outbox)
-            elif isinstance(command, ClearPrefixCache):
-                command.done.set_result(self.model_runner.allocator.clear_cache())
-
-    def _dispatch(self, outbox: Outbox) -> None:
-        """Hand this step's events to their callers: one thread crossing per asyncio loop per step."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for seq, item in outbox:
-            final = isinstance(item, Exception) or item.finished
-            sink = self._sinks.pop(seq.seq_id) if final else self._sinks[seq.seq_id]
-            if final:
-                self._end_in_group(seq)
-            if isinstance(sink, _AsyncSink):
-                by_loop.setdefault(sink.loop, []).append((sink.queue, item))
-            else:
-                sink.put((seq.id, item))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is listening any more
-                loop.call_soon_threadsafe(_deliver, items)
-
-    def _end_in_group(self, seq: Sequence) -> None:
-        """`seq` has ended; once its whole request has, the request id is free again."""
-        live = self._groups[seq.group_id]
-        live.remove(seq.seq_id)
-        if not live:
-            del self._groups[seq.group_id]
-            self._inbox.forget(seq)
 
     def _warmup_token(self) -> int:
         return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 0
@@ -426,10 +357,9 @@ def _build_core(config: EngineConfig, observer: EngineObserver) -> EngineCore:
         SchedulerConfig(config.batch, config.max_decode_stall_ms, config.prefix_caching),
         runner.allocator,
         max_context_len=_max_context_len(runner, config),
-        eos_token_ids=_eos_token_ids(runner),
         observer=observer,
     )
-    outputs = OutputProcessor(runner.tokenizer, set(runner.tokenizer.all_special_ids))
+    outputs = OutputProcessor(runner.tokenizer, set(runner.tokenizer.all_special_ids), _eos_token_ids(runner))
     return EngineCore(scheduler, runner, outputs, observer)
 
 

@@ -303,10 +303,10 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
 
 
 def scheduler_load(engine: Engine) -> pb.SchedulerLoad:
-    """The engine's load now, read as the metrics gauges read it."""
-    num_blocks, block_size = engine.num_kv_blocks, engine.model_info.kv_block_size
-    used_blocks = num_blocks - engine.num_free_kv_blocks
-    running, waiting = engine.num_running, engine.num_waiting
+    """The engine's load now, read as the metrics gauges read it: from the loop's last snapshot."""
+    load, block_size = engine.load, engine.model_info.kv_block_size
+    used_blocks, num_blocks = load.num_used_kv_blocks, load.num_kv_blocks
+    running, waiting = load.num_running, engine.num_waiting
     return pb.SchedulerLoad(
         dp_rank=0,
         num_running_reqs=running,
@@ -314,7 +314,7 @@ def scheduler_load(engine: Engine) -> pb.SchedulerLoad:
         num_total_reqs=running + waiting,
         num_used_tokens=used_blocks * block_size,
         max_total_num_tokens=num_blocks * block_size,
-        token_usage=used_blocks / num_blocks,
+        token_usage=load.kv_usage,
         max_running_requests=engine.config.batch.max_batch_size,
     )
 
