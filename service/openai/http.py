@@ -4,7 +4,7 @@ vLLM's `/tokenize` and `/detokenize`.
 aiohttp serves it in the server's own event loop, beside grpc.aio, on the same engine
 (service/generations.py): the same admission, priorities, deadlines, API keys, drain and telemetry. Errors
 are classified once for both fronts (service/status.py) and answered with OpenAI's error body
-(service/openai/translate.py).
+(service/openai/response.py).
 """
 
 from __future__ import annotations
@@ -23,15 +23,25 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 
-from engine.errors import EngineStoppedError, InvalidRequestError
+from engine.errors import EngineStoppedError
+from engine.frontend.admission import prompt_ids, renamed
 from engine.frontend.engine import Engine
+from engine.frontend.results import fold
 from engine.request import GenerationEvent, GenerationRequest
-from service.chat import tools
 from service.config import ServerConfig
 from service.generations import Generations
-from service.openai import tokenize as openai_tokenize
-from service.openai import translate as openai
 from service.openai.json_body import parse_json_body
+from service.openai.request import CHAT, COMPLETION, OpenAIRequest, parse_request
+from service.openai.response import (
+    EchoedPrompt,
+    ErrorResponse,
+    ResponseHeader,
+    StreamState,
+    error_response,
+    http_error_response,
+    response,
+)
+from service.openai.tokenize import parse_detokenize, parse_tokenize, tokenize_response
 from service.security.auth import ApiKeys, bearer_token
 from service.security.host_check import allowed_hosts, refusal
 from service.security.tenancy import cache_tenant
@@ -121,9 +131,9 @@ class OpenAIFront:
         except web.HTTPException as error:
             if error.status < 400:
                 raise
-            return _error(openai.http_error_response(error.status, error.reason))
+            return _error(http_error_response(error.status, error.reason))
         except Exception as error:
-            return _error(openai.error_response(error))
+            return _error(error_response(error))
 
     @web.middleware
     async def _check_host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -164,93 +174,60 @@ class OpenAIFront:
         return web.json_response({"object": "list", "data": [model]})
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, openai.COMPLETION)
+        return await self._generate(request, COMPLETION)
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, openai.CHAT)
+        return await self._generate(request, CHAT)
 
     async def _generate(self, http_request: web.Request, endpoint: str) -> web.StreamResponse:
         engine, limits = self._generations.ready()
         body = await _json_body(http_request, self._config.idle_timeout_s)
-        request = openai.parse_request(endpoint, body, limits)
+        request = parse_request(endpoint, body, limits)
         request.reasoning = self._config.reasoning_parser == "think"
-        name = _served_model(engine, request.model)
-        request_id = _request_id(http_request)
-        prompt_ids = await self._prompt_ids(engine, request)
+        generation = GenerationRequest(
+            prompt_ids=[],
+            request_id=_request_id(http_request),
+            deadline=_deadline(http_request),
+            trace_context=otel_context.get_current(),  # holds the HTTP span: the engine's spans go under it
+            cache_tenant=cache_tenant(self._config, _api_key(http_request)),
+        )
+        admitted = await self._generations.admit(request.admission(generation))
+        name = _served_model(engine, request.model)  # nothing is submitted until its events are read
+        prompt_ids, request_id = admitted.request.prompt_ids, admitted.request.request_id
         echo = None
         if request.echo:
             echo = await self._generations.off_loop(_echoed_prompt, engine, request.prompt, prompt_ids)
-        generation_request = GenerationRequest(
-            prompt_ids=prompt_ids,
-            sampling=request.sampling,
-            stopping=request.stopping,
-            priority=request.priority,
-            request_id=request_id,
-            deadline=_deadline(http_request),
-            trace_context=otel_context.get_current(),  # holds the HTTP span: the engine's spans go under it
-            n=request.n,
-            cache_salt=request.cache_salt,
-            cache_tenant=cache_tenant(self._config, _api_key(http_request)),
-            whole_answer=not request.stream,
-        )
-        if (response_format := request.sampling.response_format) is not None:
-            try:  # compiled (and cached) on a worker thread, so a big schema stalls neither loop
-                await self._generations.off_loop(engine.compile_response_format, response_format)
-            except InvalidRequestError as e:
-                raise request.invalid_argument(e) from e
-        prefix = "cmpl-" if endpoint == openai.COMPLETION else "chatcmpl-"
-        header = openai.ResponseHeader(prefix + request_id, name, endpoint)
-        async with contextlib.aclosing(self._generations.events(generation_request)) as events:
-            try:
-                first = await anext(events)  # refusals and queue-time failures: still a status of their own
-                headers = {REQUEST_ID_HEADER: request_id}
-                if request.stream:
-                    state = openai.StreamState(request, len(prompt_ids), echo)
-                    return await _stream(http_request, headers, header, state, first, events)
-                collected = [first] + [event async for event in events]  # a grammar may fail on the way
-            except InvalidRequestError as e:
-                raise request.invalid_argument(e) from e
-            body = await self._generations.off_loop(
-                _json_answer, header, request, collected, echo
-            )  # no stall
-            return web.Response(body=body, content_type="application/json", headers=headers)
+        prefix = "cmpl-" if endpoint == COMPLETION else "chatcmpl-"
+        header = ResponseHeader(prefix + request_id, name, endpoint)
+        headers = {REQUEST_ID_HEADER: request_id}
+        async with contextlib.aclosing(admitted.events) as events:
+            first = await anext(events)  # refusals and queue-time failures: still a status of their own
+            if request.stream:
+                state = StreamState(request, len(prompt_ids), echo)
+                return await _stream(http_request, headers, header, state, first, events)
+            collected = [first] + [event async for event in events]  # a grammar may fail on the way
+        body = await self._generations.off_loop(_json_answer, header, request, collected, echo)  # no stall
+        return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def _tokenize(self, http_request: web.Request) -> web.Response:
         """vLLM's `/tokenize`: the token ids a prompt or a chat runs as (service/openai/tokenize.py)."""
         engine, limits = self._generations.ready()
         body = await _json_body(http_request, self._config.idle_timeout_s)
-        request = openai_tokenize.parse_tokenize(body, limits)
+        request = parse_tokenize(body, limits)
         _served_model(engine, request.input.model)
-        prompt = request.input.prompt
-        if prompt is not None:
-            ids = await self._generations.off_loop(engine.tokenize, prompt, request.add_special_tokens)
-        else:
-            ids = await self._prompt_ids(engine, request.input)
+        with renamed(request.input.param):
+            ids = await self._generations.off_loop(prompt_ids, engine, request.prompt())
         strs = engine.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
-        return web.json_response(openai_tokenize.tokenize_response(ids, limits.max_context_len, strs))
+        return web.json_response(tokenize_response(ids, limits.max_context_len, strs))
 
     async def _detokenize(self, http_request: web.Request) -> web.Response:
         """vLLM's `/detokenize`: the text of token ids, special tokens included."""
         engine, limits = self._generations.ready()
         body = await _json_body(http_request, self._config.idle_timeout_s)
-        request = openai_tokenize.parse_detokenize(body, limits)
+        request = parse_detokenize(body, limits)
         _served_model(engine, request.model)
         text = await self._generations.off_loop(engine.decode, request.tokens, False)
         return web.json_response({"prompt": text})
-
-    async def _prompt_ids(self, engine: Engine, request: openai.OpenAIRequest) -> list[int]:
-        """The request's input as token ids, tokenized or templated off the event loop."""
-        if request.prompt_ids is not None:
-            return request.prompt_ids
-        if request.prompt is not None:
-            return await self._generations.off_loop(engine.tokenize, request.prompt)
-        turns = request.messages or []
-        try:
-            return await self._generations.off_loop(tools.chat_prompt_ids, engine, turns, request.tools)
-        except InvalidRequestError as e:  # the model has no chat template
-            raise request.invalid_argument(e) from e
-        except Exception as e:  # the template rejects the conversation (roles, order): the client's to fix
-            raise InvalidArgument([("messages", f"the model's chat template rejected them: {e}")]) from e
 
 
 def _served_model(engine: Engine, model: str | None) -> str:
@@ -261,17 +238,17 @@ def _served_model(engine: Engine, model: str | None) -> str:
     return name
 
 
-def _echoed_prompt(engine: Engine, prompt: str | None, prompt_ids: list[int]) -> openai.EchoedPrompt:
+def _echoed_prompt(engine: Engine, prompt: str | None, prompt_ids: list[int]) -> EchoedPrompt:
     """What `echo` puts before each completion: the prompt as sent, or its token ids decoded."""
     text = engine.decode(prompt_ids, skip_special_tokens=False) if prompt is None else prompt
-    return openai.EchoedPrompt(text, engine.decode(prompt_ids[:1], skip_special_tokens=False))
+    return EchoedPrompt(text, engine.decode(prompt_ids[:1], skip_special_tokens=False))
 
 
 async def _stream(
     http_request: web.Request,
     headers: dict[str, str],
-    header: openai.ResponseHeader,
-    state: openai.StreamState,
+    header: ResponseHeader,
+    state: StreamState,
     first: GenerationEvent,
     events: AsyncIterator[GenerationEvent],
 ) -> web.StreamResponse:
@@ -294,10 +271,8 @@ async def _stream(
             await response.write(_event(state.usage_chunk(header)))
     except ConnectionResetError:
         raise  # the client went away: nothing more to send
-    except Exception as error:
-        if isinstance(error, InvalidRequestError):  # a grammar over its limits: name the body's parameter
-            error = state.request.invalid_argument(error)
-        answer = openai.error_response(error)
+    except Exception as error:  # a grammar over its limits names the body's parameter (admission renamed it)
+        answer = error_response(error)
         http_request[_STREAM_ERROR] = answer.status, answer.body["error"]["code"]
         await response.write(_event(answer.body))
     await response.write(b"data: [DONE]\n\n")
@@ -305,19 +280,16 @@ async def _stream(
 
 
 def _json_answer(
-    header: openai.ResponseHeader,
-    request: openai.OpenAIRequest,
-    events: list[GenerationEvent],
-    echo: openai.EchoedPrompt | None,
+    header: ResponseHeader, request: OpenAIRequest, events: list[GenerationEvent], echo: EchoedPrompt | None
 ) -> bytes:
-    return json.dumps(openai.response(header, request, events, echo)).encode()
+    return json.dumps(response(header, request, fold(events), echo)).encode()
 
 
 def _event(data: dict) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _error(answer: openai.ErrorResponse) -> web.Response:
+def _error(answer: ErrorResponse) -> web.Response:
     return web.json_response(answer.body, status=answer.status, headers=answer.headers)
 
 
