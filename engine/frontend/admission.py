@@ -18,7 +18,7 @@ import contextlib
 import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -151,7 +151,7 @@ def _named(violations: Sequence[Violation], rename: Callable[[str], str]) -> lis
 
 
 @contextlib.contextmanager
-def renamed(rename: Callable[[str], str]):
+def renamed(rename: Callable[[str], str]) -> Iterator[None]:
     """Re-raise an `InvalidRequestError` of the engine's (of the same class) with the front's field names."""
     try:
         yield

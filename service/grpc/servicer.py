@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -20,6 +19,7 @@ from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
 from service.config import MIN_CLIENT_PING_INTERVAL_S, ServerConfig
 from service.generations import Generations
 from service.grpc import tool_protos, translate
+from service.handlers import call_deadline
 from service.security.auth import bearer_token
 from service.security.tenancy import cache_tenant
 from service.status import NotReady, abort
@@ -120,14 +120,13 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
     ) -> Admission:
         """What `request` asks of the engine, its shape's faults (service/validation.py) beside it."""
         kind = request.WhichOneof("input")
-        remaining = context.time_remaining()
         generation = GenerationRequest(
             prompt_ids=[],
             sampling=translate.request_sampling(request),
             stopping=translate.stopping_params(request.stopping),
             priority=request.priority,
             request_id=request.request_id,
-            deadline=None if remaining is None else time.monotonic() + remaining,
+            deadline=call_deadline(context),
             trace_context=otel_context.get_current(),  # holds the server span: the engine's spans go under it
             n=translate.num_completions(request),
             cache_salt=request.cache_salt,

@@ -10,9 +10,12 @@ before any other code sees them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
+
+from aiohttp import web
 
 from engine.frontend.limits import Violation
 from service.status import InvalidArgument, MalformedRequest
@@ -20,6 +23,17 @@ from service.status import InvalidArgument, MalformedRequest
 MAX_JSON_DEPTH = 64  # nested arrays and objects: far more than any request or JSON schema needs
 MAX_REPORTED = 10  # violations listed (the status shows 10 at most anyway)
 _SURROGATE = re.compile("[\ud800-\udfff]")  # in a decoded str: only from a \\uXXXX escape of half a pair
+
+
+async def read_json_body(request: web.Request, timeout_s: float) -> object:
+    """The body as strict JSON (`parse_json_body`); 408 when it takes over `timeout_s` to arrive (a
+    connection held by a trickle)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(reason="the request body took too long to arrive") from None
+    return parse_json_body(raw)
 
 
 def parse_json_body(data: bytes) -> object:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from google.rpc import code_pb2
 
 from engine.errors import InvalidRequestError
+from engine.frontend.engine import Engine, ModelInfo
 from engine.frontend.results import GenerationResult
 from engine.request import FinishReason, GenerationEvent, TokenInfo
 from service.chat.output import ChatOutput
@@ -43,6 +44,19 @@ class ResponseHeader:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
 
+def models_response(info: ModelInfo) -> dict:
+    """`/v1/models`: the one model served."""
+    model = {
+        "id": info.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "textgen",
+        "root": info.name,  # vLLM's field for the model's path, which gateways read
+        "max_model_len": info.max_context_len,
+    }
+    return {"object": "list", "data": [model]}
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
     """OpenAI's usage; `cached_tokens`: prompt tokens the prefix cache held (the caller's partition's)."""
     return {
@@ -60,6 +74,12 @@ class EchoedPrompt:
 
     text: str
     first_token: str
+
+    @classmethod
+    def of(cls, engine: Engine, prompt: str | None, prompt_ids: list[int]) -> EchoedPrompt:
+        """The prompt as sent, or its token ids decoded (blocking: call it off the event loop)."""
+        text = engine.decode(prompt_ids, skip_special_tokens=False) if prompt is None else prompt
+        return cls(text, engine.decode(prompt_ids[:1], skip_special_tokens=False))
 
     def logprobs(self, scored: Sequence[TokenInfo]) -> dict:
         """The prompt's part of a choice's `logprobs`: the first token's log-probability is null."""
