@@ -10,7 +10,6 @@ are classified once for both fronts (service/status.py) and answered with OpenAI
 from __future__ import annotations
 
 import contextlib
-import json
 import ssl
 
 from aiohttp import web
@@ -19,22 +18,19 @@ from opentelemetry.trace import TracerProvider
 
 from engine.errors import EngineStoppedError
 from engine.frontend.admission import prompt_ids, renamed
-from engine.frontend.engine import Engine
-from engine.frontend.results import fold
-from engine.request import GenerationEvent, GenerationRequest
+from engine.request import GenerationRequest
 from service.config import ServerConfig
 from service.generations import Generations
 from service.openai import headers as http_headers
 from service.openai.json_body import read_json_body
 from service.openai.middleware import answer_errors, authenticate, check_host, tracing
-from service.openai.request import CHAT, COMPLETION, OpenAIRequest, parse_request
-from service.openai.response import EchoedPrompt, ResponseHeader, StreamState, models_response, response
+from service.openai.request import CHAT, COMPLETION, parse_request, served_model
+from service.openai.response import EchoedPrompt, ResponseHeader, StreamState, json_answer, models_response
 from service.openai.stream import stream_answer
 from service.openai.tokenize import parse_detokenize, parse_tokenize, tokenize_response
 from service.security.auth import ApiKeys
 from service.security.host_check import allowed_hosts
 from service.security.tenancy import cache_tenant
-from service.status import ModelNotFound
 from service.worker import http as worker_http
 
 
@@ -127,7 +123,7 @@ class OpenAIFront:
             cache_tenant=cache_tenant(self._config, http_headers.api_key(http_request)),
         )
         admitted = await self._generations.admit(request.admission(generation))
-        name = _served_model(engine, request.model)  # nothing is submitted until its events are read
+        name = served_model(engine, request.model)  # nothing is submitted until its events are read
         prompt_ids, request_id = admitted.request.prompt_ids, admitted.request.request_id
         echo = None
         if request.echo:
@@ -141,7 +137,7 @@ class OpenAIFront:
                 state = StreamState(request, len(prompt_ids), echo)
                 return await stream_answer(http_request, headers, header, state, first, events)
             collected = [first] + [event async for event in events]  # a grammar may fail on the way
-        body = await self._generations.off_loop(_json_answer, header, request, collected, echo)  # no stall
+        body = await self._generations.off_loop(json_answer, header, request, collected, echo)  # no stall
         return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def _tokenize(self, http_request: web.Request) -> web.Response:
@@ -149,7 +145,7 @@ class OpenAIFront:
         engine, limits = self._generations.ready()
         body = await read_json_body(http_request, self._config.idle_timeout_s)
         request = parse_tokenize(body, limits)
-        _served_model(engine, request.input.model)
+        served_model(engine, request.input.model)
         with renamed(request.input.param):
             ids = await self._generations.off_loop(prompt_ids, engine, request.prompt())
         strs = engine.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
@@ -160,20 +156,6 @@ class OpenAIFront:
         engine, limits = self._generations.ready()
         body = await read_json_body(http_request, self._config.idle_timeout_s)
         request = parse_detokenize(body, limits)
-        _served_model(engine, request.model)
+        served_model(engine, request.model)
         text = await self._generations.off_loop(engine.decode, request.tokens, False)
         return web.json_response({"prompt": text})
-
-
-def _served_model(engine: Engine, model: str | None) -> str:
-    """The served model's name; raises `ModelNotFound` when the body named another."""
-    name = engine.model_info.name
-    if model not in (None, name):
-        raise ModelNotFound(f"the model {model!r} does not exist: this server serves {name!r}")
-    return name
-
-
-def _json_answer(
-    header: ResponseHeader, request: OpenAIRequest, events: list[GenerationEvent], echo: EchoedPrompt | None
-) -> bytes:
-    return json.dumps(response(header, request, fold(events), echo)).encode()

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from engine.frontend.admission import Admission, Prompt
+from engine.frontend.engine import Engine
 from engine.frontend.limits import MAX_TOP_LOGPROBS, RequestLimits, Violation
 from engine.request import GenerationRequest, ResponseFormat, SamplingParams, StoppingParams
 from service.chat import tool_calls
@@ -19,7 +20,7 @@ from service.chat import tools as tool_requests
 from service.chat.output import ChatOutput
 from service.openai.json_body import BodyFields
 from service.openai.structured import response_format
-from service.status import InvalidArgument
+from service.status import InvalidArgument, ModelNotFound
 
 COMPLETION, CHAT = "completion", "chat"
 MAX_SEED = 2**64  # the proto's uint64: both fronts take the same seeds
@@ -101,6 +102,14 @@ class OpenAIRequest:
     def answered_tokens(self, num_tokens: int) -> int:
         """How many of `num_tokens` generated tokens the answer holds (and its usage counts)."""
         return 0 if self.echo_only else num_tokens
+
+
+def served_model(engine: Engine, model: str | None) -> str:
+    """The served model's name; raises `ModelNotFound` when a body named another."""
+    name = engine.model_info.name
+    if model not in (None, name):
+        raise ModelNotFound(f"the model {model!r} does not exist: this server serves {name!r}")
+    return name
 
 
 def parse_request(endpoint: str, body: object, limits: RequestLimits) -> OpenAIRequest:

@@ -3,6 +3,7 @@ engine/frontend/results.py), stream chunks, and errors with OpenAI's body."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ from google.rpc import code_pb2
 
 from engine.errors import InvalidRequestError
 from engine.frontend.engine import Engine, ModelInfo
-from engine.frontend.results import GenerationResult
+from engine.frontend.results import GenerationResult, fold
 from engine.request import FinishReason, GenerationEvent, TokenInfo
 from service.chat.output import ChatOutput
 from service.openai.request import CHAT, COMPLETION, OpenAIRequest
@@ -114,6 +115,17 @@ def response(
     first = results[0]
     total = usage(first.prompt_tokens, completion_tokens, first.cached_prompt_tokens)
     return {**header.fields(chunk=False), "choices": choices, "usage": total}
+
+
+def json_answer(
+    header: ResponseHeader,
+    request: OpenAIRequest,
+    events: Sequence[GenerationEvent],
+    echo: EchoedPrompt | None,
+) -> bytes:
+    """The body of an answer that is not streamed, from all of the request's events (blocking: it may be
+    large, so the front calls it off the event loop)."""
+    return json.dumps(response(header, request, fold(events), echo)).encode()
 
 
 @dataclass(slots=True)
