@@ -9,15 +9,14 @@ from typing import Any
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-from client.channel import api_key_metadata, open_channel
-from client.params import GenerateParams, Messages, generate_request, tokenize_request
+from client.channel import open_channel
+from client.connection import Connection
+from client.params import Messages, generate_request, tokenize_request
 from client.results import GenerationResult, ModelInfo, StreamChunk, TokenizeResult
-from client.retry import DEFAULT_RETRY, Retries, RetryPolicy
 from protos.textgen.v1 import textgen_pb2 as pb
-from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
 
 
-class AsyncTextGenClient:
+class AsyncTextGenClient(Connection):
     """An asyncio textgen.v1 client; see `TextGenClient` for targets, deadlines, retries, TLS and API keys.
 
     async with AsyncTextGenClient("localhost:50051") as client:
@@ -25,61 +24,30 @@ class AsyncTextGenClient:
             print(chunk.text, end="", flush=True)
     """
 
-    def __init__(
-        self,
-        target: str = "localhost:50051",
-        *,
-        timeout: float | None = None,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        credentials: grpc.ChannelCredentials | None = None,
-        api_key: str | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
+    def _open_channel(
+        self, target: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]]
+    ) -> grpc.aio.Channel:
         tracing = aio_client_interceptors()  # a client span per call, its W3C context sent in the metadata
-        self._channel = open_channel(grpc.aio, target, credentials, options, interceptors=tracing)
-        self._stub = pb_grpc.TextGenerationServiceStub(self._channel)
-        self._metadata = api_key_metadata(api_key)  # sent with every call
-        self._timeout = timeout
-        self._retry = retry
+        return open_channel(grpc.aio, target, credentials, options, interceptors=tracing)
 
     async def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Messages | None = None,
-        input_ids: Sequence[int] | None = None,
-        timeout: float | None = None,
-        **params: Any,
+        self, prompt: str | None = None, *, timeout: float | None = None, **request: Any
     ) -> GenerationResult:
-        """Generate from a prompt, chat `messages` or `input_ids`; `params` are `GenerateParams` fields."""
-        request = generate_request(prompt, messages, input_ids, GenerateParams(**params))
+        """Generate from a prompt, or `messages` (a chat) or `input_ids`; the rest of `request` are
+        `GenerateParams` fields."""
+        request = generate_request(prompt, **request)
         return GenerationResult.from_proto(await self._unary(self._stub.Generate, request, timeout))
 
     async def stream(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Messages | None = None,
-        input_ids: Sequence[int] | None = None,
-        timeout: float | None = None,
-        **params: Any,
+        self, prompt: str | None = None, *, timeout: float | None = None, **request: Any
     ) -> AsyncIterator[StreamChunk]:
         """Like `generate`, but yields text and tokens as they are generated; stopping early cancels."""
-        request = generate_request(prompt, messages, input_ids, GenerateParams(**params))
-        retries = Retries(self._retry, self._timeout if timeout is None else timeout)
-        while True:
-            call = self._stub.GenerateStream(request, timeout=retries.time_left(), metadata=self._metadata)
-            received = False
-            try:
-                async for message in call:
-                    received = True
-                    yield StreamChunk.from_proto(message)
-                return
-            except grpc.RpcError as error:
-                delay = retries.delay_after(error, received=received)
-            finally:
-                call.cancel()  # no-op once the call ended; stops generation if the caller stopped early
-            await asyncio.sleep(delay)
+        call, messages = await self._unary(self._open_stream, generate_request(prompt, **request), timeout)
+        try:
+            async for message in messages:
+                yield StreamChunk.from_proto(message)
+        finally:
+            call.cancel()  # no-op once the call ended; stops generation if the caller stopped early
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model and the server's limits."""
@@ -103,13 +71,28 @@ class AsyncTextGenClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def _open_stream(self, request: pb.GenerateRequest, **options: Any) -> tuple[grpc.aio.Call, Any]:
+        """The call and its messages, its first received: until then, a stream is retried as a unary call."""
+        call = self._stub.GenerateStream(request, **options)
+        messages = aiter(call)
+        first = await anext(messages, None)
+        return call, _chained(first, messages)
+
     async def _unary(
         self, method: grpc.aio.UnaryUnaryMultiCallable, request: Any, timeout: float | None
     ) -> Any:
-        retries = Retries(self._retry, self._timeout if timeout is None else timeout)
+        retries = self._retries(timeout)
         while True:
             try:
                 return await method(request, timeout=retries.time_left(), metadata=self._metadata)
             except grpc.RpcError as error:
                 delay = retries.delay_after(error)
             await asyncio.sleep(delay)
+
+
+async def _chained(first: Any, rest: AsyncIterator) -> AsyncIterator:
+    if first is None:
+        return
+    yield first
+    async for message in rest:
+        yield message

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 
 import grpc
 from opentelemetry import trace
 
 from client.channel import tls_credentials
+from client.params import GenerateParams
 from client.results import Completion, FinishReason, StreamChunk, Timing, Token, Usage
 from client.sync import TextGenClient
 from telemetry.exporters import tracer_provider_from_env
@@ -86,20 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         inputs = {"messages": [*system, {"role": "user", "content": args.prompt}]}
-    params = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_sequences=args.stop,
-        timeout=args.timeout,
-        top_logprobs=args.top_logprobs,
-        prompt_logprobs=args.prompt_logprobs,
-        json_schema=json_schema,
-        regex=args.regex,
-        choice=args.choice,
-        n=args.n,
-    )
+    # The flags named as `GenerateParams` fields are those fields; --stop and --json-schema need more.
+    params = {f.name: getattr(args, f.name) for f in fields(GenerateParams) if hasattr(args, f.name)}
+    params.update(stop_sequences=args.stop, json_schema=json_schema, timeout=args.timeout)
     credentials = None
     if args.tls or args.tls_ca_file or args.tls_cert_file:
         credentials = tls_credentials(args.tls_ca_file, args.tls_cert_file, args.tls_key_file)

@@ -82,9 +82,15 @@ def chat_input(messages: Messages) -> pb.ChatInput:
 
 
 def generate_request(
-    prompt: str | None, messages: Messages | None, input_ids: Sequence[int] | None, params: GenerateParams
+    prompt: str | None = None,
+    *,
+    messages: Messages | None = None,
+    input_ids: Sequence[int] | None = None,
+    **fields: Any,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest with exactly one input; raises ValueError when zero or several are given."""
+    """A GenerateRequest with exactly one input (a prompt, chat `messages` or `input_ids`) and `fields`, which
+    are `GenerateParams` fields; raises ValueError when zero or several inputs are given."""
+    params = GenerateParams(**fields)
     given = [
         name
         for name, value in (("prompt", prompt), ("messages", messages), ("input_ids", input_ids))

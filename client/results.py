@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from protos.textgen.v1 import textgen_pb2 as pb
 
@@ -96,14 +96,7 @@ class Completion:
 
     @classmethod
     def from_proto(cls, c: pb.Completion) -> Completion:
-        return cls(
-            index=c.index,
-            text=c.text,
-            tokens=[Token.from_proto(t) for t in c.tokens],
-            finish_reason=FinishReason.from_proto(c.finish_reason),
-            usage=Usage.from_proto(c.usage),
-            timing=Timing.from_proto(c.timing),
-        )
+        return cls(index=c.index, **_output(c, finished=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +118,7 @@ class GenerationResult:
     def from_proto(cls, r: pb.GenerateResponse) -> GenerationResult:
         return cls(
             request_id=r.request_id,
-            text=r.text,
-            tokens=[Token.from_proto(t) for t in r.tokens],
-            finish_reason=FinishReason.from_proto(r.finish_reason),
-            usage=Usage.from_proto(r.usage),
-            timing=Timing.from_proto(r.timing),
+            **_output(r, finished=True),
             prompt_tokens=[Token.from_proto(t) for t in r.prompt_tokens],
             completions=[Completion.from_proto(c) for c in r.completions],
         )
@@ -158,11 +147,7 @@ class StreamChunk:
     def from_proto(cls, r: pb.GenerateStreamResponse) -> StreamChunk:
         return cls(
             request_id=r.request_id,
-            text=r.text,
-            tokens=[Token.from_proto(t) for t in r.tokens],
-            finish_reason=FinishReason.from_proto(r.finish_reason),
-            usage=Usage.from_proto(r.usage) if r.HasField("usage") else None,
-            timing=Timing.from_proto(r.timing) if r.HasField("timing") else None,
+            **_output(r, finished=False),
             prompt_tokens=[Token.from_proto(t) for t in r.prompt_tokens],
             index=r.index,
         )
@@ -187,20 +172,9 @@ class ModelInfo:
 
     @classmethod
     def from_proto(cls, r: pb.GetModelInfoResponse) -> ModelInfo:
-        return cls(
-            model_name=r.model_name,
-            max_context_length=r.max_context_length,
-            vocab_size=r.vocab_size,
-            eos_token_ids=list(r.eos_token_ids),
-            device=r.device,
-            dtype=r.dtype,
-            kv_block_size=r.kv_block_size,
-            num_kv_blocks=r.num_kv_blocks,
-            default_max_new_tokens=r.default_max_new_tokens,
-            max_new_tokens_limit=r.max_new_tokens_limit,
-            max_stop_sequences=r.max_stop_sequences,
-            max_stop_sequence_length=r.max_stop_sequence_length,
-        )
+        """Each field from the proto's field of the same name."""
+        values = {f.name: getattr(r, f.name) for f in fields(cls)}
+        return cls(**values | {"eos_token_ids": list(r.eos_token_ids)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,3 +187,15 @@ class TokenizeResult:
     @classmethod
     def from_proto(cls, r: pb.TokenizeResponse) -> TokenizeResult:
         return cls(ids=list(r.ids), pieces=list(r.pieces))
+
+
+def _output(r: pb.GenerateResponse | pb.Completion | pb.GenerateStreamResponse, finished: bool) -> dict:
+    """What every message of output holds: text, tokens, finish reason, usage and timing (when `finished`,
+    always; a stream's chunk has the last two only when its completion ends)."""
+    return {
+        "text": r.text,
+        "tokens": [Token.from_proto(t) for t in r.tokens],
+        "finish_reason": FinishReason.from_proto(r.finish_reason),
+        "usage": Usage.from_proto(r.usage) if finished or r.HasField("usage") else None,
+        "timing": Timing.from_proto(r.timing) if finished or r.HasField("timing") else None,
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -277,32 +278,18 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         engine = _engine_config(args)
     except ValueError as e:
         parser.error(str(e))
+    tls = TlsFiles(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file or None)
     return ServerConfig(
+        **_flag_values(args, ServerConfig),  # the flags named as its fields; the rest are read here
         engine=engine,
-        host=args.host,
-        port=args.port,
-        grace_period_s=args.grace_period_s,
-        log_level=args.log_level,
-        metrics_port=args.metrics_port,
-        http_port=args.http_port,
-        reasoning_parser=args.reasoning_parser,
-        max_request_bytes=args.max_request_bytes,
-        max_metadata_bytes=args.max_metadata_bytes,
-        max_connection_age_s=args.max_connection_age_s,
-        max_connection_age_grace_s=args.max_connection_age_grace_s,
-        idle_timeout_s=args.idle_timeout_s,
-        max_concurrent_streams=args.max_concurrent_streams,
-        max_connections=args.max_connections,
-        max_health_watchers=args.max_health_watchers,
-        tls=TlsFiles(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file or None)
-        if args.tls_cert_file
-        else None,
-        api_key_file=args.api_key_file,
+        tls=tls if args.tls_cert_file else None,
         api_keys=api_keys,
-        shared_prefix_cache=args.shared_prefix_cache,
-        reload_check_s=args.reload_check_s,
         allowed_hosts=_host_list(args.allowed_hosts),
     )
+
+
+# ServerConfig and EngineConfig fields whose values are more than their flag's (`parse_config` reads them).
+_READ_APART = frozenset({"model", "engine", "batch", "tls", "api_keys", "allowed_hosts"})
 
 
 def _host_list(value: str | None) -> tuple[str, ...] | None:
@@ -327,34 +314,19 @@ def _api_keys(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
-    batch = BatchConfig(
-        max_batch_size=args.max_batch_size,
-        max_batch_tokens=args.max_batch_tokens,
-        min_batch_size=args.min_batch_size,
-        max_wait_ms=args.max_wait_ms,
-    )
-    return EngineConfig(
-        model=args.model or None,
-        device=args.device,
-        dtype=args.dtype,
-        batch=batch,
-        max_queue_size=args.max_queue_size,
-        num_kv_blocks=args.num_kv_blocks,
-        kv_block_size=args.kv_block_size,
-        default_max_new_tokens=args.default_max_new_tokens,
-        max_new_tokens_limit=args.max_new_tokens_limit,
-        max_prompt_chars=args.max_prompt_chars,
-        max_chat_messages=args.max_chat_messages,
-        max_model_len=args.max_model_len,
-        scheduling=args.scheduling,
-        max_decode_stall_ms=args.max_decode_stall_ms,
-        attention_backend=args.attention_backend,
-        weight_format=args.weight_format,
-        model_impl=args.model_impl,
-        prefix_caching=args.prefix_caching,
-        max_n=args.max_n,
-        grammar_step_budget_ms=args.grammar_step_budget_ms,
-    )
+    """The engine's configuration: each of its (and `BatchConfig`'s) fields from the flag of the same name."""
+    batch = BatchConfig(**_flag_values(args, BatchConfig))
+    return EngineConfig(**_flag_values(args, EngineConfig), model=args.model or None, batch=batch)
+
+
+def _flag_values(args: argparse.Namespace, config: type) -> dict[str, object]:
+    """The flags named as `config`'s fields (`--max-queue-size` is `max_queue_size`), but the fields that
+    need more than the flag's value (a model, TLS files, keys, hosts, another config)."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(config)
+        if hasattr(args, f.name) and f.name not in _READ_APART
+    }
 
 
 def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from engine.frontend.admission import Admission, Admitted, admit
 from engine.frontend.engine import Engine
 from engine.frontend.limits import RequestLimits
-from engine.request import GenerationEvent, GenerationRequest
+from engine.request import GenerationEvent
 from service.status import NotReady
 
 T = TypeVar("T")
@@ -73,15 +74,20 @@ class Generations:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizer_threads, functools.partial(function, *args))
 
-    async def events(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        """Submit `request` and yield its engine events; however the caller stops, the engine request ends.
+    async def admit(self, admission: Admission) -> Admitted:
+        """Admit `admission` through the engine's one admission path (engine/frontend/admission.py), its
+        tokenizing and grammar on this service's tokenizer threads; iterating its events counts it in flight.
 
-        The engine's refusals (`InvalidRequestError`, `QueueFullError`, ...) are raised at the first
-        `__anext__`. The engine owns request ids: a duplicate in flight is refused there, and closing the
-        iterator (which cancels the request if it has not finished) frees the id at once.
+        The engine's refusals (`InvalidRequestError`, naming the front's fields) are raised here, or for a
+        full queue, a draining engine or a duplicate id (`QueueFullError`, ...) at the first `__anext__`.
+        Closing the events (which cancels the request if it has not finished) frees its id at once.
         """
         engine, _ = self.ready()
-        events = engine.submit(request)
+        admitted = await admit(engine, admission, self._tokenizer_threads)
+        admitted.events = self._in_flight(admitted.events)
+        return admitted
+
+    async def _in_flight(self, events: AsyncIterator[GenerationEvent]) -> AsyncIterator[GenerationEvent]:
         self._num_in_flight += 1
         self._idle.clear()
         try:

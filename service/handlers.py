@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 import grpc
@@ -21,6 +22,12 @@ from service.status import MalformedRequest, abort
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TextGenerationService"]
+
+
+def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The `time.monotonic()` instant the call's deadline falls at; None for a call without one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def add_servicer_to_server(

@@ -1,63 +1,44 @@
-"""Checks of a request's proto shape, and the engine's rules (engine/frontend/limits.py) needing no tokens."""
+"""Checks of a textgen.v1 request's proto shape; the engine's rules are admission's (engine/frontend)."""
 
 from __future__ import annotations
 
-from engine.frontend.limits import RequestLimits, input_size_violations, n_violations, parameter_violations
+from engine.frontend.admission import Prompt, check_input_size
+from engine.frontend.limits import RequestLimits, Violation
 from protos.textgen.v1 import textgen_pb2 as pb
 from service.grpc import tool_protos, translate
-from service.status import InvalidArgument, PromptTooLong
+from service.status import InvalidArgument
 
 MAX_REQUEST_ID_LENGTH = 128
 
 
-def check_generate_request(request: pb.GenerateRequest, limits: RequestLimits) -> None:
-    """Raise `InvalidArgument` naming every field of `request` that is wrong before tokenization.
+def generate_request_violations(request: pb.GenerateRequest) -> list[Violation]:
+    """What is wrong with `request`'s shape: an input, a short request_id, roles in a chat, its tools.
 
-    That is its shape (an input, a short request_id, roles in a chat) and the engine's rules on its
-    parameters, checked here so that a bad request is refused before its prompt is tokenized. An input over
-    a size limit is refused first, for that alone (`PromptTooLong`), before anything else in it is read.
+    Admission (engine/frontend/admission.py) reports these with the engine's rules on its parameters, all
+    before its prompt is tokenized, and an input over a size limit first, for that alone.
     """
-    check_input_size(request, limits)
     violations = []
     if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
         violations.append(("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters"))
     violations += _input_violations(request)
     if request.WhichOneof("input") == "chat":
         violations += tool_protos.violations(request)
-    sampling = translate.request_sampling(request)
-    stopping = translate.stopping_params(request.stopping)
-    kind = request.WhichOneof("input")
-    violations += translate.proto_violations(parameter_violations(sampling, stopping, limits), kind)
-    violations += n_violations(translate.num_completions(request), limits)
-    if violations:
-        raise InvalidArgument(violations)
+    return violations
 
 
-def check_tokenize_request(request: pb.TokenizeRequest, limits: RequestLimits) -> None:
-    """Raise `InvalidArgument` when `request` has no input or an empty chat, `PromptTooLong` when too long."""
+def check_tokenize_request(request: pb.TokenizeRequest, limits: RequestLimits) -> Prompt:
+    """The input of `request`; raises `InvalidArgument` when it has none or an empty chat, `PromptTooLong`
+    when it is over a size limit (nothing tokenized)."""
     kind = request.WhichOneof("input")
     if kind is None:
         raise InvalidArgument([("input", "one of text or chat is required")])
-    check_input_size(request, limits)
+    prompt = translate.prompt(request)
+    check_input_size(prompt, limits)  # its field paths are the engine's: the servicer renames them
     if kind == "chat":
         violations = _chat_violations(request.chat) + tool_protos.violations(request)
         if violations:
             raise InvalidArgument(violations)
-
-
-def check_input_size(request: pb.GenerateRequest | pb.TokenizeRequest, limits: RequestLimits) -> None:
-    """Raise `PromptTooLong` when the request's input is over the engine's size limits (nothing tokenized)."""
-    kind = request.WhichOneof("input")
-    if kind in ("prompt", "text"):
-        violations = input_size_violations(limits, prompt=getattr(request, kind))
-    elif kind == "chat":
-        violations = input_size_violations(limits, messages=request.chat.messages)
-    elif kind == "input_ids":
-        violations = input_size_violations(limits, num_prompt_ids=len(request.input_ids.ids))
-    else:
-        return
-    if violations:
-        raise PromptTooLong(translate.proto_violations(violations, kind))
+    return prompt
 
 
 def _input_violations(request: pb.GenerateRequest) -> list[tuple[str, str]]:

@@ -62,7 +62,7 @@ def plain_alone(engine) -> list[list[int]]:
 
 async def run_together(engine: Engine, neighbour: GenerationRequest) -> tuple[list[list[int]], Exception]:
     """The plain greedy requests' tokens and `neighbour`'s error, all submitted at once."""
-    engine.compile_response_format(neighbour.sampling.response_format)  # as a server does, before submitting
+    engine.grammars.compile(neighbour.sampling.response_format)  # as a server does, before submitting
 
     async def tokens(request: GenerationRequest) -> list[int] | Exception:
         try:
@@ -131,7 +131,7 @@ def http_server(server_config):
 async def test_over_http_the_adversarial_request_is_400_and_its_batchmates_are_unchanged(http_server):
     engine = http_server.engine
     alone = [r.text for r in engine.generate([*PLAIN_PROMPTS, FILLER], SamplingParams(), PLAIN_STOPPING)][:-1]
-    engine.compile_response_format(ResponseFormat(regex=ADVERSARIAL_REGEX))  # its compile delays no one
+    engine.grammars.compile(ResponseFormat(regex=ADVERSARIAL_REGEX))  # its compile delays no one
     url = f"http://127.0.0.1:{http_server.server.http.port}/v1/completions"
     plain = [{"prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True} for p in PLAIN_PROMPTS]
     adversarial = {"prompt": "Say a:", "max_tokens": 64, "guided_regex": ADVERSARIAL_REGEX}
@@ -229,4 +229,4 @@ def test_a_format_that_failed_after_some_output_is_still_admitted(engine):
     matcher._matcher = _FailingMatcher()
     with pytest.raises(GrammarLimitError, match="at output token 1"):
         matcher.allowed()
-    engine.compile_response_format(response_format)  # a path-dependent failure does not condemn the format
+    engine.grammars.compile(response_format)  # a path-dependent failure does not condemn the format

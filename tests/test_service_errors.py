@@ -249,11 +249,11 @@ def readme_service_config() -> str:
 def test_the_readmes_retry_policy_waits_out_a_full_queue_as_pushed_back(server, monkeypatch):
     submit, attempts = server.engine.submit, []
 
-    def full_twice(request):
+    def full_twice(request, max_new_tokens):
         attempts.append(time.monotonic())
         if len(attempts) <= 2:
             raise QueueFullError("the queue is full", retry_after_s=0.3)
-        return submit(request)
+        return submit(request, max_new_tokens)
 
     monkeypatch.setattr(server.engine, "submit", full_twice)
     options = [("grpc.service_config", readme_service_config()), ("grpc.enable_retries", 1)]

@@ -203,10 +203,10 @@ def test_a_health_check_answers_while_a_prompt_is_being_tokenized(server, monkey
     started, release = threading.Event(), threading.Event()
     tokenize = server.engine.tokenize
 
-    def held_tokenize(text: str) -> list[int]:
+    def held_tokenize(text: str, add_special_tokens: bool = False) -> list[int]:
         started.set()
         release.wait(30)
-        return tokenize(text)
+        return tokenize(text, add_special_tokens)
 
     monkeypatch.setattr(server.engine, "tokenize", held_tokenize)
     with grpc.insecure_channel(server.target) as channel:
@@ -227,9 +227,9 @@ def test_a_health_check_answers_before_a_large_prompt_is_tokenized(start_server,
     started, times = threading.Event(), {}
     tokenize = server.engine.tokenize
 
-    def timed_tokenize(text: str) -> list[int]:
+    def timed_tokenize(text: str, add_special_tokens: bool = False) -> list[int]:
         started.set()
-        ids = tokenize(text)
+        ids = tokenize(text, add_special_tokens)
         times["tokenized"] = time.monotonic()
         return ids
 
@@ -257,9 +257,9 @@ def test_a_call_outliving_its_connections_max_age_finishes_within_the_grace(serv
     release = threading.Event()
     tokenize = server.engine.tokenize
 
-    def held_tokenize(text: str) -> list[int]:
+    def held_tokenize(text: str, add_special_tokens: bool = False) -> list[int]:
         release.wait(30)
-        return tokenize(text)
+        return tokenize(text, add_special_tokens)
 
     monkeypatch.setattr(server.engine, "tokenize", held_tokenize)
     try:

@@ -10,11 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from engine.frontend.admission import Prompt, prompt_ids
 from engine.request import ResponseFormat
 from service.chat.output import ChatOutput
 from service.chat.reasoning import ReasoningSplitter
 from service.chat.tool_calls import ToolCallParser, grammar, parse_all
-from service.chat.tools import ChatTurn, Tool, ToolCall, ToolRequest, chat_prompt_ids, template_inputs
+from service.chat.tools import ChatTurn, Conversation, Tool, ToolCall, ToolRequest, template_inputs
 
 WEATHER = Tool(
     "get_weather",
@@ -263,7 +264,7 @@ HERMES_LIKE = (
 def test_a_template_with_a_tool_format_renders_tools_and_calls_itself(tiny_engine, monkeypatch):
     monkeypatch.setattr(tiny_engine.tokenizer, "chat_template", HERMES_LIKE)
 
-    ids = chat_prompt_ids(tiny_engine, HISTORY[:3], ToolRequest((WEATHER, TIME)))
+    ids = prompt_ids(tiny_engine, Prompt(chat=Conversation(HISTORY[:3], ToolRequest((WEATHER, TIME)))))
 
     assert tiny_engine.decode(ids, skip_special_tokens=False) == (
         "<tools>get_weather;get_time;</tools><|im_start|>user\nWeather in Paris?<|im_end|>\n"

@@ -12,9 +12,10 @@ import pytest
 from conftest import ServerThread
 from test_service_errors import violated_fields
 
+from engine.frontend.admission import Prompt, prompt_ids
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc
-from service.chat.tools import ChatTurn, Tool, ToolCall, ToolRequest, chat_prompt_ids
+from service.chat.tools import ChatTurn, Conversation, Tool, ToolCall, ToolRequest
 
 PARAMETERS = {
     "type": "object",
@@ -99,7 +100,7 @@ def test_tokenize_renders_a_tool_round_trip_as_generate_does(stub, server):
         ChatTurn("tool", "sunny", tool_call_id="call_1"),
     ]
     tools = ToolRequest((Tool("get_weather", WEATHER.description, PARAMETERS),))
-    assert list(ids) == chat_prompt_ids(server.engine, turns, tools)
+    assert list(ids) == prompt_ids(server.engine, Prompt(chat=Conversation(turns, tools)))
     assert "<tool_response>\nsunny\n</tool_response>" in server.engine.decode(list(ids))
 
 

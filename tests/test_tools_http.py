@@ -25,7 +25,8 @@ from openai import AsyncOpenAI
 from pydantic import BaseModel, ConfigDict, Field
 from test_openai_http import assert_openai_error, post
 
-from service.chat.tools import ChatTurn, Tool, ToolCall, ToolRequest, chat_prompt_ids
+from engine.frontend.admission import Prompt, prompt_ids
+from service.chat.tools import ChatTurn, Conversation, Tool, ToolCall, ToolRequest
 from service.config import parse_config
 
 WEATHER_PARAMETERS = {  # bounded, so that even the random-weight model completes a call well within budget
@@ -185,7 +186,7 @@ def test_a_tool_round_trip_renders_the_call_and_its_result_into_the_next_prompt(
         ChatTurn("tool", "sunny, 21 C", tool_call_id=call.id),
     ]
     tools = ToolRequest((Tool("get_weather", "The weather in a city", WEATHER_PARAMETERS),))
-    ids = chat_prompt_ids(http_server.engine, turns, tools)
+    ids = prompt_ids(http_server.engine, Prompt(chat=Conversation(turns, tools)))
     prompt = http_server.engine.decode(ids, skip_special_tokens=False)
     assert answer.usage.prompt_tokens == len(ids)
     arguments = json.dumps(json.loads(call.function.arguments))

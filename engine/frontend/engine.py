@@ -32,15 +32,12 @@ from engine.errors import EngineStoppedError, InvalidRequestError
 from engine.execution.model_runner import ModelRunner
 from engine.frontend.limits import MAX_CHAT_MESSAGES, MAX_N, MAX_PROMPT_CHARS, RequestLimits, check_request
 from engine.frontend.loop import AsyncSink, EngineLoop
+from engine.frontend.results import GenerationResult, fold
 from engine.request import (
-    FinishReason,
     GenerationEvent,
     GenerationRequest,
-    ResponseFormat,
     SamplingParams,
     StoppingParams,
-    Timing,
-    TokenInfo,
 )
 
 
@@ -87,22 +84,6 @@ class ModelInfo:
     dtype: str
     kv_block_size: int
     num_kv_blocks: int
-
-
-@dataclass(slots=True)
-class GenerationResult:
-    """The whole output of one request from the offline `Engine.generate()`."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    tokens: list[TokenInfo]
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    timing: Timing
-    prompt_logprobs: list[TokenInfo] = field(default_factory=list)  # with SamplingParams.prompt_logprobs
-    cached_prompt_tokens: int = 0
 
 
 class Engine:
@@ -194,11 +175,6 @@ class Engine:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
-    def compile_response_format(self, response_format: ResponseFormat) -> None:
-        """Compile a response format's grammar into the cache (raises `InvalidRequestError` when it cannot
-        be): the server calls this on a worker thread, so that `submit` finds the grammar ready."""
-        self.grammars.compile(response_format)
-
     # ---- life cycle -------------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -222,15 +198,20 @@ class Engine:
 
     # ---- requests ---------------------------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    def submit(
+        self, request: GenerationRequest, max_new_tokens: int | None = None
+    ) -> AsyncIterator[GenerationEvent]:
         """Queue a request; iterate the result for its events. Raises at once if it cannot be queued.
+
+        `max_new_tokens` is given by admission (engine/frontend/admission.py), which has checked the
+        request's rules; without it they are checked here.
 
         With `request.n` > 1 the completions' events interleave (each has its `index`); the iteration ends
         once every completion has finished, or with the first error (which cancels the others). Closing the
         iterator before the last event cancels the request.
         """
         sink = AsyncSink(asyncio.get_running_loop())
-        first = self._enqueue(request, sink)
+        first = self._enqueue(request, sink, max_new_tokens)
         return self._events(first, request.n, sink.queue)
 
     def cancel(self, request_id: str) -> None:
@@ -270,13 +251,16 @@ class Engine:
                 raise item
             collected[request_id].append(item)
             remaining -= item.finished
-        return [_result(r.request_id, collected[r.request_id]) for r in requests]
+        return [fold(collected[r.request_id])[0] for r in requests]
 
-    def _enqueue(self, request: GenerationRequest, sink: AsyncSink | queue.Queue) -> Sequence:
+    def _enqueue(
+        self, request: GenerationRequest, sink: AsyncSink | queue.Queue, max_new_tokens: int | None = None
+    ) -> Sequence:
         """Queue a request's completion 0, whose group's events go to `sink`; the loop forks the others."""
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down and accepts no new requests")
-        max_new_tokens = check_request(request, self.limits)
+        if max_new_tokens is None:
+            max_new_tokens = check_request(request, self.limits)
         first = Sequence(request, max_new_tokens, group=SequenceGroup(sink))
         if request.sampling.response_format is not None:  # each fork takes a matcher of its own from it
             first.grammar = self.grammars.matcher(request.sampling.response_format)
@@ -374,20 +358,3 @@ def _eos_token_ids(runner: ModelRunner) -> set[int]:
         value = getattr(source, "eos_token_id", None)
         ids.update(value if isinstance(value, list) else [value] if value is not None else [])
     return ids
-
-
-def _result(request_id: str, events: list[GenerationEvent]) -> GenerationResult:
-    last = events[-1]
-    tokens = [t for e in events for t in e.tokens]
-    return GenerationResult(
-        request_id=request_id,
-        text="".join(e.text for e in events),
-        token_ids=[t.id for t in tokens],
-        tokens=tokens,
-        finish_reason=last.finish_reason,
-        prompt_tokens=last.prompt_tokens,
-        completion_tokens=last.completion_tokens,
-        timing=last.timing,
-        prompt_logprobs=[t for e in events for t in e.prompt_logprobs],
-        cached_prompt_tokens=last.cached_prompt_tokens,
-    )

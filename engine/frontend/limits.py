@@ -94,12 +94,30 @@ def check_request(request: GenerationRequest, limits: RequestLimits) -> int:
 
     Lengths are checked only once everything else is valid, so a field is never reported twice.
     """
-    violations = _prompt_violations(request.prompt_ids, limits)
-    violations += parameter_violations(request.sampling, request.stopping, limits)
-    violations += n_violations(request.n, limits)
-    violations += cache_salt_violations(request.cache_salt)
+    violations = _prompt_violations(request.prompt_ids, limits) + check_parameters(request, limits)
     if violations:
         raise InvalidRequestError.from_violations(violations)
+    return _fitting_max_new_tokens(request, limits)
+
+
+def check_parameters(request: GenerationRequest, limits: RequestLimits) -> list[Violation]:
+    """Every violation of the rules that need no tokens: `parameter_violations`, `n` and the cache salt."""
+    violations = parameter_violations(request.sampling, request.stopping, limits)
+    violations += n_violations(request.n, limits)
+    return violations + cache_salt_violations(request.cache_salt)
+
+
+def check_prompt(request: GenerationRequest, limits: RequestLimits) -> int:
+    """The effective max_new_tokens of a request whose parameters pass `check_parameters`: the rules that
+    need its tokens (ids in the vocabulary, the prompt and new tokens within the context and KV cache, an
+    answer built whole within its bound); raises `InvalidRequestError` for the first that fails."""
+    violations = _prompt_violations(request.prompt_ids, limits)
+    if violations:
+        raise InvalidRequestError.from_violations(violations)
+    return _fitting_max_new_tokens(request, limits)
+
+
+def _fitting_max_new_tokens(request: GenerationRequest, limits: RequestLimits) -> int:
     max_new_tokens = resolve_max_new_tokens(len(request.prompt_ids), request.stopping, limits)
     if request.whole_answer:
         violations = answer_size_violations(

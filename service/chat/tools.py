@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine.frontend.engine import Engine
 from engine.frontend.limits import Violation
 
 AUTO, NONE, REQUIRED, FUNCTION = "auto", "none", "required", "function"
@@ -204,10 +203,19 @@ _GENERIC_INSTRUCTIONS = (
 )
 
 
-def chat_prompt_ids(engine: Engine, turns: Sequence[ChatTurn], tools: ToolRequest | None) -> list[int]:
-    """The token ids of a chat with its tools, rendered with the model's template (see `template_inputs`)."""
-    messages, shown = template_inputs(getattr(engine.tokenizer, "chat_template", None), turns, tools)
-    return engine.apply_chat_template(messages, shown)
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """A chat as admission renders it (engine/frontend/admission.py `Chat`): its turns and its tools."""
+
+    turns: Sequence[ChatTurn]
+    tools: ToolRequest | None = None
+
+    @property
+    def messages(self) -> Sequence[ChatTurn]:
+        return self.turns
+
+    def template_inputs(self, chat_template: str | None) -> tuple[list[dict], list[dict] | None]:
+        return template_inputs(chat_template, self.turns, self.tools)
 
 
 def template_knows_tools(chat_template: str | None) -> bool:

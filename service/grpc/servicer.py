@@ -3,28 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import context as otel_context
 
-from engine.errors import InvalidRequestError
+from engine.frontend.admission import Admission, Prompt, prompt_ids, renamed
 from engine.frontend.engine import Engine
-from engine.frontend.limits import RequestLimits
+from engine.frontend.results import fold
 from engine.request import GenerationEvent, GenerationRequest
 from protos.textgen.v1 import textgen_pb2 as pb
 from protos.textgen.v1 import textgen_pb2_grpc as pb_grpc
-from service.chat.tools import chat_prompt_ids
 from service.config import MIN_CLIENT_PING_INTERVAL_S, ServerConfig
 from service.generations import Generations
 from service.grpc import tool_protos, translate
+from service.handlers import call_deadline
 from service.security.auth import bearer_token
 from service.security.tenancy import cache_tenant
-from service.status import InvalidArgument, NotReady, abort
-from service.validation import check_generate_request, check_tokenize_request
+from service.status import NotReady, abort
+from service.validation import check_tokenize_request, generate_request_violations
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         try:
             async with contextlib.aclosing(self._events(request, context, whole_answer=True)) as events:
                 collected = [event async for event in events]
-            response = await self._generations.off_loop(translate.response, collected)  # stalls no call
+            response = await self._generations.off_loop(translate.response, fold(collected))  # stalls no call
             return self._chat_output(request).response(response)
         except Exception as e:
             await abort(context, e)
@@ -96,69 +95,47 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
     ) -> pb.TokenizeResponse:
         try:
             engine, limits = self._generations.ready()
-            check_tokenize_request(request, limits)
-            return await self._generations.off_loop(self._tokenize, engine, request)
+            with renamed(functools.partial(translate.proto_field, input_kind=request.WhichOneof("input"))):
+                prompt = check_tokenize_request(request, limits)
+                return await self._generations.off_loop(self._tokenize, engine, prompt)
         except Exception as e:
             await abort(context, e)
 
-    @classmethod
-    def _tokenize(cls, engine: Engine, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
-        if request.WhichOneof("input") == "text":
-            ids = engine.tokenize(request.text)
-        else:
-            ids = cls._apply_chat_template(engine, request.chat)
+    @staticmethod
+    def _tokenize(engine: Engine, prompt: Prompt) -> pb.TokenizeResponse:
+        ids = prompt_ids(engine, prompt)
         return pb.TokenizeResponse(ids=ids, pieces=[engine.decode([i]) for i in ids])
 
     async def _events(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, whole_answer: bool = False
     ) -> AsyncIterator[GenerationEvent]:
-        """Submit `request` and yield its engine events; however the call ends, the engine request ends."""
-        engine, limits = self._generations.ready()
-        generation_request = await self._generation_request(engine, limits, request, context)
-        generation_request.whole_answer = whole_answer
-        try:
-            if (response_format := generation_request.sampling.response_format) is not None:
-                # Compiled (and cached) on a worker thread, so a big schema stalls neither loop.
-                await self._generations.off_loop(engine.compile_response_format, response_format)
-            async with contextlib.aclosing(self._generations.events(generation_request)) as events:
-                async for event in events:
-                    yield event
-        except InvalidRequestError as e:
-            raise translate.invalid_argument(e, request.WhichOneof("input")) from e
+        """Admit `request` and yield its engine events; however the call ends, the engine request ends."""
+        admitted = await self._generations.admit(self._admission(request, context, whole_answer))
+        async with contextlib.aclosing(admitted.events) as events:
+            async for event in events:
+                yield event
 
-    async def _generation_request(
-        self,
-        engine: Engine,
-        limits: RequestLimits,
-        request: pb.GenerateRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> GenerationRequest:
-        """The engine request for `request`; raises naming each field that can never be served."""
-        check_generate_request(request, limits)
+    def _admission(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, whole_answer: bool
+    ) -> Admission:
+        """What `request` asks of the engine, its shape's faults (service/validation.py) beside it."""
         kind = request.WhichOneof("input")
-        if kind == "prompt":
-            prompt_ids = await self._generations.off_loop(engine.tokenize, request.prompt)
-        elif kind == "chat":
-            prompt_ids = await self._generations.off_loop(self._apply_chat_template, engine, request.chat)
-        else:
-            prompt_ids = list(request.input_ids.ids)
-        remaining = context.time_remaining()
-        return GenerationRequest(
-            prompt_ids=prompt_ids,
+        generation = GenerationRequest(
+            prompt_ids=[],
             sampling=translate.request_sampling(request),
             stopping=translate.stopping_params(request.stopping),
             priority=request.priority,
-            request_id=request.request_id or uuid.uuid4().hex,
-            deadline=None if remaining is None else time.monotonic() + remaining,
+            request_id=request.request_id,
+            deadline=call_deadline(context),
             trace_context=otel_context.get_current(),  # holds the server span: the engine's spans go under it
             n=translate.num_completions(request),
             cache_salt=request.cache_salt,
             cache_tenant=cache_tenant(self._config, bearer_token(context.invocation_metadata())),
+            whole_answer=whole_answer,
         )
-
-    @staticmethod
-    def _apply_chat_template(engine: Engine, chat: pb.ChatInput) -> list[int]:
-        try:
-            return chat_prompt_ids(engine, tool_protos.turns(chat), tool_protos.tool_request(chat))
-        except Exception as e:  # the template rejects the conversation (roles, order): the client's to fix
-            raise InvalidArgument([("chat.messages", f"the model's chat template rejected them: {e}")]) from e
+        return Admission(
+            translate.prompt(request),
+            generation,
+            refusals=generate_request_violations(request),
+            field_name=functools.partial(translate.proto_field, input_kind=kind),
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from engine.frontend.limits import Violation
 from engine.request import GenerationEvent, ResponseFormat
@@ -22,6 +23,7 @@ from service.chat.tools import (
     Tool,
     ToolCall,
     ToolRequest,
+    template_inputs,
 )
 
 _MODES = {
@@ -92,6 +94,21 @@ def response_format(request: pb.GenerateRequest) -> ResponseFormat | None:
     if tools is None or not tools.calls_allowed:
         return None
     return ResponseFormat(lark=tool_calls.grammar(tools))
+
+
+@dataclass(frozen=True, slots=True)
+class ProtoChat:
+    """A `ChatInput` as admission renders it (engine/frontend/admission.py `Chat`): its messages are sized as
+    sent, and read into turns and tools only when rendered."""
+
+    chat: pb.ChatInput
+
+    @property
+    def messages(self) -> Sequence[pb.ChatMessage]:
+        return self.chat.messages
+
+    def template_inputs(self, chat_template: str | None) -> tuple[list[dict], list[dict] | None]:
+        return template_inputs(chat_template, turns(self.chat), tool_request(self.chat))
 
 
 def turns(chat: pb.ChatInput) -> list[ChatTurn]:

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from google.protobuf import duration_pb2
 
-from engine.errors import InvalidRequestError
+from engine.frontend.admission import Prompt
+from engine.frontend.results import GenerationResult
 from engine.request import (
     FinishReason,
     GenerationEvent,
@@ -18,7 +19,6 @@ from engine.request import (
 )
 from protos.textgen.v1 import textgen_pb2 as pb
 from service.grpc import tool_protos
-from service.status import InvalidArgument, invalid_argument_class
 
 FINISH_REASONS = {
     None: pb.FINISH_REASON_UNSPECIFIED,
@@ -53,6 +53,16 @@ def request_sampling(request: pb.GenerateRequest) -> SamplingParams:
     else:
         params.response_format = tool_protos.response_format(request)  # a chat's tool calls, if any
     return params
+
+
+def prompt(request: pb.GenerateRequest | pb.TokenizeRequest) -> Prompt:
+    """The request's input for admission; a request without one has no token ids (its shape is refused)."""
+    kind = request.WhichOneof("input")
+    if kind in ("prompt", "text"):
+        return Prompt(text=getattr(request, kind))
+    if kind == "chat":
+        return Prompt(chat=tool_protos.ProtoChat(request.chat))
+    return Prompt(ids=list(request.input_ids.ids) if kind == "input_ids" else [])
 
 
 def response_format(fmt: pb.ResponseFormat) -> ResponseFormat:
@@ -109,11 +119,6 @@ def proto_violations(violations: Sequence[tuple[str, str]], input_kind: str) -> 
     return [(proto_field(field, input_kind), description) for field, description in violations]
 
 
-def invalid_argument(error: InvalidRequestError, input_kind: str) -> InvalidArgument:
-    """The service's error for an engine's refusal: `PromptTooLong` for an input over a size limit."""
-    return invalid_argument_class(error)(proto_violations(error.violations, input_kind))
-
-
 def duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(round(seconds * 1e9))
@@ -141,8 +146,8 @@ def tokens(infos: Sequence[TokenInfo]) -> list[pb.Token]:
     ]
 
 
-def usage(event: GenerationEvent) -> pb.Usage:
-    """The token counts of a request's last event."""
+def usage(event: GenerationEvent | GenerationResult) -> pb.Usage:
+    """The token counts of a completion's last event, or of the completion."""
     return pb.Usage(
         prompt_tokens=event.prompt_tokens,
         completion_tokens=event.completion_tokens,
@@ -167,39 +172,34 @@ def stream_response(event: GenerationEvent) -> pb.GenerateStreamResponse:
     return response
 
 
-def response(events: Sequence[GenerationEvent]) -> pb.GenerateResponse:
-    """The whole output of a finished request from all of its events: completion 0 at the top level,
+def response(results: Sequence[GenerationResult]) -> pb.GenerateResponse:
+    """The whole output of a finished request (engine/frontend/results.py): completion 0 at the top level,
     every completion in `completions`, the usage of them all, and the scored prompt (once: only completion
     0 scores it)."""
-    by_index: dict[int, list[GenerationEvent]] = {}
-    for event in events:
-        by_index.setdefault(event.index, []).append(event)
-    completions = [completion(index, by_index[index]) for index in sorted(by_index)]
+    completions = [completion(result) for result in results]
     first = completions[0]
     total = pb.Usage()
     total.CopyFrom(first.usage)
     total.completion_tokens = sum(c.usage.completion_tokens for c in completions)
     return pb.GenerateResponse(
-        request_id=events[-1].request_id,
+        request_id=results[0].request_id,
         text=first.text,
         tokens=first.tokens,
         finish_reason=first.finish_reason,
         usage=total,
         timing=first.timing if first.HasField("timing") else None,
         completions=completions,
-        prompt_tokens=tokens([token for e in events for token in e.prompt_logprobs]),  # completion 0's only
+        prompt_tokens=tokens(results[0].prompt_logprobs),
     )
 
 
-def completion(index: int, events: Sequence[GenerationEvent]) -> pb.Completion:
-    """One completion from its events, the last of which has finished."""
-    last = events[-1]
-    assert last.finished
+def completion(result: GenerationResult) -> pb.Completion:
+    """One completion of a request."""
     return pb.Completion(
-        index=index,
-        text="".join(e.text for e in events),
-        tokens=[token for e in events for token in tokens(e.tokens)],
-        finish_reason=FINISH_REASONS[last.finish_reason],
-        usage=usage(last),
-        timing=timing(last.timing) if last.timing is not None else None,
+        index=result.index,
+        text=result.text,
+        tokens=tokens(result.tokens),
+        finish_reason=FINISH_REASONS[result.finish_reason],
+        usage=usage(result),
+        timing=timing(result.timing) if result.timing is not None else None,
     )

@@ -1,4 +1,5 @@
-"""A request body read as strict JSON: UTF-8, no NaN or Infinity, text that is Unicode, bounded nesting.
+"""A request body read as strict JSON (UTF-8, no NaN or Infinity, text that is Unicode, bounded nesting),
+and its parameters read by type (`BodyFields`).
 
 Whatever a client sends, reading it ends in a body or in a 400 error (`MalformedRequest`, or
 `InvalidArgument` naming the parameter where there is one), never in an exception that the server would
@@ -9,8 +10,12 @@ before any other code sees them.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import re
+
+from aiohttp import web
 
 from engine.frontend.limits import Violation
 from service.status import InvalidArgument, MalformedRequest
@@ -18,6 +23,17 @@ from service.status import InvalidArgument, MalformedRequest
 MAX_JSON_DEPTH = 64  # nested arrays and objects: far more than any request or JSON schema needs
 MAX_REPORTED = 10  # violations listed (the status shows 10 at most anyway)
 _SURROGATE = re.compile("[\ud800-\udfff]")  # in a decoded str: only from a \\uXXXX escape of half a pair
+
+
+async def read_json_body(request: web.Request, timeout_s: float) -> object:
+    """The body as strict JSON (`parse_json_body`); 408 when it takes over `timeout_s` to arrive (a
+    connection held by a trickle)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(reason="the request body took too long to arrive") from None
+    return parse_json_body(raw)
 
 
 def parse_json_body(data: bytes) -> object:
@@ -33,6 +49,49 @@ def parse_json_body(data: bytes) -> object:
     if violations:
         raise InvalidArgument(violations)
     return body
+
+
+class BodyFields:
+    """Typed reads of a body's parameters; a wrong type is recorded in `violations`, the default returned.
+
+    JSON null is the same as leaving a parameter out.
+    """
+
+    def __init__(self, body: dict, max_tokens_name: str = "max_tokens") -> None:
+        self.body = body
+        self.violations: list[Violation] = []
+        self.max_tokens_name = max_tokens_name  # the parameter that bounds the new tokens
+
+    def get(self, name: str, kinds: type | tuple[type, ...], rule: str) -> object | None:
+        value = self.body.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+            value = None  # JSON true is not a number
+        if not isinstance(value, kinds):
+            self.violations.append((name, f"must be {rule}"))
+            return None
+        return value
+
+    def number(self, name: str, default: float) -> float:
+        value = self.get(name, (int, float), "a number")
+        if isinstance(value, int) and abs(value) > 2**53:  # JSON integers have no bound; floats do
+            value = math.inf  # out of every range: the engine's rule names it
+        return default if value is None else float(value)
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int) -> int:
+        value = self.get(name, int, "an integer")
+        if value is not None and not minimum <= value <= maximum:
+            self.violations.append((name, f"must be in [{minimum}, {maximum}], got {value}"))
+            return default
+        return default if value is None else value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.get(name, bool, "true or false")
+        return default if value is None else value
+
+    def string(self, name: str) -> str | None:
+        return self.get(name, str, "a string")
 
 
 def _refuse_constant(name: str) -> float:

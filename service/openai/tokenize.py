@@ -8,10 +8,11 @@ and answers their text as `prompt`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from engine.frontend.admission import Prompt, check_input_size, renamed
 from engine.frontend.limits import RequestLimits
-from service.openai.translate import CHAT, COMPLETION, OpenAIRequest, parse_request
+from service.openai.request import CHAT, COMPLETION, OpenAIRequest, parse_request
 from service.status import InvalidArgument
 
 _TOKENIZE_PARAMETERS = {
@@ -29,6 +30,10 @@ class TokenizeRequest:
     input: OpenAIRequest
     add_special_tokens: bool = False
     return_token_strs: bool = False
+
+    def prompt(self) -> Prompt:
+        """The input as admission tokenizes or renders it (engine/frontend/admission.py `prompt_ids`)."""
+        return replace(self.input.prompt_input(), add_special_tokens=self.add_special_tokens)
 
 
 @dataclass(slots=True)
@@ -69,12 +74,18 @@ def parse_tokenize(body: object, limits: RequestLimits) -> TokenizeRequest:
     if violations:
         raise InvalidArgument(violations)
     kind = CHAT if "messages" in body else COMPLETION
-    generation = {name: body[name] for name in ("model", "prompt", "messages") if name in body}
-    return TokenizeRequest(
-        parse_request(kind, generation, limits),
+    given = {name: body[name] for name in ("model", "prompt", "messages") if name in body}
+    generation = parse_request(kind, given, limits)
+    request = TokenizeRequest(
+        generation,
         add_special_tokens=flags["add_special_tokens"] is True,
         return_token_strs=flags["return_token_strs"] is True,
     )
+    with renamed(generation.param):
+        check_input_size(request.prompt(), limits)  # first, for that alone, as the generation endpoints do
+    if generation.refusals:
+        raise InvalidArgument(generation.refusals)
+    return request
 
 
 def parse_detokenize(body: object, limits: RequestLimits) -> DetokenizeRequest:

@@ -17,26 +17,22 @@ import io
 import logging
 import tempfile
 import time
-import uuid
 import zipfile
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
-from opentelemetry import context as otel_context
 from smg_grpc_proto import vllm_engine_pb2 as pb
 from smg_grpc_proto import vllm_engine_pb2_grpc as pb_grpc
 from smg_grpc_proto.generated import common_pb2
 
 from engine.core import kv_events
-from engine.errors import InvalidRequestError
 from engine.frontend.engine import Engine
 from engine.frontend.limits import RequestLimits
-from engine.request import GenerationEvent, GenerationRequest
+from engine.frontend.results import fold
 from service.generations import Generations
 from service.status import InvalidArgument, NotReady, Unimplemented, abort
-from service.validation import MAX_REQUEST_ID_LENGTH
 from service.worker import translate
 
 log = logging.getLogger(__name__)
@@ -67,59 +63,24 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
         self._last_receive = time.time()
         try:
             engine, _ = self._generations.ready()
-            generation = await self._generation_request(engine, request, context)
-            prompt_ids, params = generation.prompt_ids, request.sampling_params
-            finished: dict[int, list[GenerationEvent]] = {}
-            async with contextlib.aclosing(self._events(engine, generation)) as events:
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            admitted = await self._generations.admit(
+                translate.admission(request, engine.model_info, deadline)
+            )
+            prompt_ids, params, collected = admitted.request.prompt_ids, request.sampling_params, []
+            async with contextlib.aclosing(admitted.events) as events:
                 async for event in events:
                     if request.stream:
                         yield translate.chunk(event, prompt_ids, params)
                         if event.finished:
-                            yield translate.complete([event], prompt_ids, params)
+                            yield translate.complete(fold([event])[0], prompt_ids, params)
                     else:
-                        finished.setdefault(event.index, []).append(event)
-            for index in sorted(finished):
-                yield translate.complete(finished[index], prompt_ids, params)
+                        collected.append(event)
+            for result in fold(collected):
+                yield translate.complete(result, prompt_ids, params)
         except Exception as e:
             await abort(context, e)
-
-    async def _generation_request(
-        self, engine: Engine, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> GenerationRequest:
-        translate.unserved(request)
-        if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
-            raise InvalidArgument([("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")])
-        if request.HasField("data_parallel_rank") and request.data_parallel_rank != 0:
-            raise InvalidArgument([("data_parallel_rank", "this server has one data-parallel rank, 0")])
-        kind = request.WhichOneof("input")
-        if kind is None:
-            raise InvalidArgument([("input", "one of tokenized or text is required")])
-        if kind == "text":
-            prompt_ids = await self._generations.off_loop(engine.tokenize, request.text)
-        else:
-            prompt_ids = list(request.tokenized.input_ids)
-        params = request.sampling_params
-        remaining = context.time_remaining()
-        return GenerationRequest(
-            prompt_ids=prompt_ids,
-            sampling=translate.sampling_params(params, engine.model_info.eos_token_ids),
-            stopping=translate.stopping_params(params),
-            request_id=request.request_id or uuid.uuid4().hex,
-            deadline=None if remaining is None else time.monotonic() + remaining,
-            trace_context=otel_context.get_current(),
-            n=params.n or 1,
-        )
-
-    async def _events(self, engine: Engine, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        """The request's engine events; however the call ends, the engine request ends (its KV freed)."""
-        try:
-            if (response_format := request.sampling.response_format) is not None:
-                await self._generations.off_loop(engine.compile_response_format, response_format)
-            async with contextlib.aclosing(self._generations.events(request)) as events:
-                async for event in events:
-                    yield event
-        except InvalidRequestError as e:
-            raise translate.invalid_argument(e) from e
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> tuple[Engine, RequestLimits]:
         """The engine and its limits; the call ends with the status of `NotReady` while there is none."""

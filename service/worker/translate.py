@@ -10,11 +10,23 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from opentelemetry import context as otel_context
 from smg_grpc_proto import vllm_engine_pb2 as pb
 
-from engine.errors import InvalidRequestError
-from engine.request import FinishReason, GenerationEvent, ResponseFormat, SamplingParams, StoppingParams
+from engine.frontend.admission import Admission, Prompt
+from engine.frontend.engine import ModelInfo
+from engine.frontend.results import GenerationResult
+from engine.request import (
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    ResponseFormat,
+    SamplingParams,
+    StoppingParams,
+    TokenInfo,
+)
 from service.status import InvalidArgument, Unimplemented
+from service.validation import MAX_REQUEST_ID_LENGTH
 
 # What the engine has no use for, or cannot do, and says so instead of silently ignoring.
 _UNSERVED_FIELDS = {
@@ -26,12 +38,37 @@ _UNSERVED_FIELDS = {
 # Engine field paths (engine/frontend/limits.py) to this protocol's.
 _FIELDS = {
     "prompt_ids": "tokenized.input_ids",
+    "prompt": "text",
     "stopping.max_new_tokens": "sampling_params.max_tokens",
     "stopping.stop_sequences": "sampling_params.stop",
     "sampling.top_logprobs": "sampling_params.logprobs",
     "n": "sampling_params.n",
 }
 FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP_SEQUENCE: "stop"}
+
+
+def admission(request: pb.GenerateRequest, model: ModelInfo, deadline: float | None) -> Admission:
+    """What `request` asks of the engine; raises `Unimplemented` or `InvalidArgument` for what it cannot."""
+    unserved(request)
+    if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidArgument([("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")])
+    if request.HasField("data_parallel_rank") and request.data_parallel_rank != 0:
+        raise InvalidArgument([("data_parallel_rank", "this server has one data-parallel rank, 0")])
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise InvalidArgument([("input", "one of tokenized or text is required")])
+    params = request.sampling_params
+    generation = GenerationRequest(
+        prompt_ids=[],
+        sampling=sampling_params(params, model.eos_token_ids),
+        stopping=stopping_params(params),
+        request_id=request.request_id,
+        deadline=deadline,
+        trace_context=otel_context.get_current(),
+        n=params.n or 1,
+    )
+    prompt = Prompt(text=request.text) if kind == "text" else Prompt(ids=list(request.tokenized.input_ids))
+    return Admission(prompt, generation, field_name=proto_field)
 
 
 def unserved(request: pb.GenerateRequest) -> None:
@@ -110,11 +147,6 @@ def stopping_params(params: pb.SamplingParams) -> StoppingParams:
     )
 
 
-def invalid_argument(error: InvalidRequestError) -> InvalidArgument:
-    """The engine's refusal with its fields named for this protocol."""
-    return InvalidArgument([(proto_field(field), text) for field, text in error.violations])
-
-
 def proto_field(engine_field: str) -> str:
     name, bracket, index = engine_field.partition("[")
     if name in _FIELDS:
@@ -134,38 +166,38 @@ def chunk(
             prompt_tokens=len(prompt_ids),
             completion_tokens=len(event.tokens),
             cached_tokens=event.cached_prompt_tokens,
-            output_logprobs=output_logprobs([event], params),
-            input_logprobs=input_logprobs(event, prompt_ids),
+            output_logprobs=output_logprobs(event.tokens, params),
+            input_logprobs=input_logprobs(event.prompt_logprobs, prompt_ids),
             index=event.index,
         )
     )
 
 
-def complete(events: Sequence[GenerationEvent], prompt_ids: Sequence[int], params: pb.SamplingParams):
-    """The last message of one completion: `events` are all of its events (unary) or its last (streamed,
-    as vLLM's servicer sends it); the last has finished."""
-    last = events[-1]
-    tokens = [t.id for e in events for t in e.tokens]
+def complete(
+    result: GenerationResult, prompt_ids: Sequence[int], params: pb.SamplingParams
+) -> pb.GenerateResponse:
+    """The last message of one completion: `result` is the fold of all of its events (unary) or of its last
+    (streamed, as vLLM's servicer sends it)."""
+    tokens = result.token_ids
     message = pb.GenerateComplete(
         output_ids=tokens,
-        finish_reason=FINISH_REASONS[last.finish_reason],
-        prompt_tokens=last.prompt_tokens or len(prompt_ids),
+        finish_reason=FINISH_REASONS[result.finish_reason],
+        prompt_tokens=result.prompt_tokens or len(prompt_ids),
         completion_tokens=len(tokens),
-        cached_tokens=last.cached_prompt_tokens,
-        output_logprobs=output_logprobs(events, params),
-        input_logprobs=input_logprobs(events[0], prompt_ids),
-        index=last.index,
+        cached_tokens=result.cached_prompt_tokens,
+        output_logprobs=output_logprobs(result.tokens, params),
+        input_logprobs=input_logprobs(result.prompt_logprobs, prompt_ids),
+        index=result.index,
     )
-    if last.finish_reason is FinishReason.EOS and tokens:
+    if result.finish_reason is FinishReason.EOS and tokens:
         message.matched_token_id = tokens[-1]
     return pb.GenerateResponse(complete=message)
 
 
-def output_logprobs(events: Sequence[GenerationEvent], params: pb.SamplingParams) -> pb.OutputLogProbs | None:
-    """The log-probabilities of the events' tokens, when the request asked for them."""
+def output_logprobs(tokens: Sequence[TokenInfo], params: pb.SamplingParams) -> pb.OutputLogProbs | None:
+    """The log-probabilities of `tokens`, when the request asked for them."""
     if not params.HasField("logprobs"):
         return None
-    tokens = [t for e in events for t in e.tokens]
     proto = pb.OutputLogProbs(token_logprobs=[t.logprob for t in tokens], token_ids=[t.id for t in tokens])
     if params.logprobs > 0:
         for t in tokens:
@@ -173,13 +205,13 @@ def output_logprobs(events: Sequence[GenerationEvent], params: pb.SamplingParams
     return proto
 
 
-def input_logprobs(event: GenerationEvent, prompt_ids: Sequence[int]) -> pb.InputLogProbs | None:
+def input_logprobs(scored: Sequence[TokenInfo], prompt_ids: Sequence[int]) -> pb.InputLogProbs | None:
     """The scored prompt (the first token has no log-probability), carried by a completion's first event."""
-    if not event.prompt_logprobs:
+    if not scored:
         return None
     proto = pb.InputLogProbs(token_ids=list(prompt_ids[:1]), token_logprobs=[pb.InputTokenLogProb()])
     proto.top_logprobs.append(pb.TopLogProbs())
-    for t in event.prompt_logprobs:
+    for t in scored:
         proto.token_ids.append(t.id)
         proto.token_logprobs.append(pb.InputTokenLogProb(value=t.logprob))
         proto.top_logprobs.append(top_logprobs(t.top_logprobs))
