@@ -120,7 +120,7 @@ class ServingMetrics(EngineObserver):
         )
         meter.create_observable_gauge(
             "textgen.prefix_cache.blocks",
-            [lambda _: [Observation(engine.num_cached_kv_blocks)]],
+            [lambda _: [Observation(engine.load.num_cached_kv_blocks)]],
             "{block}",
             "KV-cache blocks indexed by the prefix cache, in use or free (evicted when blocks run out)",
         )
@@ -132,7 +132,7 @@ class ServingMetrics(EngineObserver):
         )
         meter.create_observable_gauge(
             "textgen.batch.size",
-            [lambda _: [Observation(engine.num_running)]],
+            [lambda _: [Observation(engine.load.num_running)]],
             "{sequence}",
             "Sequences in the running batch (prefilling or decoding)",
         )

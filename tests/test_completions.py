@@ -93,7 +93,7 @@ async def test_cancelling_the_call_cancels_every_completion_and_frees_their_bloc
     seen = [await anext(events) for _ in range(4)]
     await events.aclose()
     wait_until_idle(engine)
-    assert seen and engine.num_free_kv_blocks == engine.num_kv_blocks
+    assert seen and engine.load.num_free_kv_blocks == engine.load.num_kv_blocks
 
 
 async def test_every_completions_tokens_carry_their_top_logprobs(engine):

@@ -147,7 +147,7 @@ def test_preemption_recomputes_and_keeps_outputs(tiny_model_dir):
         want = roomy.generate(prompts, stopping=greedy(30))
         assert observer.preemptions > 0
         assert [r.token_ids for r in got] == [r.token_ids for r in want]
-        assert small.num_free_kv_blocks == small.num_kv_blocks
+        assert small.load.num_free_kv_blocks == small.load.num_kv_blocks
     finally:
         small.shutdown()
         roomy.shutdown()
@@ -185,7 +185,7 @@ async def test_cancel_frees_kv_blocks(llama_engine):
         async for _ in events:
             pass
     await wait_for_idle(llama_engine)
-    assert llama_engine.num_free_kv_blocks == llama_engine.num_kv_blocks
+    assert llama_engine.load.num_free_kv_blocks == llama_engine.load.num_kv_blocks
 
 
 async def test_closing_the_stream_cancels_the_request(llama_engine):
@@ -193,7 +193,7 @@ async def test_closing_the_stream_cancels_the_request(llama_engine):
     await anext(events)
     await events.aclose()
     await wait_for_idle(llama_engine)
-    assert llama_engine.num_free_kv_blocks == llama_engine.num_kv_blocks
+    assert llama_engine.load.num_free_kv_blocks == llama_engine.load.num_kv_blocks
 
 
 async def test_deadline_expiry_fails_the_request_and_frees_blocks(llama_engine):
@@ -203,7 +203,7 @@ async def test_deadline_expiry_fails_the_request_and_frees_blocks(llama_engine):
         async for _ in llama_engine.submit(request):
             pass
     await wait_for_idle(llama_engine)
-    assert llama_engine.num_free_kv_blocks == llama_engine.num_kv_blocks
+    assert llama_engine.load.num_free_kv_blocks == llama_engine.load.num_kv_blocks
 
 
 async def test_engine_fault_fails_only_the_requests_in_that_step(llama_engine, monkeypatch):
@@ -226,7 +226,7 @@ async def test_engine_fault_fails_only_the_requests_in_that_step(llama_engine, m
     rest = [e async for e in healthy]
     assert sum(len(e.tokens) for e in [first, *rest]) == 30
     await wait_for_idle(llama_engine)
-    assert llama_engine.num_free_kv_blocks == llama_engine.num_kv_blocks
+    assert llama_engine.load.num_free_kv_blocks == llama_engine.load.num_kv_blocks
 
 
 def test_tiny_temperatures_and_penalties_fail_neither_their_request_nor_its_batchmates(llama_engine):
@@ -267,7 +267,7 @@ async def test_a_row_that_cannot_be_sampled_fails_only_its_own_request(llama_eng
     rest = [e async for e in healthy]
     assert sum(len(e.tokens) for e in [first, *rest]) == 20
     await wait_for_idle(llama_engine)
-    assert llama_engine.num_free_kv_blocks == llama_engine.num_kv_blocks
+    assert llama_engine.load.num_free_kv_blocks == llama_engine.load.num_kv_blocks
 
 
 async def test_a_request_id_in_flight_is_refused_and_free_again_once_cancelled(llama_engine):
@@ -282,14 +282,14 @@ async def test_a_request_id_in_flight_is_refused_and_free_again_once_cancelled(l
         async for _ in first:
             pass
     await wait_for_idle(llama_engine)
-    assert llama_engine.num_free_kv_blocks == llama_engine.num_kv_blocks
+    assert llama_engine.load.num_free_kv_blocks == llama_engine.load.num_kv_blocks
 
 
 def test_kv_pool_is_full_after_a_mix_of_outcomes(llama_engine):
     llama_engine.generate(
         PROMPTS, stopping=[greedy(3), greedy(7), StoppingParams(max_new_tokens=2), greedy(1)]
     )
-    assert llama_engine.num_free_kv_blocks == llama_engine.num_kv_blocks
+    assert llama_engine.load.num_free_kv_blocks == llama_engine.load.num_kv_blocks
 
 
 @pytest.mark.parametrize(
@@ -352,7 +352,7 @@ def test_static_scheduling_gives_the_same_outputs(tiny_model_dir):
     observer.steps.clear()  # forget the warm-up
     try:
         got = static.generate(PROMPTS, stopping=[greedy(3), greedy(9), greedy(5), greedy(2)])
-        assert static.num_free_kv_blocks == static.num_kv_blocks
+        assert static.load.num_free_kv_blocks == static.load.num_kv_blocks
     finally:
         static.shutdown()
     assert [r.token_ids for r in got] == make_reference_outputs(path)
@@ -374,7 +374,7 @@ def make_reference_outputs(path) -> list[list[int]]:
 
 async def wait_for_idle(engine: Engine, timeout: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
-    while engine.num_running or engine.num_waiting:
+    while engine.load.num_running or engine.num_waiting:
         assert asyncio.get_running_loop().time() < deadline, "engine did not go idle"
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.05)  # the step that frees blocks may still be finishing
@@ -398,7 +398,7 @@ async def test_a_fault_outside_the_model_step_fails_in_flight_requests_and_the_l
         async for _ in llama_engine.submit(GenerationRequest(PROMPTS[0], stopping=greedy(30))):
             pass
     await wait_for_idle(llama_engine)
-    assert llama_engine.num_free_kv_blocks == llama_engine.num_kv_blocks
+    assert llama_engine.load.num_free_kv_blocks == llama_engine.load.num_kv_blocks
     after = [e async for e in llama_engine.submit(GenerationRequest(PROMPTS[1], stopping=greedy(4)))]
     assert sum(len(e.tokens) for e in after) == 4
 

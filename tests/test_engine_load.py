@@ -59,7 +59,7 @@ async def test_a_cancelled_requests_blocks_show_up_free_in_the_load_without_more
     assert load.num_running == 1 and load.num_free_kv_blocks < load.num_kv_blocks
     engine.cancel(request.request_id)
     await _until(lambda: engine.load.num_running == 0)
-    await _until(lambda: engine.num_free_kv_blocks == engine.num_kv_blocks)
+    await _until(lambda: engine.load.num_free_kv_blocks == engine.load.num_kv_blocks)
     assert engine.num_waiting == 0 and engine.load.num_used_kv_blocks == 0
     await events.aclose()
 
@@ -87,8 +87,8 @@ async def test_readers_on_other_threads_never_touch_the_schedulers_or_the_caches
     request = GenerationRequest([9, 8, 7], stopping=StoppingParams(max_new_tokens=40, ignore_eos=True))
     readings = []
     async for _ in engine.submit(request):
-        readings.append((engine.num_waiting, engine.num_running, engine.num_free_kv_blocks,
-                         engine.num_cached_kv_blocks, engine.num_kv_blocks))  # fmt: skip
+        readings.append((engine.num_waiting, engine.load.num_running, engine.load.num_free_kv_blocks,
+                         engine.load.num_cached_kv_blocks, engine.load.num_kv_blocks))  # fmt: skip
     assert any(running == 1 for _, running, *_ in readings)
     assert touched_by == {"textgen-engine"}
 

@@ -561,7 +561,7 @@ async def test_a_client_that_disconnects_mid_stream_cancels_its_request_and_free
     async with aiohttp.ClientSession() as session, session.post(url, json=body, headers=headers) as response:
         for _ in range(3):
             await response.content.readuntil(b"\n\n")
-        assert server.engine.num_free_kv_blocks < server.engine.num_kv_blocks
+        assert server.engine.load.num_free_kv_blocks < server.engine.load.num_kv_blocks
         response.close()  # drop the connection mid-stream
     await asyncio.to_thread(wait_until_idle, server.engine)
 

@@ -157,7 +157,7 @@ def test_greedy_output_with_a_hit_ending_mid_block_equals_the_uncached_output(en
     hit = greedy(engine, prompt)
     assert hit.cached_prompt_tokens == 32  # two whole blocks; the shared half block is recomputed
     assert hit.token_ids == greedy(engines["uncached"], prompt).token_ids
-    assert engine.num_free_kv_blocks == engine.num_kv_blocks
+    assert engine.load.num_free_kv_blocks == engine.load.num_kv_blocks
 
 
 def test_a_prompt_that_continues_a_previous_output_reuses_the_output_blocks_too(engines):

@@ -393,7 +393,7 @@ def test_reload_serves_the_new_certificate_to_new_connections_and_keeps_the_stre
         reload(server)
         new_connection = health_check(server.target, new)
         old_ca_connection = health_check(server.target, old)
-        running = server.engine.num_running
+        running = server.engine.load.num_running
         messages += list(stream)
 
     assert new_connection == grpc.StatusCode.OK

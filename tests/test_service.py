@@ -122,7 +122,7 @@ def test_model_info_describes_the_model_and_limits(stub, server):
     assert info.model_name == server.engine.model_info.name
     assert info.max_context_length == 2048
     assert info.vocab_size == server.engine.model_info.vocab_size
-    assert info.num_kv_blocks == server.engine.num_kv_blocks
+    assert info.num_kv_blocks == server.engine.load.num_kv_blocks
     assert info.default_max_new_tokens == server.config.engine.default_max_new_tokens
     assert info.max_new_tokens_limit == server.config.engine.max_new_tokens_limit
     assert info.max_stop_sequences > 0 and info.max_stop_sequence_length > 0
@@ -214,7 +214,7 @@ def test_engine_fault_fails_only_its_requests_and_the_server_keeps_serving(start
 
         assert failed.value.code() == grpc.StatusCode.INTERNAL
         assert stub.Generate(greedy(max_new_tokens=4), timeout=30).usage.completion_tokens == 4
-    assert server.engine.num_free_kv_blocks == server.engine.num_kv_blocks
+    assert server.engine.load.num_free_kv_blocks == server.engine.load.num_kv_blocks
 
 
 async def _until(condition, timeout_s: float = 10.0) -> None:

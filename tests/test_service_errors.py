@@ -282,7 +282,7 @@ def test_cancelling_a_stream_ends_the_request_and_frees_its_kv_blocks(stub, serv
     )
     for _ in range(3):
         next(call)
-    assert server.engine.num_free_kv_blocks < server.engine.num_kv_blocks
+    assert server.engine.load.num_free_kv_blocks < server.engine.load.num_kv_blocks
 
     call.cancel()
 

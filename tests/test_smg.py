@@ -201,7 +201,7 @@ def test_client_disconnect_through_smg_cancels_the_request_and_frees_its_kv(
         model=model, messages=PROMPT, max_tokens=2000, temperature=0.8, stream=True
     )
     next(iter(stream))
-    busy = wait_for(lambda: [r for r in replicas if r.engine.num_running], "the request to run")
+    busy = wait_for(lambda: [r for r in replicas if r.engine.load.num_running], "the request to run")
     stream.close()  # the client goes away mid-generation
     replica = busy[0]
     wait_until_idle(replica.engine, timeout_s=60)
@@ -243,7 +243,7 @@ def test_get_loads_matches_the_replicas_own_gauges(client, model, replicas):
     )
     next(iter(stream))
     try:
-        running = wait_for(lambda: [r for r in replicas if r.engine.num_running], "a running request")
+        running = wait_for(lambda: [r for r in replicas if r.engine.load.num_running], "a running request")
         replica = running[0]
         before = _gauges(replica.engine)
         loads = asyncio.run(_get_loads(replica.thread.target))
@@ -285,7 +285,7 @@ def test_smg_identifies_an_http_worker_and_reads_its_load(replicas, tmp_path):
             str(engine.max_context_len),
         )
         (load,) = gateway.get("/workers").json()["workers"][0]["engine_load"]["loads"]
-        assert load["max_total_num_tokens"] == engine.num_kv_blocks * engine.model_info.kv_block_size
+        assert load["max_total_num_tokens"] == engine.load.num_kv_blocks * engine.model_info.kv_block_size
         client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="unused", max_retries=0)
         response = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=4, seed=1)
         assert response.usage.completion_tokens == 4

@@ -205,7 +205,7 @@ async def test_engine_step_spans_link_to_the_requests_they_served(traced_server,
     for step in shared:
         assert step.attributes["textgen.step.batch_size"] == len(step.links) >= 2
         assert step.attributes["textgen.step.tokens"] == len(step.links)
-        assert step.attributes["textgen.kv_cache.blocks_total"] == traced_server.engine.num_kv_blocks
+        assert step.attributes["textgen.kv_cache.blocks_total"] == traced_server.engine.load.num_kv_blocks
         assert step.parent is None and step.context.trace_id != trace_id
     assert (
         max(s.attributes["textgen.kv_cache.blocks_used"] for s in shared) > 0

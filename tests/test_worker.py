@@ -138,7 +138,7 @@ def test_info_health_and_loads_describe_the_served_model(worker, worker_server, 
     wait_until_idle(engine)
     (load,) = worker.GetLoads(pb.GetLoadsRequest()).loads
     assert (load.num_running_reqs, load.num_waiting_reqs, load.token_usage) == (0, 0, 0.0)
-    assert load.max_total_num_tokens == engine.num_kv_blocks * BLOCK_SIZE
+    assert load.max_total_num_tokens == engine.load.num_kv_blocks * BLOCK_SIZE
 
 
 def test_get_tokenizer_streams_a_zip_of_the_served_tokenizer(worker, worker_server, tmp_path):
@@ -173,7 +173,7 @@ def test_kv_events_name_each_stored_block_resume_from_a_cursor_and_flush_clears(
     assert blocks[0].block_hash == block_id(log.since(start)[0].events[0].block_hashes[0])
     load, engine = batch.load, worker_server.engine  # the engine's load, read when the batch was sent
     assert 0 <= load.token_usage <= 1 and load.sample == batch.sequence_number
-    assert load.max_total_num_tokens == engine.num_kv_blocks * BLOCK_SIZE
+    assert load.max_total_num_tokens == engine.load.num_kv_blocks * BLOCK_SIZE
 
     flushed = worker.FlushCache(common_pb2.FlushCacheRequest())
     assert flushed.success
@@ -206,7 +206,7 @@ def test_the_http_front_serves_what_gateways_read_of_a_worker(http_server, wait_
     assert loads["dp_rank_count"] == 1
     (load,) = loads["loads"]
     assert (load["num_running_reqs"], load["num_waiting_reqs"], load["token_usage"]) == (0, 0, 0.0)
-    assert load["max_total_num_tokens"] == engine.num_kv_blocks * engine.model_info.kv_block_size
+    assert load["max_total_num_tokens"] == engine.load.num_kv_blocks * engine.model_info.kv_block_size
     response = httpx.get(f"{base}/metrics")
     samples = {s.name: s for family in text_string_to_metric_families(response.text) for s in family.samples}
     assert samples["vllm:num_requests_running"].value == samples["vllm:num_requests_waiting"].value == 0
@@ -214,7 +214,7 @@ def test_the_http_front_serves_what_gateways_read_of_a_worker(http_server, wait_
     config = samples["vllm:cache_config_info"].labels
     assert (config["block_size"], config["num_gpu_blocks"]) == (
         str(engine.model_info.kv_block_size),
-        str(engine.num_kv_blocks),
+        str(engine.load.num_kv_blocks),
     )
 
 

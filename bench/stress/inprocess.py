@@ -122,9 +122,9 @@ class InProcessServer:
         engine = self.engine
         return EngineState(
             engine.num_waiting,
-            engine.num_running,
-            engine.num_free_kv_blocks,
-            engine.num_kv_blocks,
+            engine.load.num_running,
+            engine.load.num_free_kv_blocks,
+            engine.load.num_kv_blocks,
             self.server.generations.num_in_flight,
         )
 

@@ -30,46 +30,36 @@ BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
 _GGUF_TYPES = {"Q4_1": Q4_1, "Q8_0": Q8_0}
 
 
+def _fields(c_type, *names: str) -> list[tuple]:
+    return [(name, c_type) for name in names]
+
+
 class Matrix(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.c_void_p),
-        ("bias", ctypes.c_void_p),
-        ("n", ctypes.c_int64),
-        ("k", ctypes.c_int64),
-        ("format", ctypes.c_int64),
-    ]
+    _fields_ = _fields(ctypes.c_void_p, "data", "bias") + _fields(ctypes.c_int64, "n", "k", "format")
 
 
 class Layer(ctypes.Structure):
-    _fields_ = [
-        ("input_norm", ctypes.c_void_p),
-        ("post_norm", ctypes.c_void_p),
-        ("qkv", Matrix),
-        ("o", Matrix),
-        ("gate_up", Matrix),
-        ("down", Matrix),
-    ]
+    _fields_ = _fields(ctypes.c_void_p, "input_norm", "post_norm") + _fields(
+        Matrix, "qkv", "o", "gate_up", "down"
+    )
 
 
 class Shape(ctypes.Structure):
-    _fields_ = [
-        *((name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "intermediate")),
-        ("eps", ctypes.c_float),
-        ("scale", ctypes.c_float),
-    ]
+    _fields_ = _fields(ctypes.c_int64, "hidden", "heads", "kv_heads", "head_dim", "intermediate") + _fields(
+        ctypes.c_float, "eps", "scale"
+    )
 
 
 class Step(ctypes.Structure):
-    _fields_ = [
-        *((name, ctypes.c_void_p) for name in ("k_cache", "v_cache", "slots", "tables", "lens")),
-        *((name, ctypes.c_int64) for name in ("num_slots", "width", "block_size")),
-        ("cos", ctypes.c_void_p),
-        ("sin", ctypes.c_void_p),
-    ]
+    _fields_ = (
+        _fields(ctypes.c_void_p, "k_cache", "v_cache", "slots", "tables", "lens")
+        + _fields(ctypes.c_int64, "num_slots", "width", "block_size")
+        + _fields(ctypes.c_void_p, "cos", "sin")
+    )
 
 
 class Scratch(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in ("h", "qkv", "q", "attn", "gu")]
+    _fields_ = _fields(ctypes.c_void_p, "h", "qkv", "q", "attn", "gu")
 
 
 def _declare(library: ctypes.CDLL) -> None:

@@ -130,7 +130,7 @@ class Engine:
             device=str(runner.device),
             dtype=str(runner.dtype).removeprefix("torch."),
             kv_block_size=runner.block_size,
-            num_kv_blocks=self.num_kv_blocks,
+            num_kv_blocks=self.load.num_kv_blocks,
         )
 
     @property
@@ -139,26 +139,9 @@ class Engine:
         return self._inbox.load
 
     @property
-    def num_kv_blocks(self) -> int:
-        return self._inbox.load.num_kv_blocks
-
-    @property
-    def num_free_kv_blocks(self) -> int:
-        return self._inbox.load.num_free_kv_blocks
-
-    @property
-    def num_cached_kv_blocks(self) -> int:
-        """Blocks in the prefix cache's index, in use or free (free ones are evicted when needed)."""
-        return self._inbox.load.num_cached_kv_blocks
-
-    @property
     def num_waiting(self) -> int:
         """Sequences submitted and not yet admitted, those the loop thread has not seen yet included."""
         return self._inbox.num_waiting
-
-    @property
-    def num_running(self) -> int:
-        return self._inbox.load.num_running
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
