@@ -284,6 +284,10 @@ class QuantizedLinearFactory:
 
     def save_cache(self) -> None:
         """Write the cache file with every block made here, if any was made (atomically)."""
+        log.info(
+            "q4_1 blocks: %d from the cache, %d the GGUF's own, %d quantized here",
+            self.num_cached, self.num_from_gguf, self.num_quantized,
+        )  # fmt: skip
         if self.cache_path is None or not self._made:
             return
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,10 +315,10 @@ class QuantizedLinearFactory:
         if self._gguf is None:
             self._gguf = gguf_blocks(self._gguf_path)
         found = self._gguf.get(_gguf_name(self._names.get(weight.data_ptr(), "")) or "")
-        if found is None:
+        if found is None or found[1] != fmt:
             return None
-        blocks, gguf_fmt = found
-        if not torch.equal(dequantize(blocks, gguf_fmt, *weight.shape), weight.detach().float()):
+        blocks = found[0]
+        if not torch.equal(dequantize(blocks, fmt, *weight.shape), weight.detach().float()):
             return None
         self.num_from_gguf += 1
         return blocks
