@@ -30,6 +30,9 @@ from bench.random_model import SHAPES, load_shape, shape_config
 from engine.execution.loader import default_gguf_path
 from engine.execution.paths import cache_dir
 
+GGUF_SHAPES = tuple(name for name in SHAPES if name != "tiny")
+"""The shapes whose vocabulary holds SmolLM2's tokenizer (the tiny one's 512 tokens do not)."""
+
 WRITER_VERSION = 1
 """Part of each cached file's name: bump it when the weights or the file's layout change."""
 
@@ -194,7 +197,7 @@ def shape_gguf(shape: str | dict, seed: int = 0) -> Path:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.random_gguf", description=__doc__.split("\n")[0])
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--shape", choices=sorted(SHAPES), help="a real model's shape")
+    group.add_argument("--shape", choices=GGUF_SHAPES, help="a real model's shape")
     group.add_argument("--config", type=Path, help="a transformers config.json of a Llama-family model")
     parser.add_argument("--seed", type=int, default=0, help="the weights' seed")
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ import transformers
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import quantize as gguf_quantize
 
-from bench.random_gguf import random_weights, shape_gguf
+from bench.random_gguf import GGUF_SHAPES, random_weights, shape_gguf
 from bench.random_model import SHAPES, load_shape, shape_config
 from engine.execution import loader, quantized
 from engine.execution.model_runner import ModelRunner, StepInput
@@ -209,3 +209,8 @@ def test_auto_keeps_the_transformers_path_off_q4_1():
         str(shape_gguf(TINY["llama"])), torch.device("cpu"), torch.float32, model_impl="transformers"
     )
     assert loaded.weight_format != "q4_1" and loaded.block_cache is None
+
+
+def test_the_gguf_shapes_are_those_whose_vocabulary_holds_smollm2s_tokenizer():
+    assert set(GGUF_SHAPES) == {"qwen2.5-0.5b", "llama-3.2-1b", "smollm2-1.7b", "llama-3-8b"}
+    assert all(SHAPES[name]["vocab_size"] >= 49152 for name in GGUF_SHAPES)

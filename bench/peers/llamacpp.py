@@ -30,8 +30,8 @@ from bench.metrics import Summary
 from bench.peers import llamacpp_client
 from bench.peers.llamacpp_build import DEFAULT_VERSION, ensure_server
 from bench.peers.llamacpp_server import LlamaServerProcess
-from bench.random_gguf import shape_gguf
-from bench.random_model import SHAPES, load_shape
+from bench.random_gguf import GGUF_SHAPES, shape_gguf
+from bench.random_model import load_shape
 from bench.report import environment, fmt, load_note, markdown_table, to_json
 from bench.server import ServerProcess
 from bench.workload import RequestSpec, WorkloadConfig, make_workload
@@ -189,9 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="fewer, shorter requests: checks the setup")
     model = parser.add_mutually_exclusive_group()
     model.add_argument(
-        "--shape",
-        choices=sorted(SHAPES),
-        help="a random model of this real shape, as a Q4_1 GGUF (default: SmolLM2)",
+        "--shape", choices=GGUF_SHAPES, help="a random model of this real shape, as a Q4_1 GGUF, not SmolLM2"
     )
     model.add_argument(
         "--config", type=Path, help="a random model of this config.json's shape, as a Q4_1 GGUF"
