@@ -90,7 +90,9 @@ bench-sweep: install proto
 
 # textgen against llama.cpp's server on the same GGUF and workloads, one server after the other. The
 # first run builds llama-server from the llama-cpp-python sdist into ~/.cache/textgen/peers (10 minutes
-# or more on 2 cores); `--quick` checks the setup. Flags: BENCH_ARGS="--help".
+# or more on 2 cores); `--quick` checks the setup; `--shape llama-3.2-1b` (qwen2.5-0.5b, smollm2-1.7b) or
+# `--config config.json` compares on random weights of a real shape, written once as a Q4_1 GGUF.
+# Flags: BENCH_ARGS="--help".
 bench-llamacpp: install proto
 	$(PY) -m bench.peers.llamacpp $(BENCH_ARGS)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -14,9 +15,10 @@ import pytest_asyncio
 from bench.loadgen import Chunk, StreamError, run_load
 from bench.metrics import RequestTrace, summarize
 from bench.peers import llamacpp_build
-from bench.peers.llamacpp import LLAMACPP, TEXTGEN, comparison_table, scenarios
+from bench.peers.llamacpp import LLAMACPP, TEXTGEN, comparison_table, main, scenarios
 from bench.peers.llamacpp_build import CMAKE_ARGS, build_key, cached_binary, sdist_version
 from bench.peers.llamacpp_client import EventDecoder, LlamaCppClient, chunk_of, completion_request, event_data
+from bench.random_model import SHAPES, shape_config
 from bench.workload import RequestSpec
 
 
@@ -260,3 +262,48 @@ def test_the_built_server_streams_exactly_the_asked_tokens(tmp_path):
     (trace,) = result.traces
     assert trace.ok, trace.error
     assert (trace.output_tokens, trace.prompt_tokens) == (6, 3)
+
+
+# A real shape's comparison (a tiny config here: the real shapes are for a quiet machine)
+
+
+def tiny_shape_config(tmp_path) -> Path:
+    """A config.json of the tiny shape, its vocabulary wide enough for SmolLM2's tokenizer."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(shape_config(dict(SHAPES["tiny"], vocab_size=49152 + 32)).to_dict()))
+    return path
+
+
+def quick_run(tmp_path, systems: str) -> dict:
+    """`make bench-llamacpp BENCH_ARGS="--quick --config <tiny>"` on `systems`: its JSON record."""
+    args = ["--quick", "--config", str(tiny_shape_config(tmp_path)), "--systems", systems, "--no-progress"]
+    main([*args, "--output-dir", str(tmp_path / "results")])
+    (path,) = (tmp_path / "results").glob("peer_llamacpp-*.json")
+    return json.loads(path.read_text())
+
+
+def assert_every_request_served(system: dict) -> None:
+    for name, run in system["runs"].items():
+        summary = run["summary"]
+        assert summary["num_errors"] == 0, name
+        assert summary["output_tokens"] == sum(t["expected_output_tokens"] for t in run["traces"]), name
+
+
+def test_a_shapes_quick_run_serves_its_q4_1_gguf_in_textgen(tmp_path):
+    record = quick_run(tmp_path, "textgen")
+    assert record["gguf"].endswith(".Q4_1.gguf")
+    textgen = record["systems"][TEXTGEN]
+    assert textgen["command"][-2:] == ["--model", record["gguf"]]
+    assert textgen["startup_s"] > 0
+    assert_every_request_served(textgen)
+
+
+@pytest.mark.skipif(
+    not cached_binary(llamacpp_build.DEFAULT_VERSION).exists(),
+    reason="llama-server not built (`make bench-llamacpp` builds it once, about 12 minutes on 2 cores)",
+)
+def test_a_shapes_quick_run_serves_the_same_gguf_in_both(tmp_path):
+    record = quick_run(tmp_path, "textgen,llamacpp")
+    for system in (TEXTGEN, LLAMACPP):
+        assert_every_request_served(record["systems"][system])
+    assert record["systems"][LLAMACPP]["command"][2] == record["gguf"]  # llama-server -m <the same file>

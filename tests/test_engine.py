@@ -73,7 +73,7 @@ def llama_engine(tiny_model_dir):
 def test_greedy_output_matches_transformers_forward(tiny_model_dir, arch):
     path = tiny_model_dir(arch)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-    engine = make_engine(path)
+    engine = make_engine(path, weight_format="native")  # the exact path: auto is q4_1 for Llama-family models
     try:
         results = engine.generate(PROMPTS, stopping=greedy(12))
     finally:

@@ -9,6 +9,7 @@ from torch import nn
 
 from engine.execution.packed_linear import (
     PackedFp16Linear,
+    avx2_available,
     fbgemm_available,
     pack_linear_layers,
     resolve_weight_format,
@@ -52,6 +53,11 @@ def test_resolve_weight_format() -> None:
     assert resolve_weight_format("auto", cpu, torch.bfloat16) == "native"
     assert resolve_weight_format("auto", cuda, torch.bfloat16) == "native"
     assert resolve_weight_format("native", cpu, torch.float32) == "native"
+    # Llama-family models on the lean code: q4_1 on a float32 CPU with AVX2, nowhere else.
+    llama_cpu = "q4_1" if avx2_available() else expected
+    assert resolve_weight_format("auto", cpu, torch.float32, llama_family=True) == llama_cpu
+    assert resolve_weight_format("auto", cpu, torch.bfloat16, llama_family=True) == "native"
+    assert resolve_weight_format("auto", cuda, torch.float32, llama_family=True) == "native"
     with pytest.raises(ValueError, match="unknown weight format"):
         resolve_weight_format("int4", cpu, torch.float32)
     with pytest.raises(ValueError, match="float32 models on the CPU"):

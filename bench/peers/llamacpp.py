@@ -1,11 +1,15 @@
 """`make bench-llamacpp`: textgen against llama.cpp's server on the same model, workloads and load generator.
 
 Builds `llama-server` once (bench/peers/llamacpp_build.py), then starts textgen (`python -m service`, default
-flags) and llama.cpp (`llama-server -np 32 -t 2 -c 65536` on the GGUF that textgen's default model comes
-from) on loopback, one after the other, never both at once, and replays the same seeded workloads through
-the project's load generator against each: one request at a time, 32 at once, Poisson arrivals at 2 and 4
-req/s, and ~1,000-token prompts. The same prompt token ids go to both, greedy, EOS ignored. Prints one
-table with both systems and the ratios; writes JSON and the markdown table to bench/results/.
+flags) and llama.cpp (`llama-server -np 32 -t 2 -c 65536`) on the same GGUF file, on loopback, one after the
+other, never both at once, and replays the same seeded workloads through the project's load generator
+against each: one request at a time, 32 at once, Poisson arrivals at 2 and 4 req/s, and ~1,000-token
+prompts. The same prompt token ids go to both, greedy, EOS ignored. Prints one table with both systems and
+the ratios; writes JSON and the markdown table to bench/results/.
+
+The model is the GGUF textgen's default model comes from, or with `--shape` (or `--config`) a random-weight
+model of a real model's shape written once as a Q4_1 GGUF (bench/random_gguf.py), which textgen serves
+with `--model file.gguf`: the same bytes on both sides.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from bench.metrics import Summary
 from bench.peers import llamacpp_client
 from bench.peers.llamacpp_build import DEFAULT_VERSION, ensure_server
 from bench.peers.llamacpp_server import LlamaServerProcess
+from bench.random_gguf import GGUF_SHAPES, shape_gguf
+from bench.random_model import load_shape
 from bench.report import environment, fmt, load_note, markdown_table, to_json
 from bench.server import ServerProcess
 from bench.workload import RequestSpec, WorkloadConfig, make_workload
@@ -112,7 +118,10 @@ def run_textgen(runs: Runs, server_args: Sequence[str], log_dir: Path) -> tuple[
         "command": ["python", "-m", "service", *args],
         "load_average_at_start": os.getloadavg()[0],
     }
+    start = time.monotonic()
     with ServerProcess(args, log_dir / "textgen.log") as server:
+        record["startup_s"] = round(time.monotonic() - start, 1)
+        print(f"textgen serving after {record['startup_s']} s", flush=True)
         if runs.prompts is None:
             runs.prompts = [asyncio.run(tokenize_prompts(server.target, specs)) for specs in runs.specs]
         return runs.replay(server.target, TEXTGEN), record
@@ -178,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="fewer, shorter requests: checks the setup")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument(
+        "--shape", choices=GGUF_SHAPES, help="a random model of this real shape, as a Q4_1 GGUF, not SmolLM2"
+    )
+    model.add_argument(
+        "--config", type=Path, help="a random model of this config.json's shape, as a Q4_1 GGUF"
+    )
+    parser.add_argument("--weights-seed", type=int, default=0, help="the random weights' seed")
     parser.add_argument("--seed", type=int, default=0, help="workload seed: arrivals, lengths, prompts")
     parser.add_argument("--systems", default="textgen,llamacpp", help="which servers to run, in this order")
     parser.add_argument("--llamacpp-version", default=DEFAULT_VERSION, help="llama-cpp-python sdist to build")
@@ -190,10 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def model_gguf(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """The GGUF both servers run, and the flags that point textgen at it (none for the default model)."""
+    if args.shape is None and args.config is None:
+        return default_gguf_path(), []
+    gguf = shape_gguf(args.shape or load_shape(args.config), args.weights_seed)
+    return gguf, ["--model", str(gguf)]
+
+
 def notes(gguf: Path, records: dict[str, dict], env: dict) -> list[str]:
     """What a reader of the table needs to know: the model, the request settings, the ratios, the load."""
     lines = [
         f"model: {gguf.name} (llama.cpp runs its blocks as they are; textgen its default flags)",
+        *([f"textgen served after {records[TEXTGEN]['startup_s']} s"] if TEXTGEN in records else []),
         "the same prompt token ids to both, greedy, EOS ignored; no prefix cache on either (no cache_prompt)",
         "textgen / llama.cpp: above 1x textgen is faster in output tok/s, slower in TTFT and TPOT",
         "load average at each server's start: "
@@ -214,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     systems = [SYSTEMS[name] for name in args.systems.split(",")]
     binary = ensure_server(args.llamacpp_version, args.build_jobs) if LLAMACPP in systems else None
-    gguf = default_gguf_path()
+    gguf, model_args = model_gguf(args)
     chosen = scenarios(args.quick, args.seed)
     runs = Runs(chosen, [make_workload(s.config) for s in chosen], progress=not args.no_progress)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -226,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     records: dict[str, dict] = {}
     for system in systems:
         if system == TEXTGEN:
-            results, records[system] = run_textgen(runs, args.server_arg, log_dir)
+            results, records[system] = run_textgen(runs, [*model_args, *args.server_arg], log_dir)
         else:
             assert binary is not None
             results, records[system] = run_llamacpp(runs, binary, gguf, log_dir)
@@ -248,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "quick": args.quick,
         "environment": env,
         "gguf": str(gguf),
+        "shape": args.shape or (str(args.config) if args.config else None),
         "llamacpp_build": binary.parent.name if binary else None,
         "scenarios": [
             {"name": s.name, "workload": asdict(s.config), "concurrency": s.concurrency} for s in chosen

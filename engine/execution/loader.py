@@ -1,11 +1,12 @@
-"""Loading, apart from running: device and dtype, the default model's GGUF conversion, the weight
-format, and the KV cache sized for the loaded model.
+"""Loading, apart from running: device and dtype, GGUF files' conversion (the default model's and any
+given to `--model`), the weight format, and the KV cache sized for the loaded model.
 
 Everything here runs once, at start-up; `engine.execution.model_runner` runs steps on what `load` returns.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -14,12 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from engine.core.kv_cache import KVCache
 from engine.execution.attention import ATTENTION_NAME
+from engine.execution.models import llama
 from engine.execution.packed_linear import resolve_weight_format
 from engine.execution.paths import cache_dir
+from engine.execution.quantized import block_cache_path
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +64,20 @@ def default_gguf_path() -> Path:
 
 def default_model_dir() -> Path:
     """The default model as a plain transformers checkpoint, converted from the GGUF once and cached."""
-    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    return gguf_checkpoint_dir(default_gguf_path(), DEFAULT_MODEL_NAME)
+
+
+def gguf_checkpoint_dir(gguf: Path, name: str | None = None) -> Path:
+    """A GGUF file as a plain float32 transformers checkpoint (its weights dequantized, its tokenizer from
+    the file), converted once and cached under the textgen cache as `name`, else as the file's stem and a
+    digest of its path, size and modification time (a changed file is converted again)."""
+    if name is None:
+        stat = gguf.stat()
+        identity = f"{gguf.resolve()} {stat.st_size} {stat.st_mtime_ns}"
+        name = f"{gguf.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    target = cache_dir() / "models" / name
     if (target / "config.json").exists():
         return target
-    gguf = default_gguf_path()
     log.info("converting %s to a transformers checkpoint in %s (once)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -94,23 +113,39 @@ class LoadedModel:
     num_kv_heads: int
     head_dim: int
     gguf_path: Path | None = None  # the GGUF the checkpoint was converted from, if any
+    block_cache: Path | None = None  # q4_1: where the checkpoint's blocks are cached
 
 
 def load(
-    model: str | None, device: torch.device, dtype: torch.dtype, weight_format: str = "auto"
+    model: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    weight_format: str = "auto",
+    model_impl: str = "auto",
 ) -> LoadedModel:
-    """Load `model` (a local transformers directory; None for the default SmolLM2) for paged attention.
+    """Load `model` (a local transformers directory, a GGUF file, or None for the default SmolLM2) for
+    paged attention.
 
-    `device` and `dtype` as `resolve_device` and `resolve_dtype` give them; `weight_format` is resolved
-    (and checked) before anything is read.
+    `device` and `dtype` as `resolve_device` and `resolve_dtype` give them; `weight_format` is checked
+    before anything is read, and 'auto' resolved from the model's config (q4_1 needs the lean model code,
+    which `model_impl` "transformers" turns off).
     """
-    weight_format = resolve_weight_format(weight_format, device, dtype, from_q4_gguf=model is None)
-    path = default_model_dir() if model is None else Path(model)
+    resolve_weight_format(weight_format, device, dtype)
+    gguf = default_gguf_path() if model is None else Path(model) if model.endswith(".gguf") else None
+    if model is None:
+        path, name = default_model_dir(), DEFAULT_MODEL_NAME
+    elif gguf is not None:
+        path, name = gguf_checkpoint_dir(gguf), gguf.stem
+    else:
+        path, name = Path(model), Path(model).name
+    config = AutoConfig.from_pretrained(path)
+    lean = model_impl != "transformers" and llama.supports_config(config)
+    weight_format = resolve_weight_format(weight_format, device, dtype, llama_family=lean)
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME)
-    name = DEFAULT_MODEL_NAME if model is None else Path(model).name
     loaded = loaded_model(hf_model.to(device), tokenizer, name, weight_format)
-    loaded.gguf_path = default_gguf_path() if model is None else None
+    loaded.gguf_path = gguf
+    loaded.block_cache = block_cache_path(path) if weight_format == "q4_1" else None
     return loaded
 
 

@@ -66,12 +66,16 @@ class ModelRunner:
         self.attention_backend, self._decode_attention = resolve_decode_backend(
             attention_backend, resolved_device, resolved_dtype
         )
-        loaded = model if preloaded else loader.load(model, resolved_device, resolved_dtype, weight_format)
+        loaded = (
+            model
+            if preloaded
+            else loader.load(model, resolved_device, resolved_dtype, weight_format, model_impl)
+        )
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
         self.device, self.dtype, self.weight_format = loaded.device, loaded.dtype, loaded.weight_format
         self.max_context_len, self.vocab_size = loaded.max_context_len, loaded.vocab_size
         self.model_impl, self._model_forward = build_forward(
-            loaded.model, model_impl, loaded.weight_format, loaded.gguf_path
+            loaded.model, model_impl, loaded.weight_format, loaded.gguf_path, loaded.block_cache
         )
         self.kv_cache = loader.allocate_kv_cache(loaded, num_kv_blocks, block_size)
         self.block_size = block_size

@@ -34,17 +34,17 @@ def avx2_available() -> bool:
 
 
 def resolve_weight_format(
-    weight_format: str, device: torch.device, dtype: torch.dtype, from_q4_gguf: bool = False
+    weight_format: str, device: torch.device, dtype: torch.dtype, llama_family: bool = False
 ) -> str:
-    """'auto', for float32 models on the CPU: q4_1 for a model converted from a Q4_1 GGUF (its own blocks:
-    the same weights, a quarter of float16's bytes) where the kernels can run, else fp16-packed where
-    FBGEMM is there; native everywhere else."""
+    """'auto', for float32 models on the CPU: q4_1 for a Llama-family model that runs on the lean model code
+    (a GGUF's own blocks, or weights quantized once and cached: a quarter of float16's bytes) where the
+    kernels can run, else fp16-packed where FBGEMM is there; native everywhere else."""
     if weight_format not in WEIGHT_FORMATS:
         choices = ", ".join(WEIGHT_FORMATS)
         raise ValueError(f"unknown weight format {weight_format!r}; choose one of {choices}")
     cpu_float32 = device.type == "cpu" and dtype == torch.float32
     if weight_format == "auto":
-        if cpu_float32 and from_q4_gguf and avx2_available():
+        if cpu_float32 and llama_family and avx2_available():
             return "q4_1"
         return "fp16-packed" if cpu_float32 and fbgemm_available() else "native"
     if weight_format == "q4_1" and not (cpu_float32 and avx2_available()):

@@ -12,15 +12,19 @@ exact path.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from engine.execution import kernels
+from engine.execution.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +157,15 @@ class DualLinear:
 
 
 def quantize(weight: torch.Tensor, fmt: int) -> torch.Tensor:
-    """Blocks of `weight` [n, k] as ggml's reference quantizers make them (round to nearest)."""
+    """Blocks of `weight` [n, k] as ggml's reference quantizers make them (round to nearest): the bytes
+    gguf-py's quantizers write."""
     w = weight.detach().float().reshape(-1, BLOCK)
     if fmt == Q8_0:
         d = w.abs().amax(dim=1) / 127
-        q = torch.where(d[:, None] > 0, w / d[:, None], 0).round().clamp(-128, 127).to(torch.int8)
+        # ggml's roundf(w * (1 / d)): halves away from zero, and the inverse's rounding, as in every GGUF.
+        scaled = w * torch.where(d > 0, 1 / d, 0)[:, None]
+        whole = scaled.abs().floor()
+        q = (scaled.sign() * (whole + (2 * (scaled.abs() - whole)).floor())).clamp(-128, 127).to(torch.int8)
         scales = d.to(torch.float16).view(torch.uint8).reshape(-1, 2)
         raw = torch.cat([scales, q.view(torch.uint8)], dim=1)
     else:
@@ -183,21 +191,27 @@ def dequantize(blocks: torch.Tensor, fmt: int, n: int, k: int) -> torch.Tensor:
     return (d * q + m).reshape(n, k)
 
 
-def gguf_blocks(path: Path, num_heads: int, num_kv_heads: int) -> dict[str, tuple[torch.Tensor, int]]:
-    """The Q4_1 and Q8_0 tensors of a GGUF file by name, q and k rows in transformers' order (the GGUF keeps
-    them permuted for llama.cpp's RoPE; transformers undoes that when it converts)."""
+def gguf_blocks(path: Path) -> dict[str, tuple[torch.Tensor, int]]:
+    """The Q4_1 and Q8_0 tensors of a GGUF file by name, q and k rows in transformers' order (a "llama"
+    GGUF keeps them permuted for llama.cpp's RoPE; transformers undoes that when it converts)."""
     from gguf import GGUFReader
 
+    reader = GGUFReader(str(path))
+    architecture = reader.fields["general.architecture"].contents()
+    heads = {
+        ".attn_q.": reader.fields[f"{architecture}.attention.head_count"].contents(),
+        ".attn_k.": reader.fields[f"{architecture}.attention.head_count_kv"].contents(),
+    }
     found = {}
-    for tensor in GGUFReader(str(path)).tensors:
+    for tensor in reader.tensors:
         fmt = _GGUF_TYPES.get(tensor.tensor_type.name)
         if fmt is None:
             continue
         rows = np.asarray(tensor.data)
-        if ".attn_q." in tensor.name or ".attn_k." in tensor.name:
-            heads = num_heads if ".attn_q." in tensor.name else num_kv_heads
-            half = rows.shape[0] // heads // 2
-            rows = rows.reshape(heads, half, 2, -1).swapaxes(2, 1).reshape(rows.shape)
+        permuted = [n for role, n in heads.items() if role in tensor.name] if architecture == "llama" else []
+        if permuted:
+            half = rows.shape[0] // permuted[0] // 2
+            rows = rows.reshape(permuted[0], half, 2, -1).swapaxes(2, 1).reshape(rows.shape)
         found[tensor.name] = (torch.from_numpy(np.array(rows, copy=True)), fmt)
     return found
 
@@ -213,22 +227,41 @@ _GGUF_NAMES = {
 }
 
 
+CACHE_VERSION = 1
+"""Part of every block cache's key: bump it when `quantize` or the cached blocks' layout changes."""
+
+
+def block_cache_path(checkpoint: Path) -> Path:
+    """Where the blocks made for the checkpoint in `checkpoint` (a directory) are kept: under the textgen
+    cache, named for its files' paths, sizes and modification times and `CACHE_VERSION`, so that a changed
+    checkpoint gets a new file instead of stale blocks."""
+    identity = [f"q4_1 blocks v{CACHE_VERSION}", str(checkpoint.resolve())]
+    for file in sorted(checkpoint.iterdir()):
+        if file.is_file():
+            stat = file.stat()
+            identity.append(f"{file.name} {stat.st_size} {stat.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
+    return cache_dir() / "quantized" / f"{checkpoint.name}-{digest}.safetensors"
+
+
 class QuantizedLinearFactory:
     """Makes `QuantizedLinear`s from a model's weights: Q4_1 for the layers, Q8_0 for the output head,
-    from the GGUF's own blocks where they dequantize exactly to the weight, else quantized here."""
+    from the GGUF's own blocks where they dequantize exactly to the weight, else quantized here.
 
-    def __init__(self, hf_model, gguf_path: Path | None = None) -> None:
+    With a `cache_path`, blocks made once are read from it (the GGUF and the weights left unread) and
+    `save_cache` writes the file when blocks were made.
+    """
+
+    def __init__(self, hf_model, gguf_path: Path | None = None, cache_path: Path | None = None) -> None:
         if load() is None:
             raise ValueError(f"the quantized CPU kernels could not be built: {load_error()}")
-        self._gguf: dict[int, tuple[torch.Tensor, int]] = {}
-        self.num_from_gguf = self.num_quantized = 0
-        if gguf_path is not None:
-            config = hf_model.config
-            blocks = gguf_blocks(gguf_path, config.num_attention_heads, config.num_key_value_heads)
-            for name, param in hf_model.named_parameters():
-                gguf_name = _gguf_name(name)
-                if gguf_name in blocks:
-                    self._gguf[param.data_ptr()] = blocks[gguf_name]
+        self._names = {param.data_ptr(): name for name, param in hf_model.named_parameters()}
+        self._gguf_path = gguf_path
+        self._gguf: dict[str, tuple[torch.Tensor, int]] | None = None  # read at the first cache miss
+        self.cache_path = cache_path
+        self._cached = {} if cache_path is None or not cache_path.exists() else load_file(cache_path)
+        self._made: dict[str, torch.Tensor] = {}
+        self.num_cached = self.num_from_gguf = self.num_quantized = 0
 
     def __call__(
         self, parts: list[torch.Tensor], bias: torch.Tensor | None, head: bool = False
@@ -239,20 +272,51 @@ class QuantizedLinearFactory:
         bias = None if bias is None else bias.detach().float().contiguous()
         return QuantizedLinear(blocks, bias, n, k, fmt)
 
+    def save_cache(self) -> None:
+        """Write the cache file with every block made here, if any was made (atomically)."""
+        log.info(
+            "q4_1 blocks: %d from the cache, %d the GGUF's own, %d quantized here",
+            self.num_cached, self.num_from_gguf, self.num_quantized,
+        )  # fmt: skip
+        if self.cache_path is None or not self._made:
+            return
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.cache_path.with_name(f"{self.cache_path.name}.tmp{os.getpid()}")
+        save_file({**self._cached, **self._made}, staging)
+        staging.rename(self.cache_path)
+        log.info("quantized blocks cached in %s", self.cache_path)
+
     def _blocks(self, weight: torch.Tensor, fmt: int) -> torch.Tensor:
-        found = self._gguf.get(weight.data_ptr())
-        if found is not None:
-            blocks, gguf_fmt = found
-            if torch.equal(dequantize(blocks, gguf_fmt, *weight.shape), weight.detach().float()):
-                self.num_from_gguf += 1
-                return blocks
-        self.num_quantized += 1
-        return quantize(weight, fmt)
+        key = f"{self._names.get(weight.data_ptr(), '')}.{fmt}"
+        if key in self._cached:
+            self.num_cached += 1
+            return self._cached[key]
+        blocks = self._from_gguf(weight, fmt)
+        if blocks is None:
+            self.num_quantized += 1
+            blocks = quantize(weight, fmt)
+        if self.cache_path is not None and not key.startswith("."):
+            self._made[key] = blocks
+        return blocks
+
+    def _from_gguf(self, weight: torch.Tensor, fmt: int) -> torch.Tensor | None:
+        if self._gguf_path is None:
+            return None
+        if self._gguf is None:
+            self._gguf = gguf_blocks(self._gguf_path)
+        found = self._gguf.get(_gguf_name(self._names.get(weight.data_ptr(), "")) or "")
+        if found is None or found[1] != fmt:
+            return None
+        blocks = found[0]
+        if not torch.equal(dequantize(blocks, fmt, *weight.shape), weight.detach().float()):
+            return None
+        self.num_from_gguf += 1
+        return blocks
 
 
 def _gguf_name(param_name: str) -> str | None:
     if param_name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return "token_embd.weight"
+        return "token_embd.weight" if param_name.startswith("model.") else "output.weight"
     parts = param_name.split(".")  # model.layers.{i}.{module}.{proj}.weight
     if len(parts) == 6 and parts[1] == "layers" and parts[5] == "weight":
         role = _GGUF_NAMES.get(f"{parts[3]}.{parts[4]}")

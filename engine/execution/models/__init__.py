@@ -64,12 +64,13 @@ def _dual_linear_factory(quantized: QuantizedLinearFactory) -> llama.LinearFacto
 
 
 def build_forward(
-    hf_model, impl: str, weight_format: str, gguf_path: Path | None = None
+    hf_model, impl: str, weight_format: str, gguf_path: Path | None = None, block_cache: Path | None = None
 ) -> tuple[str, ModelForward]:
     """The forward for `impl` ("auto": lean where the architecture is supported) as (resolved impl, forward).
 
-    With "fp16-packed" weights every linear layer runs on FBGEMM's float16 GEMM. The lean model takes
-    over the decoder layers' weights: transformers' copies of them are dropped.
+    With "fp16-packed" weights every linear layer runs on FBGEMM's float16 GEMM; with "q4_1" on blocks
+    taken from `gguf_path` or quantized, and kept in (or read from) the file `block_cache`. The lean model
+    takes over the decoder layers' weights: transformers' copies of them are dropped.
     """
     if impl not in MODEL_IMPLS:
         raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}, not {impl!r}")
@@ -85,10 +86,13 @@ def build_forward(
         if weight_format == "fp16-packed":
             pack_linear_layers(hf_model)
         return "transformers", TransformersForward(hf_model)
-    if weight_format == "q4_1":
-        make_linear = _dual_linear_factory(QuantizedLinearFactory(hf_model, gguf_path))
+    quantized = QuantizedLinearFactory(hf_model, gguf_path, block_cache) if weight_format == "q4_1" else None
+    if quantized is not None:
+        make_linear = _dual_linear_factory(quantized)
     else:
         make_linear = {"fp16-packed": _fp16_packed, "native": llama.plain_linear}[weight_format]
     model = llama.LlamaModel(hf_model, make_linear)
+    if quantized is not None:
+        quantized.save_cache()
     hf_model.model.layers = torch.nn.ModuleList()  # the lean model holds every weight it needs
     return "lean", model

@@ -27,7 +27,11 @@ ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 def supports(hf_model) -> bool:
     """Whether `hf_model` is a Llama-family decoder this module can run as it is."""
-    config = hf_model.config
+    return supports_config(hf_model.config)
+
+
+def supports_config(config) -> bool:
+    """Whether a model of this transformers config is a Llama-family decoder this module can run as it is."""
     return (
         getattr(config, "model_type", None) in ARCHITECTURES
         and getattr(config, "hidden_act", None) == "silu"
