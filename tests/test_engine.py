@@ -337,7 +337,8 @@ async def test_higher_priority_is_served_first(tiny_model_dir):
 
     try:
         blocker = asyncio.create_task(run("blocker", 0, 20))
-        await asyncio.sleep(0.05)
+        while not engine.load.num_running:  # the blocker holds the one slot before the others queue
+            await asyncio.sleep(0.001)
         tasks = [asyncio.create_task(run(f"p{p}", p, 2)) for p in (0, 5, 1, 9)]
         await asyncio.gather(blocker, *tasks)
     finally:

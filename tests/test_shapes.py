@@ -15,8 +15,9 @@ from gguf.quants import quantize as gguf_quantize
 
 from bench.random_gguf import GGUF_SHAPES, random_weights, shape_gguf
 from bench.random_model import SHAPES, load_shape, shape_config
+from engine.core.step import StepRow
 from engine.execution import loader, quantized
-from engine.execution.model_runner import ModelRunner, StepInput
+from engine.execution.model_runner import ModelRunner
 from engine.execution.quantized import Q4_1, Q8_0, block_cache_path, quantize
 
 needs_kernels = pytest.mark.skipif(
@@ -105,10 +106,10 @@ def greedy(runner: ModelRunner, prompt: list[int], steps: int) -> tuple[list[int
     """Prefill `prompt`, then `steps` greedy decode steps: the tokens and every step's logits."""
     table: list[int] = []
     assert runner.allocator.allocate(table, len(prompt) + steps + 1)
-    logits = [runner.run([StepInput(prompt, 0, table)], True)]
+    logits = [runner.run([StepRow(prompt, 0, table)], True)]
     tokens = [int(logits[-1].argmax())]
     for step in range(steps):
-        logits.append(runner.run([StepInput([tokens[-1]], len(prompt) + step, table)], False))
+        logits.append(runner.run([StepRow([tokens[-1]], len(prompt) + step, table)], False))
         tokens.append(int(logits[-1].argmax()))
     return tokens, logits
 
