@@ -25,12 +25,13 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 from smg_grpc_proto import vllm_engine_pb2_grpc as pb_grpc
 from smg_grpc_proto.generated import common_pb2
 
@@ -39,7 +40,7 @@ from bench.fleet.replica_counters import ReplicaCounters, hit_ratio, scrape
 from bench.fleet.replicas import Replica
 from bench.fleet.smg import SmgGateway
 from bench.fleet.tenants import TenantWorkloadConfig, kv_budgets, tenant_workload
-from bench.metrics import summarize
+from bench.metrics import RequestTrace, summarize
 from bench.report import environment, fmt, load_note, markdown_table, to_json
 from bench.server import free_port
 
@@ -97,11 +98,9 @@ class Fleet:
         return [scrape(replica.metrics_port) for replica in self.replicas]
 
     def model_name(self) -> str:
-        import httpx
-
-        return httpx.get(f"http://127.0.0.1:{self.http_ports[0]}/v1/models", timeout=10).json()["data"][0][
-            "id"
-        ]
+        """The served model's name, as SMG and its clients call it (`/v1/models`)."""
+        models = httpx.get(f"http://127.0.0.1:{self.http_ports[0]}/v1/models", timeout=10).json()
+        return models["data"][0]["id"]
 
     async def flush_caches(self) -> None:
         """Drop every replica's prefix cache, so that each run starts cold."""
@@ -113,21 +112,19 @@ class Fleet:
             assert response.success, f"FlushCache on replica {replica.index}: {response.message}"
 
 
-def until(condition, timeout_s: float, what: str):
-    """An awaitable polling `condition` (no arguments, run in a thread) until it is true; TimeoutError after
-    `timeout_s`."""
-
-    async def wait() -> None:
-        deadline = time.monotonic() + timeout_s
-        while not await asyncio.to_thread(condition):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
-            await asyncio.sleep(0.2)
-
-    return wait()
+async def until(condition: Callable[[], object], timeout_s: float, what: str) -> None:
+    """Poll `condition` (in a thread: it may scrape a replica) until it is true; TimeoutError after
+    `timeout_s`, naming `what` was awaited."""
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(condition):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
+        await asyncio.sleep(0.2)
 
 
-def run_row(traces, duration_s: float, counters: list[ReplicaCounters] | None) -> dict[str, object]:
+def run_row(
+    traces: Sequence[RequestTrace], duration_s: float, counters: list[ReplicaCounters] | None
+) -> dict[str, object]:
     """A table row from a step's traces and (for a run) each replica's counters over it."""
     summary = summarize(traces, duration_s)
     return {
@@ -140,7 +137,7 @@ def run_row(traces, duration_s: float, counters: list[ReplicaCounters] | None) -
     }
 
 
-def first_errors(traces) -> str:
+def first_errors(traces: Sequence[RequestTrace]) -> str:
     """How many requests failed and the first distinct errors; empty when none did."""
     errors = [t.error for t in traces if not t.ok]
     if not errors:
@@ -259,7 +256,7 @@ def results_table(results: Sequence[StepResult]) -> str:
     return markdown_table(["step", *columns, "result"], rows)
 
 
-async def step(name: str, work) -> StepResult:
+async def step(name: str, work: Awaitable[StepResult]) -> StepResult:
     """`work` (a coroutine giving a StepResult); an exception makes a failed step, not the end of the run."""
     try:
         return await work
