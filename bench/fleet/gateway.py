@@ -320,6 +320,16 @@ def workload_config(args: argparse.Namespace) -> TenantWorkloadConfig:
     )
 
 
+def describe(args: argparse.Namespace) -> str:
+    """The workload and the fleet in one line, above the table."""
+    return (
+        f"{args.replicas} replicas ({args.model or ('tiny random' if args.tiny_random else 'SmolLM2')},"
+        f" {args.device}) behind smg; {args.tenants} tenants' {args.system_len}-word system prompts,"
+        f" {args.num_requests} requests at {args.request_rate:g} req/s, each its own {args.question_len}-word"
+        f" question and {args.output_len} output tokens; restart through {args.restart_run}"
+    )
+
+
 def restart_plan(args: argparse.Namespace) -> RestartPlan:
     return RestartPlan(
         args.restart_run,
@@ -413,13 +423,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                    *(["--model", str(model)] if model else []), *args.server_arg]  # fmt: skip
     results, traces = asyncio.run(bench_fleet(args, server_args, log_dir))
     problems = gate(planned_steps(args.kv_budgets, args.runs, not args.no_restart), results)
-    table = results_table(results)
     env = environment(load_before)
-    print(f"\n{table}\n\n{load_note(env)}")
-    record = {"environment": env, "workload": asdict(workload_config(args)), "args": sys.argv[1:],
-              "steps": [asdict(r) for r in results], "failures": problems, "traces": traces}  # fmt: skip
+    report = f"{describe(args)}\n\n{results_table(results)}\n\n{load_note(env)}\n"
+    print("\n" + report)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "environment": env,
+        "workload": asdict(workload_config(args)),
+        "args": sys.argv[1:] if argv is None else list(argv),
+        "steps": [asdict(r) for r in results],
+        "failures": problems,
+        "traces": traces,
+    }
     (args.output_dir / f"fleet-{stamp}.json").write_text(to_json(record))
-    (args.output_dir / f"fleet-{stamp}.md").write_text(table + "\n")
+    (args.output_dir / f"fleet-{stamp}.md").write_text(report)
     print(f"results: {args.output_dir / f'fleet-{stamp}.json'}")
     for problem in problems:
         print(f"FAILED {problem}", file=sys.stderr)
