@@ -45,11 +45,12 @@ def test_the_gate_passes_when_every_planned_step_ran_and_passed():
 
 
 def test_the_command_exits_nonzero_and_writes_its_results_when_a_run_failed(monkeypatch, tmp_path):
-    async def fake_bench(args, server_args, log_dir):
-        failed = StepResult(
-            "tight · cache_aware/grpc", "1 of 4 requests failed: HTTP 500", {"requests ok": "3/4"}
-        )
-        return [StepResult("tight · round_robin/http", row={"requests ok": "4/4"}), failed], {}
+    async def fake_bench(args, server_args, log_dir, save):
+        results = [StepResult("tight · round_robin/http", row={"requests ok": "4/4"})]
+        save(results, {})
+        results.append(StepResult("tight · cache_aware/grpc", "1 of 4 requests failed: HTTP 500"))
+        save(results, {})
+        return results, {}
 
     monkeypatch.setattr(gateway, "bench_fleet", fake_bench)
     argv = ["--kv-budgets", "tight", "--runs", ",".join(RUNS), "--no-restart", "--output-dir", str(tmp_path)]

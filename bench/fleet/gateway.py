@@ -275,14 +275,23 @@ async def step(name: str, work: Awaitable[StepResult]) -> StepResult:
         return StepResult(name, f"{type(error).__name__}: {error}")
 
 
+Saver = Callable[[list[StepResult], dict[str, list]], object]
+
+
 async def bench_fleet(
-    args: argparse.Namespace, server_args: list[str], log_dir: Path
-) -> tuple[list[StepResult], dict]:
-    """Every step of `args` (see the module's docstring); the results, and each step's traces."""
+    args: argparse.Namespace, server_args: list[str], log_dir: Path, save: Saver
+) -> tuple[list[StepResult], dict[str, list]]:
+    """Every step of `args` (see the module's docstring); the results, and each step's traces. `save` gets
+    them after every step, so that an interrupted run keeps what it measured."""
     workload = workload_config(args)
     budgets = kv_budgets(workload, args.kv_block_size, args.replicas, args.kv_in_flight)
     results: list[StepResult] = []
     traces: dict[str, list] = {}
+
+    async def record(result: Awaitable[StepResult]) -> None:
+        results.append(await result)
+        save(results, traces)
+
     for budget in args.kv_budgets:
         flags = [
             *server_args,
@@ -297,12 +306,12 @@ async def bench_fleet(
             model = await asyncio.to_thread(fleet.model_name)
             bench = Bench(fleet, model, workload, log_dir / budget, args.temperature, traces=traces)
             for run in args.runs:
-                results.append(await step(f"{budget} · {run}", bench.run(f"{budget} · {run}", run)))
+                await record(step(f"{budget} · {run}", bench.run(f"{budget} · {run}", run)))
             if budget == args.kv_budgets[-1] and not args.no_restart:
-                work = bench.restart(RESTART, restart_plan(args))
-                results.append(await step(RESTART, work))
+                await record(step(RESTART, bench.restart(RESTART, restart_plan(args))))
         except Exception as error:  # noqa: BLE001 - the replicas did not start: this budget's steps did not run
             results.append(StepResult(f"{budget}: replicas", f"{type(error).__name__}: {error}"))
+            save(results, traces)
         finally:
             await asyncio.to_thread(fleet.stop)
     return results, traces
@@ -407,6 +416,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ResultFiles:
+    """The run's markdown report and JSON in the output folder, rewritten by `save` after every step."""
+
+    def __init__(self, args: argparse.Namespace, argv: list[str], stamp: str) -> None:
+        self._args = args
+        self._argv = argv
+        self._load_before = os.getloadavg()[0]
+        self.json_path = args.output_dir / f"fleet-{stamp}.json"
+        self.report = ""
+        self.problems: list[str] = []
+
+    def save(self, results: list[StepResult], traces: dict[str, list]) -> None:
+        """Write what the steps so far gave: the steps not yet run count as not run."""
+        args = self._args
+        self.problems = gate(planned_steps(args.kv_budgets, args.runs, not args.no_restart), results)
+        env = environment(self._load_before)
+        self.report = f"{describe(args)}\n\n{results_table(results)}\n\n{load_note(env)}\n"
+        record = {
+            "environment": env,
+            "workload": asdict(workload_config(args)),
+            "args": self._argv,
+            "steps": [asdict(r) for r in results],
+            "failures": self.problems,
+            "traces": traces,
+        }
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        self.json_path.write_text(to_json(record))
+        self.json_path.with_suffix(".md").write_text(self.report)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     unknown = [name for name in args.runs if name not in RUNS] + [
@@ -414,33 +453,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if unknown:
         build_parser().error(f"unknown runs or KV budgets: {', '.join(unknown)}")
-    load_before = os.getloadavg()[0]
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    files = ResultFiles(args, sys.argv[1:] if argv is None else list(argv), stamp)
     log_dir = args.output_dir / f"fleet-{stamp}-logs"
     model = tiny_random_model(log_dir / "tiny-random") if args.tiny_random else args.model
     server_args = ["--device", args.device, "--host", "127.0.0.1",
                    "--grace-period-s", str(args.grace_period_s),
                    *(["--model", str(model)] if model else []), *args.server_arg]  # fmt: skip
-    results, traces = asyncio.run(bench_fleet(args, server_args, log_dir))
-    problems = gate(planned_steps(args.kv_budgets, args.runs, not args.no_restart), results)
-    env = environment(load_before)
-    report = f"{describe(args)}\n\n{results_table(results)}\n\n{load_note(env)}\n"
-    print("\n" + report)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    record = {
-        "environment": env,
-        "workload": asdict(workload_config(args)),
-        "args": sys.argv[1:] if argv is None else list(argv),
-        "steps": [asdict(r) for r in results],
-        "failures": problems,
-        "traces": traces,
-    }
-    (args.output_dir / f"fleet-{stamp}.json").write_text(to_json(record))
-    (args.output_dir / f"fleet-{stamp}.md").write_text(report)
-    print(f"results: {args.output_dir / f'fleet-{stamp}.json'}")
-    for problem in problems:
+    results, traces = asyncio.run(bench_fleet(args, server_args, log_dir, files.save))
+    files.save(results, traces)
+    print(f"\n{files.report}\nresults: {files.json_path}")
+    for problem in files.problems:
         print(f"FAILED {problem}", file=sys.stderr)
-    return 1 if problems else 0
+    return 1 if files.problems else 0
 
 
 if __name__ == "__main__":
