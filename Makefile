@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTO_STAMP := protos/.generated
 
-.PHONY: install proto serve test lint example bench bench-prefix bench-engine bench-sweep bench-llamacpp bench-gpu bench-replicas stress clean
+.PHONY: install proto serve test lint example bench bench-prefix bench-engine bench-sweep bench-llamacpp bench-gpu bench-replicas bench-fleet stress clean
 
 install: $(STAMP)
 
@@ -109,6 +109,12 @@ bench-gpu:
 # under load and started again; requests per replica and p99 TTFT per phase. Flags: BENCH_ARGS="--help".
 bench-replicas: install proto
 	$(PY) -m bench.fleet.replicas $(BENCH_ARGS)
+
+# 3 replicas (the default model) behind SMG under a multi-tenant chat workload: round_robin vs cache_aware
+# over HTTP vs cache_aware over gRPC with KV events, with KV room for every tenant's prefix and without;
+# then a replica restarted under load. Exits 1 when a step failed or did not run. Flags: BENCH_ARGS="--help".
+bench-fleet: install proto
+	$(PY) -m bench.fleet.gateway $(BENCH_ARGS)
 
 # Reliability under load: one row per scenario (a few minutes on 2 idle CPU cores); the 20-minute soak
 # runs with STRESS_ARGS="--soak-minutes 20". Flags: STRESS_ARGS="--help".
