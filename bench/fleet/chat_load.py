@@ -14,15 +14,15 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Self
 
 import aiohttp
 
 from bench.fleet.tenants import ChatSpec
 from bench.metrics import RequestTrace
+from bench.serving.openai_client import HttpSession, sse_chunks
 
 
-class ChatClient:
+class ChatClient(HttpSession):
     """One aiohttp session (kept-alive connections) to `base_url`'s chat completions."""
 
     def __init__(self, base_url: str, model: str, temperature: float, timeout_s: float) -> None:
@@ -30,15 +30,6 @@ class ChatClient:
         self.model = model
         self.temperature = temperature
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> Self:
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._session is not None
-        await self._session.close()
 
     def body(self, spec: ChatSpec) -> dict:
         return {
@@ -71,11 +62,7 @@ class ChatClient:
 
     @staticmethod
     async def _read(response: aiohttp.ClientResponse, trace: RequestTrace) -> None:
-        async for line in response.content:
-            data = line.removeprefix(b"data: ").strip()
-            if not line.startswith(b"data: ") or data == b"[DONE]":
-                continue
-            chunk = json.loads(data)
+        async for chunk in sse_chunks(response):
             if "error" in chunk:
                 trace.error = f"stream error: {json.dumps(chunk['error'])[:300]}"
                 return

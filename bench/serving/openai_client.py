@@ -29,12 +29,19 @@ def completion_request(ids: Sequence[int], output_len: int) -> dict:
     }
 
 
-class OpenAIHttpClient:
-    """textgen's `/v1/completions` stream as a `StreamingClient` of the load generator."""
+async def sse_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+    """The JSON objects of a server-sent event stream, up to `[DONE]`."""
+    async for line in response.content:
+        data = line.removeprefix(b"data: ").strip()
+        if not line.startswith(b"data: ") or data == b"[DONE]":
+            continue
+        yield json.loads(data)
 
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
+
+class HttpSession:
+    """One aiohttp session (kept-alive connections) for as long as the client is entered."""
+
+    _session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
@@ -43,6 +50,13 @@ class OpenAIHttpClient:
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._session is not None
         await self._session.close()
+
+
+class OpenAIHttpClient(HttpSession):
+    """textgen's `/v1/completions` stream as a `StreamingClient` of the load generator."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
 
     async def stream(self, ids: Sequence[int], output_len: int, timeout_s: float) -> AsyncIterator[Chunk]:
         assert self._session is not None, "use the client as an async context manager"
@@ -53,11 +67,7 @@ class OpenAIHttpClient:
             async with self._session.post(url, json=body, timeout=timeout) as response:
                 if response.status != 200:
                     raise StreamError(f"HTTP {response.status}: {(await response.text())[:500]}")
-                async for line in response.content:
-                    data = line.removeprefix(b"data: ").strip()
-                    if not line.startswith(b"data: ") or data == b"[DONE]":
-                        continue
-                    chunk = json.loads(data)
+                async for chunk in sse_chunks(response):
                     if "error" in chunk:
                         raise StreamError(f"{chunk['error']['code']}: {chunk['error']['message']}")
                     if chunk.get("usage"):
