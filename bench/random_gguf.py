@@ -29,6 +29,7 @@ import transformers
 from bench.random_model import SHAPES, load_shape, shape_config
 from engine.execution.loader import default_gguf_path
 from engine.execution.paths import cache_dir
+from engine.execution.quantized import GGUF_NAMES
 
 GGUF_SHAPES = tuple(name for name in SHAPES if name != "tiny")
 """The shapes whose vocabulary holds SmolLM2's tokenizer (the tiny one's 512 tokens do not)."""
@@ -39,13 +40,7 @@ WRITER_VERSION = 1
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
+    **GGUF_NAMES,
 }
 _QUANTIZE_ROWS = 8192  # rows quantized at a time: bounds gguf-py's float32 temporaries on large embeddings
 

@@ -216,7 +216,8 @@ def gguf_blocks(path: Path) -> dict[str, tuple[torch.Tensor, int]]:
     return found
 
 
-_GGUF_NAMES = {
+# A decoder layer's linear modules and their names in a GGUF file (blk.N.<name>.weight).
+GGUF_NAMES = {
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
@@ -319,6 +320,6 @@ def _gguf_name(param_name: str) -> str | None:
         return "token_embd.weight" if param_name.startswith("model.") else "output.weight"
     parts = param_name.split(".")  # model.layers.{i}.{module}.{proj}.weight
     if len(parts) == 6 and parts[1] == "layers" and parts[5] == "weight":
-        role = _GGUF_NAMES.get(f"{parts[3]}.{parts[4]}")
+        role = GGUF_NAMES.get(f"{parts[3]}.{parts[4]}")
         return None if role is None else f"blk.{parts[2]}.{role}.weight"
     return None
