@@ -250,8 +250,8 @@ def _limit_flags(parser: argparse.ArgumentParser) -> None:
           "roles and contents together; checked before tokenizing", type=int)  # fmt: skip
     _flag(limits, "max-chat-messages", MAX_CHAT_MESSAGES, "the most messages in a chat", type=int)
     _flag(limits, "max-n", MAX_N, "the most completions (GenerateRequest.n) a request may ask for", type=int)
-    _flag(limits, "grammar-step-budget-ms", GRAMMAR_STEP_BUDGET_MS, "the longest a step waits for one "
-          "request's grammar mask after the forward pass; a request late past it fails alone "
+    _flag(limits, "grammar-step-budget-ms", GRAMMAR_STEP_BUDGET_MS, "the most CPU time one "
+          "request's grammar mask may take; a request over it fails alone "
           "(INVALID_ARGUMENT, GRAMMAR_TOO_COMPLEX)", type=float)  # fmt: skip
 
 

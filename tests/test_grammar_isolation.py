@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import sys
 import threading
 
 import aiohttp
@@ -17,7 +19,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from engine.batching import BatchConfig
-from engine.core.structured import GrammarMatcher
+from engine.core.structured import GRAMMAR_THREAD_NICE, GrammarMatcher
 from engine.errors import GrammarLimitError
 from engine.frontend.engine import Engine, EngineConfig
 from engine.request import GenerationRequest, ResponseFormat, SamplingParams, StoppingParams
@@ -105,7 +107,7 @@ async def test_a_grammar_late_past_the_step_budget_fails_alone(engine, plain_alo
         fill_mask(self, out)
 
     monkeypatch.setattr(GrammarMatcher, "fill_mask", stuck)
-    monkeypatch.setattr(engine.model_runner.grammar_workers, "budget_ms", 50.0)
+    monkeypatch.setattr(engine.model_runner.sampler.grammar_workers, "budget_ms", 50.0)
     sampling = SamplingParams(response_format=ResponseFormat(regex="[0-9]{4}"))
     neighbour = GenerationRequest(engine.tokenize("A year:"), sampling, StoppingParams(max_new_tokens=8))
     try:
@@ -116,6 +118,47 @@ async def test_a_grammar_late_past_the_step_budget_fails_alone(engine, plain_alo
     assert tokens == plain_alone
     assert isinstance(error, GrammarLimitError) and "per-step budget of 50 ms" in error.description
     await asyncio.wait_for(wait_until_idle(engine), 10)
+
+
+async def test_a_slow_grammar_holds_only_its_own_request_and_keeps_its_tokens(
+    engine, plain_alone, monkeypatch
+):
+    sampling = SamplingParams(response_format=ResponseFormat(regex="[0-9]{4}"))
+
+    def neighbour() -> GenerationRequest:
+        return GenerationRequest(engine.tokenize("A year:"), sampling, StoppingParams(max_new_tokens=8))
+
+    alone = [token.id async for event in engine.submit(neighbour()) for token in event.tokens]
+    released = threading.Event()
+    fill_mask = GrammarMatcher.fill_mask
+
+    def slow(self, out):  # every mask of the neighbour waits until the plain requests have finished
+        released.wait()
+        fill_mask(self, out)
+
+    monkeypatch.setattr(GrammarMatcher, "fill_mask", slow)
+
+    async def tokens(request: GenerationRequest) -> list[int]:
+        return [token.id async for event in engine.submit(request) for token in event.tokens]
+
+    slowed = asyncio.ensure_future(tokens(neighbour()))
+    plain = [GenerationRequest(engine.tokenize(p), stopping=PLAIN_STOPPING) for p in PLAIN_PROMPTS]
+    try:
+        # The batch does not wait for the neighbour's masks: its batchmates finish while they are held.
+        assert await asyncio.wait_for(asyncio.gather(*map(tokens, plain)), 30) == plain_alone
+        assert not slowed.done()
+    finally:
+        released.set()
+    assert await asyncio.wait_for(slowed, 30) == alone  # sampled from the logits it had: the same tokens
+    await asyncio.wait_for(wait_until_idle(engine), 10)
+
+
+def test_grammar_work_runs_at_the_lowest_cpu_priority(engine):
+    if sys.platform != "linux":
+        pytest.skip("a thread's own niceness is Linux's")
+    workers = engine.model_runner.sampler.grammar_workers
+    niceness = workers._pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    assert niceness.result(timeout=10) == max(GRAMMAR_THREAD_NICE, os.getpriority(os.PRIO_PROCESS, 0))
 
 
 # ---- over the fronts ---------------------------------------------------------------------------------

@@ -121,9 +121,10 @@ class EngineCore:
             outbox.append((seq, event))
             if event.finished:
                 self.finish(seq, outbox)
-        allocator = self.scheduler.allocator
-        kv_used = allocator.num_blocks - allocator.num_free
-        self.observer.step_finished(step, start, time.monotonic(), kv_used, allocator.num_blocks)
+        if step.rows:  # a step of no rows only settled rows waiting for their grammar's masks
+            allocator = self.scheduler.allocator
+            kv_used = allocator.num_blocks - allocator.num_free
+            self.observer.step_finished(step, start, time.monotonic(), kv_used, allocator.num_blocks)
 
     def _finish_expired(self, outbox: Outbox) -> None:
         now = time.monotonic()

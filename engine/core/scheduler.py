@@ -134,24 +134,31 @@ class Scheduler:
         return None
 
     def update(self, step: Step, output: StepOutput) -> StepResult:
-        """Record what `step` computed, append its sampled tokens and advance the sequences' grammars with
-        them (whether a token ends its sequence is the output processor's to say)."""
+        """Record what `step` computed and take its sampled tokens (a row deferred for its grammar's mask
+        gets its token from a later step's `resolved`); whether one ends its sequence is the outputs' say."""
         result = StepResult()
         sampled = iter(zip(output.token_ids, output.logprobs, strict=True))
+        failed = dict(output.failed)
         for row in step.rows:
             token = next(sampled) if row.sample else None
             seq = self._row_sequence(row.seq_id)
             if seq is None:
                 continue
             self._advance(seq, row.num_tokens, result)
-            if token is None:
+            if token is None or row.seq_id in failed:
                 continue
-            if row.seq_id in output.failed:
-                result.failed.append((seq, output.failed[row.seq_id]))
-                continue
-            if seq.grammar is not None:
-                seq.grammar.accept(token[0])
-            self._append(seq, *token, result)
+            if row.seq_id in output.deferred:
+                seq.awaiting_mask = True
+            else:
+                self._take(seq, *token, result)
+        for seq_id, token in output.resolved.items():
+            seq = self._row_sequence(seq_id)
+            if seq is not None and seq.awaiting_mask:
+                seq.awaiting_mask = False
+                self._take(seq, *token, result)
+        for seq_id, reason in failed.items():
+            if (seq := self._row_sequence(seq_id)) is not None:
+                result.failed.append((seq, reason))
         return result
 
     def step_failed(self, step: Step) -> None:
@@ -238,13 +245,14 @@ class Scheduler:
                 self._preempt(victim)
                 if victim is seq:
                     break
-        return [(seq, 1) for seq in self.running]
+        return [(seq, 1) for seq in self.running if not seq.awaiting_mask]
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks and queue it again; its tokens are recomputed when readmitted."""
         self.running.remove(seq)
         self.allocator.free(seq.block_table)
         seq.num_computed_tokens = 0
+        seq.awaiting_mask = False  # its row runs again (its grammar keeps the mask in flight)
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self._preempted_ids.append(seq.seq_id)
@@ -282,6 +290,11 @@ class Scheduler:
             self.add(seq)
             self.observer.request_queued(seq)
             result.forked.append(seq)
+
+    def _take(self, seq: Sequence, token_id: int, logprob: float, result: StepResult) -> None:
+        if seq.grammar is not None:
+            seq.grammar.accept(token_id)
+        self._append(seq, token_id, logprob, result)
 
     def _append(self, seq: Sequence, token_id: int, logprob: float, result: StepResult) -> None:
         seq.token_ids.append(token_id)

@@ -57,6 +57,7 @@ class Sequence:
     first_token_time: float | None = None
     num_preemptions: int = 0
     grammar: GrammarMatcher | None = None  # with a response format: where its output stands in the grammar
+    awaiting_mask: bool = False  # its last row ran, its token waits for its grammar's mask (`StepOutput`)
     ticket: BatchRequest | None = None  # its place in the scheduler's queue, from when it is first queued
     index: int = 0
     group_id: int = -1  # -1: this sequence's own id (completion 0)

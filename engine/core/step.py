@@ -88,6 +88,10 @@ class StepOutput:
     `token_ids` is meaningless. Only for the rows that asked:
     `top_logprobs` maps a sequence id to the (id, log-probability) of its most likely next tokens, and
     `prompt_logprobs` to the prompt positions this step scored.
+
+    A row whose grammar mask was not ready is `deferred` (its token here is meaningless): its sequence waits
+    for its token, which a later step's `resolved` brings ((id, log-probability) by sequence id; its
+    `top_logprobs` then too). `failed` may name such a waiting sequence as well.
     """
 
     token_ids: list[int]
@@ -95,3 +99,5 @@ class StepOutput:
     failed: dict[int, str | EngineError] = field(default_factory=dict)
     top_logprobs: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[PositionLogprobs]] = field(default_factory=dict)
+    deferred: set[int] = field(default_factory=set)
+    resolved: dict[int, tuple[int, float]] = field(default_factory=dict)

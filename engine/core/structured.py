@@ -12,14 +12,20 @@ is cached by format; each request gets its own matcher, a cheap copy of the comp
 allows an end-of-sequence token only where the grammar accepts, and nothing else once it is complete.
 
 Each step's masks are computed on grammar worker threads while the model runs, within explicit limits
-(`PARSER_LIMITS`) and a time budget per step; a grammar that fails or is late fails only its own request
-(`GrammarLimitError`, INVALID_ARGUMENT), never its batchmates (README, "Structured output").
+(`PARSER_LIMITS`), at the lowest CPU priority (they take only what the model leaves), and a step does not
+wait long for them: a row whose mask is not ready soon after the forward pass sits the step out and is
+sampled from its logits once its mask is ready. A grammar that fails, or whose mask is later than the
+budget, fails only its own request (`GrammarLimitError`, INVALID_ARGUMENT); a slow one slows only its own
+request, never its batchmates (README, "Structured output").
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from concurrent import futures
@@ -55,10 +61,21 @@ PARSER_LIMITS = dict(
 )
 _LIMITS = llguidance.LLParserLimits(**PARSER_LIMITS)
 _NOT_VERBOSE = "<non-verbose/>"  # what llguidance puts where the details would be
-# How long a step waits for its rows' grammar work after the forward pass before failing the late rows:
-# a backstop to PARSER_LIMITS (which keep a mask to tens of milliseconds), generous for a loaded machine.
+# How much CPU time a row's mask may take before its request fails (measured on its grammar thread, which
+# a busy machine may keep waiting: that slows the request, it does not fail it): a backstop to
+# PARSER_LIMITS, which keep a mask to tens of milliseconds. A mask whose thread is stuck fails after
+# GRAMMAR_WALL_FACTOR times the budget on the clock.
 GRAMMAR_STEP_BUDGET_MS = 500.0
+GRAMMAR_WALL_FACTOR = 20
 GRAMMAR_THREADS = 4  # each row's mask is one task; llguidance releases the GIL, so they run in parallel
+# After its forward pass a step waits for its rows' masks at most this share of the time the pass took
+# (at least GRAMMAR_MIN_WAIT_MS): enough for ordinary masks, computed beside the pass, while a slow
+# grammar's row sits the step out instead of holding every batchmate.
+GRAMMAR_WAIT_SHARE = 0.25
+GRAMMAR_MIN_WAIT_MS = 0.5
+# The grammar threads' niceness (Linux: per thread): on a CPU the model's threads use every core, and
+# grammar work a client chose must not take cores from everyone's forward pass.
+GRAMMAR_THREAD_NICE = 19
 
 
 class GrammarMatcher:
@@ -88,6 +105,12 @@ class GrammarMatcher:
         self._eos_token_ids = eos_token_ids
         self._pending: int | None = None  # the token taken, consumed with the next mask
         self._num_taken = 0  # output tokens taken, the end-of-sequence one aside
+        # The next mask, being computed on a grammar worker (`GrammarWorkers.start`): it stays in flight
+        # across steps while its row waits for it, and is never started twice.
+        self.mask = np.empty(_mask_words(vocab_size), dtype=np.int32)
+        self.task: Future | None = None
+        self.task_started = 0.0  # time.monotonic() when `task` was submitted
+        self.task_cpu: tuple[int, float] | None = None  # its thread's CPU clock, and its reading at the start
 
     @property
     def active(self) -> bool:
@@ -102,6 +125,7 @@ class GrammarMatcher:
 
     def accept(self, token_id: int) -> None:
         """Take the token sampled under the last mask; the grammar consumes it with the next `fill_mask`."""
+        assert self.task is None, "a token is taken only once its mask was used"
         if self.done:
             return
         self.done = token_id in self._eos_token_ids
@@ -255,34 +279,58 @@ def _unpack(words: np.ndarray, vocab_size: int) -> np.ndarray:
 
 
 class GrammarWorkers:
-    """Threads that do a step's grammar work: one task per constrained row, all rows in parallel and beside
-    the model's forward pass (llguidance releases the GIL), the step waiting at most `budget_ms` for them
-    after its forward pass.
+    """Threads that do the grammar work of a step's rows: one task per constrained row, all rows in parallel
+    and beside the model's forward pass (llguidance releases the GIL), at the lowest CPU priority.
 
-    A row whose grammar fails, or is not done within the budget, fails alone: its mask allows everything
-    (its token is thrown away) and `StepMasks.result` names it; the other rows get their masks as usual.
-    A late task finishes on its own (its work is bounded by `PARSER_LIMITS`) and is then forgotten.
+    A row whose mask is not ready a little after the forward pass (`StepMasks.result`) is deferred: its task
+    stays in flight on its matcher, and the row is sampled from its logits by a later step once the mask is
+    ready (`ready`). A grammar that fails, or whose mask takes longer than `budget_ms`, fails its own request
+    alone. A task whose request failed finishes on its own (its work is bounded by `PARSER_LIMITS`).
     (llguidance's `LLExecutor` computes a batch of masks in parallel too, but in one call that returns when
     the slowest row is done: one slow grammar would hold every row.)
     """
 
     def __init__(self, budget_ms: float = GRAMMAR_STEP_BUDGET_MS, num_threads: int = GRAMMAR_THREADS) -> None:
         self.budget_ms = budget_ms
-        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="textgen-grammar")
+        self._pool = ThreadPoolExecutor(
+            num_threads, thread_name_prefix="textgen-grammar", initializer=_lower_priority
+        )
 
     def start(self, matchers: list[GrammarMatcher | None], vocab_size: int) -> StepMasks:
-        """Start the masks of a step's sampling rows (None: a row without a grammar)."""
-        words = np.full((len(matchers), _mask_words(vocab_size)), -1, dtype=np.int32)
-        tasks = {  # each task holds its row of `words`: a late one writes there, never into freed memory
-            i: self._pool.submit(matcher.fill_mask, words[i])
-            for i, matcher in enumerate(matchers)
-            if matcher is not None and matcher.active
-        }
-        return StepMasks(matchers, words, tasks, vocab_size, self.budget_ms)
+        """Start the masks of a step's sampling rows (None: a row without a grammar); a matcher whose mask is
+        in flight already keeps it."""
+        for matcher in matchers:
+            if matcher is not None and matcher.active and matcher.task is None:
+                matcher.task_started, matcher.task_cpu = time.monotonic(), None
+                matcher.task = self._pool.submit(_fill_mask, matcher)
+        return StepMasks(matchers, vocab_size, self.budget_ms)
 
     def close(self) -> None:
         """Stop the threads once their tasks are done; tasks not started are dropped."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _fill_mask(matcher: GrammarMatcher) -> None:
+    """A grammar worker's task: the matcher's next mask, into its own buffer, its CPU time on the clock."""
+    clock = _thread_cpu_clock()
+    if clock is not None:
+        matcher.task_cpu = (clock, time.clock_gettime(clock))
+    matcher.fill_mask(matcher.mask)
+
+
+def _thread_cpu_clock() -> int | None:
+    """The calling thread's CPU-time clock, where the platform has one."""
+    if not hasattr(time, "pthread_getcpuclockid"):
+        return None
+    return time.pthread_getcpuclockid(threading.get_ident())
+
+
+def _lower_priority() -> None:
+    """Run this grammar thread at `GRAMMAR_THREAD_NICE` (a thread's own niceness on Linux; elsewhere, where
+    niceness is the whole process's, nothing changes)."""
+    if hasattr(os, "setpriority") and os.uname().sysname == "Linux":
+        with contextlib.suppress(OSError):  # not allowed here: the threads run at the process's priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GRAMMAR_THREAD_NICE)
 
 
 @dataclass(slots=True)
@@ -290,25 +338,78 @@ class StepMasks:
     """One step's grammar masks, being computed by `GrammarWorkers`."""
 
     matchers: list[GrammarMatcher | None]
-    words: np.ndarray  # int32 [rows, words]: every bit set where a row has no grammar
-    tasks: dict[int, Future]  # row index -> its task
     vocab_size: int
     budget_ms: float
 
-    def result(self, device: torch.device) -> tuple[torch.Tensor, dict[int, GrammarLimitError]]:
-        """The bool mask [rows, vocab] of the tokens each row may sample, and the rows whose grammar failed
-        (by index), waiting at most the budget for tasks not done yet."""
-        futures.wait(self.tasks.values(), timeout=self.budget_ms / 1000)
+    def result(
+        self, device: torch.device, wait_s: float
+    ) -> tuple[torch.Tensor, dict[int, GrammarLimitError], set[int]]:
+        """The bool mask [rows, vocab] of the tokens each row may sample, the rows whose grammar failed, and
+        the rows deferred (by index): their masks were not ready within `wait_s`. A failed or deferred row's
+        token is thrown away: its mask allows everything rather than nothing."""
+        pending = [m.task for m in self.matchers if m is not None and m.task is not None]
+        futures.wait(pending, timeout=wait_s)
+        words = np.full((len(self.matchers), _mask_words(self.vocab_size)), -1, dtype=np.int32)
         failed: dict[int, GrammarLimitError] = {}
+        deferred: set[int] = set()
         for i, matcher in enumerate(self.matchers):
-            if matcher is None or matcher.done:
+            if matcher is None:
                 continue
-            task = self.tasks.get(i)
-            if task is not None and not task.done():
-                matcher.error = f"the grammar took longer than the per-step budget of {self.budget_ms:g} ms"
-            if matcher.error is not None:
+            state = _take_mask(matcher, words[i], self.budget_ms)
+            if state == "failed":
                 failed[i] = matcher.limit_error()
-        allowed = _unpack(self.words, self.vocab_size)
-        if failed:  # a failed row's token is thrown away: let it sample anything rather than nothing
-            allowed[list(failed)] = True
-        return torch.from_numpy(allowed).to(device), failed
+            elif state == "deferred":
+                deferred.add(i)
+        allowed = _unpack(words, self.vocab_size)
+        if failed or deferred:
+            allowed[list(failed.keys() | deferred)] = True
+        return torch.from_numpy(allowed).to(device), failed, deferred
+
+
+def ready(matcher: GrammarMatcher, budget_ms: float) -> bool:
+    """Whether a deferred row's mask is done, or its grammar failed or ran out of time: its row can be
+    settled now."""
+    task = matcher.task
+    return task is None or task.done() or _late(matcher, budget_ms)
+
+
+def settle(
+    matcher: GrammarMatcher, vocab_size: int, budget_ms: float
+) -> tuple[np.ndarray | None, GrammarLimitError | None]:
+    """A `ready` deferred row's bool mask [vocab] of the tokens it may sample, or the error that ends its
+    request."""
+    words = np.full((1, _mask_words(vocab_size)), -1, dtype=np.int32)
+    if _take_mask(matcher, words[0], budget_ms) == "failed":
+        return None, matcher.limit_error()
+    return _unpack(words, vocab_size)[0], None
+
+
+def _late(matcher: GrammarMatcher, budget_ms: float) -> bool:
+    """Whether the matcher's mask in flight has used more than `budget_ms` of CPU (the clock where its
+    thread's CPU time cannot be read), or is stuck past `GRAMMAR_WALL_FACTOR` times that."""
+    wall_ms = (time.monotonic() - matcher.task_started) * 1000
+    if wall_ms > GRAMMAR_WALL_FACTOR * budget_ms:
+        return True
+    cpu = matcher.task_cpu
+    if cpu is None:  # not started (or no CPU clock here: the clock decides)
+        return _thread_cpu_clock() is None and wall_ms > budget_ms
+    clock, start = cpu
+    return (time.clock_gettime(clock) - start) * 1000 > budget_ms
+
+
+def _take_mask(matcher: GrammarMatcher, out: np.ndarray, budget_ms: float) -> str:
+    """Copy `matcher`'s finished mask into `out` and clear its task: "ok" (`out` left as it is when no mask
+    was needed: the grammar is complete), "failed" (its request ends), or "deferred" (in flight, within the
+    budget)."""
+    task = matcher.task
+    if task is not None and not task.done():
+        if not _late(matcher, budget_ms):
+            return "deferred"
+        matcher.error = f"the grammar took longer than the per-step budget of {budget_ms:g} ms"
+    if matcher.error is not None:
+        return "failed"
+    if task is None:
+        return "ok"
+    matcher.task = None
+    out[:] = matcher.mask
+    return "ok"

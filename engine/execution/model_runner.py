@@ -9,20 +9,21 @@ attention is `engine.execution.attention.paged_attention`, which reads and write
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 
 import torch
 
 from engine.core.kv_cache import check_block_size
 from engine.core.step import PositionLogprobs, Step, StepOutput, StepRow
-from engine.core.structured import GRAMMAR_STEP_BUDGET_MS, GrammarWorkers
-from engine.errors import EngineError, GrammarLimitError
+from engine.core.structured import GRAMMAR_STEP_BUDGET_MS
 from engine.execution import loader
 from engine.execution.attention import PrefillSegment, StepContext, resolve_decode_backend
 from engine.execution.decode_graphs import DecodeBatch, DecodeGraphs, decode_buckets
 from engine.execution.models import build_forward
 from engine.execution.models.llama import LlamaModel
-from engine.execution.sampler import FAILED, SamplingBatch, prompt_logprobs, sample, top_logprobs
+from engine.execution.sampler import prompt_logprobs
+from engine.execution.step_sampler import IDLE_MASK_WAIT_S, StepSampler
 
 # A prefill step's tokens go through the model in forward passes of at most this many tokens on the
 # CPU, so that each pass's activations stay in the caches (README, "CPU dtype, weights and attention").
@@ -82,13 +83,12 @@ class ModelRunner:
         if prefill_chunk_tokens < 0:
             prefill_chunk_tokens = CPU_PREFILL_CHUNK_TOKENS if self.device.type == "cpu" else 0
         self.prefill_chunk_tokens = prefill_chunk_tokens
-        self._generators: dict[int, torch.Generator] = {}  # by sequence id, for sampled (not greedy) rows
         self._decode_graphs: DecodeGraphs | None = None
-        self.grammar_workers = GrammarWorkers(grammar_step_budget_ms)
+        self.sampler = StepSampler(self.vocab_size, self.device, grammar_step_budget_ms)
 
     def close(self) -> None:
         """Stop the grammar worker threads (the engine's loop has stopped)."""
-        self.grammar_workers.close()
+        self.sampler.close()
 
     @property
     def cuda_graphs(self) -> bool:
@@ -133,54 +133,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: Step) -> StepOutput:
-        """Run `step` and sample the next token of every row that asks for one (sampling lives here)."""
-        for seq_id in step.finished_seq_ids:
-            self._generators.pop(seq_id, None)
+        """Run `step` and sample the next token of every row that asks for one (`StepSampler`)."""
+        sampler = self.sampler
+        sampler.forget(step.finished_seq_ids, step.preempted_seq_ids)
+        if not step.rows:  # every running sequence waits for its grammar's mask
+            return sampler.settle(StepOutput([], []), wait_s=IDLE_MASK_WAIT_S)
         rows = step.sampled_rows
-        masks = None
-        if any(row.grammar is not None for row in rows):  # grammar work runs beside the forward pass
-            masks = self.grammar_workers.start([row.grammar for row in rows], self.vocab_size)
+        masks = sampler.start_masks(rows)  # grammar work runs beside the forward pass
+        started = time.perf_counter()
         logits = self.run(step.rows, step.is_prefill)
+        forward_s = time.perf_counter() - started
         scored: dict[int, list[PositionLogprobs]] = {}
         if step.is_prefill and any(row.scores_prompt for row in step.rows):  # never a decode row
             logits, scored = _score_prompts(step, logits)
-        if not rows:
-            return StepOutput([], [], prompt_logprobs=scored)
-        batch = SamplingBatch(
-            params=[row.sampling for row in rows],
-            generators=[self._generator(row) for row in rows],
-            history=[row.history for row in rows],
-            outputs=[row.history[row.num_prompt_tokens :] for row in rows],
-        )
-        grammar_failed: dict[int, GrammarLimitError] = {}
-        if masks is not None:
-            batch.allowed, grammar_failed = masks.result(logits.device)
-        token_ids, logprobs = (values.tolist() for values in sample(logits, batch))
-        failed: dict[int, str | EngineError] = {}
-        for i, (row, token_id) in enumerate(zip(rows, token_ids, strict=True)):
-            if i in grammar_failed:
-                failed[row.seq_id] = grammar_failed[i]
-            elif token_id == FAILED:
-                failed[row.seq_id] = "non-finite logits or probabilities"
-        top: dict[int, list[tuple[int, float]]] = {}
-        if wanted := [i for i, row in enumerate(rows) if row.sampling.top_logprobs]:
-            ks = [rows[i].sampling.top_logprobs for i in wanted]
-            index = torch.tensor(wanted, device=logits.device)
-            top = dict(zip((rows[i].seq_id for i in wanted), top_logprobs(logits[index], ks), strict=True))
-        return StepOutput(token_ids, logprobs, failed, top, scored)
-
-    def _generator(self, row: StepRow) -> torch.Generator | None:
-        """The random generator of the row's sequence, made (and seeded) at its first sampled token."""
-        if row.sampling.greedy:
-            return None
-        generator = self._generators.get(row.seq_id)
-        if generator is None:
-            generator = self._generators[row.seq_id] = torch.Generator(device=self.device)
-            if row.sampling.seed is not None:
-                generator.manual_seed(row.sampling.seed)
-            else:
-                generator.seed()
-        return generator
+        return sampler.pick(rows, logits, masks, forward_s, StepOutput([], [], prompt_logprobs=scored))
 
     @torch.inference_mode()
     def run(self, inputs: list[StepRow], is_prefill: bool) -> torch.Tensor:

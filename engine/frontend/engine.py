@@ -66,7 +66,7 @@ class EngineConfig:
     prefix_caching: bool = True  # share the KV blocks of prompt prefixes computed before
     max_n: int = MAX_N  # the most completions one request may ask for
     cuda_graphs: bool = True  # on CUDA, decode steps replay a graph per batch-size bucket (lean code, triton)
-    grammar_step_budget_ms: float = GRAMMAR_STEP_BUDGET_MS  # a row's grammar later than this fails alone
+    grammar_step_budget_ms: float = GRAMMAR_STEP_BUDGET_MS  # CPU time one mask may take, else it fails alone
 
     def __post_init__(self) -> None:
         check_block_size(self.kv_block_size)
