@@ -16,6 +16,8 @@ import grpc
 from google.protobuf import message
 from grpc_health.v1 import health, health_pb2
 
+from service import memory
+
 MAX_REQUEST_BYTES = 1024  # a served name is a few dozen bytes
 _TOO_LARGE = f"a health request takes at most {MAX_REQUEST_BYTES} bytes"
 
@@ -76,6 +78,9 @@ def add_health_to_server(servicer: BoundedHealthServicer, server: grpc.aio.Serve
 
 def _bounded(kind: type[message.Message]) -> Callable[[bytes], message.Message | None]:
     def parse(data: bytes) -> message.Message | None:
-        return None if len(data) > MAX_REQUEST_BYTES else kind.FromString(data)
+        if len(data) > MAX_REQUEST_BYTES:
+            memory.soon()  # the refused bytes went through the C heap: give the pages back after the burst
+            return None
+        return kind.FromString(data)
 
     return parse
