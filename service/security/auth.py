@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 
+from service import memory
 from service.status import Unauthenticated, abort
 
 # Shorter keys are refused when loaded: they could be guessed (`openssl rand -hex 32` makes 64 characters).
@@ -119,13 +120,16 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 def _refusing(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHandler:
     """`handler` with its behaviour replaced by an UNAUTHENTICATED answer of the same kind.
 
-    The request is left as bytes: an unauthenticated caller's messages are never parsed.
+    The request is left as bytes: an unauthenticated caller's messages are never parsed, and the heap pages
+    a flood of them went through are given back once it is over (`service.memory`).
     """
 
     async def refuse_unary(request, context):
+        memory.soon()
         await abort(context, Unauthenticated(details))
 
     async def refuse_stream(request, context):
+        memory.soon()
         await abort(context, Unauthenticated(details))
         yield  # never reached: an async generator, as tracing interceptors expect of a response stream
 
