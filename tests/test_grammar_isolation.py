@@ -98,15 +98,21 @@ async def test_a_grammar_over_its_limits_fails_alone_and_its_batchmates_keep_the
     await asyncio.wait_for(wait_until_idle(engine), 10)
 
 
-async def test_a_grammar_late_past_the_step_budget_fails_alone(engine, plain_alone, monkeypatch):
+def held_masks(monkeypatch) -> threading.Event:
+    """Every matcher computes its masks only once the returned event is set."""
     released = threading.Event()
     fill_mask = GrammarMatcher.fill_mask
 
-    def stuck(self, out):  # a matcher that computes its mask only once the test is over
+    def held(self, out):
         released.wait()
         fill_mask(self, out)
 
-    monkeypatch.setattr(GrammarMatcher, "fill_mask", stuck)
+    monkeypatch.setattr(GrammarMatcher, "fill_mask", held)
+    return released
+
+
+async def test_a_grammar_late_past_the_step_budget_fails_alone(engine, plain_alone, monkeypatch):
+    released = held_masks(monkeypatch)  # a matcher stuck until the test is over
     monkeypatch.setattr(engine.model_runner.sampler.grammar_workers, "budget_ms", 50.0)
     sampling = SamplingParams(response_format=ResponseFormat(regex="[0-9]{4}"))
     neighbour = GenerationRequest(engine.tokenize("A year:"), sampling, StoppingParams(max_new_tokens=8))
@@ -129,14 +135,7 @@ async def test_a_slow_grammar_holds_only_its_own_request_and_keeps_its_tokens(
         return GenerationRequest(engine.tokenize("A year:"), sampling, StoppingParams(max_new_tokens=8))
 
     alone = [token.id async for event in engine.submit(neighbour()) for token in event.tokens]
-    released = threading.Event()
-    fill_mask = GrammarMatcher.fill_mask
-
-    def slow(self, out):  # every mask of the neighbour waits until the plain requests have finished
-        released.wait()
-        fill_mask(self, out)
-
-    monkeypatch.setattr(GrammarMatcher, "fill_mask", slow)
+    released = held_masks(monkeypatch)  # the neighbour's masks wait until the plain requests have finished
 
     async def tokens(request: GenerationRequest) -> list[int]:
         return [token.id async for event in engine.submit(request) for token in event.tokens]
