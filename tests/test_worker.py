@@ -183,10 +183,11 @@ def test_kv_events_name_each_stored_block_resume_from_a_cursor_and_flush_clears(
     replay = worker.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(start_sequence_number=start))
     assert next(replay).sequence_number == start + 1  # a subscriber that reconnects misses nothing
     replay.cancel()
-    ahead = worker.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(start_sequence_number=10**9))
-    with pytest.raises(grpc.RpcError) as error:
-        next(ahead)
-    assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    for cursor in (log.base - 1, log.last_sequence_number + 1):  # an earlier process's; never published
+        refused = worker.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(start_sequence_number=cursor))
+        with pytest.raises(grpc.RpcError) as error:
+            next(refused)
+        assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE
 
 
 @pytest.fixture(scope="module")

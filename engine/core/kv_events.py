@@ -6,6 +6,10 @@ iteration `publish` turns what it reported into one numbered batch. Any thread m
 after a sequence number (`since`) and ask to be told when there are new ones (`subscribe`). A bounded
 history lets a subscriber that reconnects resume where it left off; one that fell further behind is told
 so (`since` returns None) and starts over.
+
+Sequence numbers never go back across restarts: a log counts on from its creation time in microseconds,
+so every number a later server process publishes is above every number an earlier one did, and a
+gateway's cursor from before a restart is told apart from a cursor into this process's history.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MAX_BATCHES = 4096  # the history a reconnecting subscriber can resume from
+
+
+def sequence_base() -> int:
+    """The number before a new log's first batch: now, in microseconds since the epoch. An earlier log
+    would have had to publish more than a batch a microsecond to reach it (a batch is a loop iteration);
+    microseconds, not nanoseconds, keep every number exact in a double (below 2**53) for JSON readers."""
+    return time.time_ns() // 1000
 
 
 @dataclass(slots=True)
@@ -47,7 +58,7 @@ KvEvent = BlocksStored | BlocksRemoved | AllBlocksCleared
 
 @dataclass(frozen=True, slots=True)
 class KvEventBatch:
-    """One loop iteration's events; sequence numbers start at 1 and have no gaps."""
+    """One loop iteration's events; sequence numbers have no gaps within a process."""
 
     sequence_number: int
     timestamp: float  # time.time() when published
@@ -60,11 +71,15 @@ class KvEventLog:
 
     block_size: int
     max_batches: int = MAX_BATCHES
+    base: int = field(default_factory=sequence_base)  # the first batch is numbered base + 1
     _pending: list[KvEvent] = field(default_factory=list)  # the loop thread's only
     _history: deque[KvEventBatch] = field(default_factory=deque)
-    _last: int = 0
+    _last: int = 0  # base until the first batch
     _subscribers: list[Callable[[], None]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._last = self.base
 
     # ---- the loop thread --------------------------------------------------------------------------------
 
@@ -110,10 +125,12 @@ class KvEventLog:
             return self._last
 
     def since(self, sequence_number: int) -> list[KvEventBatch] | None:
-        """The batches after `sequence_number`; None when the history no longer reaches back that far or
-        the number was never published (a subscriber of an earlier server process)."""
+        """The batches after `sequence_number` (0: from the first batch); None when the history no longer
+        reaches back that far or this log never published the number (a cursor from another process)."""
         with self._lock:
-            if sequence_number > self._last:
+            if sequence_number == 0:
+                sequence_number = self.base
+            if not self.base <= sequence_number <= self._last:
                 return None
             count = self._last - sequence_number
             if count > len(self._history):

@@ -192,10 +192,12 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
     async def SubscribeKvEvents(
         self, request: common_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.KvEventBatch]:
-        """The prefix cache's events as numbered batches, from `start_sequence_number` on (0: from what the
-        history holds, all of it while it reaches back to the first batch). A number the history no longer
-        holds, or one this process never published, ends the stream OUT_OF_RANGE: the gateway then drops
-        what it knew of this worker and subscribes afresh."""
+        """The prefix cache's events as numbered batches, after `start_sequence_number` (0: from the first
+        batch while the history holds it, else live from now). A cursor this process cannot serve (from an
+        earlier process, or older than the history) is refused OUT_OF_RANGE before the stream opens, and a
+        subscriber that falls behind the history mid-stream ends DATA_LOSS: on either, SMG drops what it
+        knew of this worker and subscribes from 0 (its kv_event_monitor.rs treats OUT_OF_RANGE only as the
+        call's answer; as a stream error it would retry the same cursor forever)."""
         try:
             engine, _ = self._generations.ready()
             if not engine.config.prefix_caching:
@@ -203,6 +205,15 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
         except Exception as e:
             await abort(context, e)
         events = engine.kv_events
+        cursor = request.start_sequence_number
+        if events.since(cursor) is None:
+            if cursor != 0:
+                await context.abort(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"KV event {cursor} is not in this server's history (it holds up to "
+                    f"{events.last_sequence_number}); subscribe from 0",
+                )
+            cursor = events.last_sequence_number  # the history lost the start: live events only
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -213,15 +224,12 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
         events.subscribe(notify)
         try:
             await context.send_initial_metadata(())  # the subscriber's call resolves before the first batch
-            cursor = request.start_sequence_number
-            if cursor == 0 and events.since(0) is None:
-                cursor = events.last_sequence_number  # the history lost the start: live events only
             while True:
                 wake.clear()
                 batches = events.since(cursor)
                 if batches is None:
                     await context.abort(
-                        grpc.StatusCode.OUT_OF_RANGE,
+                        grpc.StatusCode.DATA_LOSS,
                         f"KV event {cursor + 1} is no longer held (last: {events.last_sequence_number}); "
                         "subscribe from 0",
                     )
