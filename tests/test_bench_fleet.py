@@ -143,6 +143,8 @@ def test_a_smoke_run_of_the_whole_command_passes_its_gate(tiny_model_dir, tmp_pa
     assert row["requests ok"] == "4/4"
     assert sum(map(int, row["requests per replica"].split("/"))) == 4
     assert 0 <= float(row["hit ratio"]) <= 1
+    branches = dict(part.rsplit(" ", 1) for part in row["smg routing"].split(", "))
+    assert sum(map(int, branches.values())) == 4  # SMG's policy recorded one placement per request
     done, sent = map(int, steps[RESTART]["row"]["requests ok"].split("/"))
     assert done == sent >= 4  # 2 before the SIGTERM, 2 after the restart, and those in flight
     assert record["failures"] == []

@@ -207,9 +207,13 @@ class Bench:
             await asyncio.to_thread(smg.wait_ready, self.model)
             async with self.client(smg.base_url) as client:
                 traces, duration = await replay(client, tenant_workload(self.workload))
+            routing = await asyncio.to_thread(smg.routing)
+            kv_events = await asyncio.to_thread(smg.kv_events_unavailable) if transport == "grpc" else "-"
         counters = await self.settled_counters(before, sum(t.ok for t in traces))
         self.traces[step] = [asdict(t) for t in traces]
-        return StepResult(step, first_errors(traces), run_row(traces, duration, counters))
+        row = run_row(traces, duration, counters)
+        row["smg routing"], row["smg kv events"] = routing, kv_events
+        return StepResult(step, first_errors(traces), row)
 
     async def restart(self, step: str, plan: RestartPlan) -> StepResult:
         """Load through SMG as `RUNS[plan.run]` says; SIGTERM one replica, wait for its exit, start it again;
@@ -264,7 +268,8 @@ def gate(planned: Sequence[str], results: Sequence[StepResult]) -> list[str]:
 
 
 def results_table(results: Sequence[StepResult]) -> str:
-    columns = ["requests ok", "hit ratio", "TTFT p50 s", "TTFT p99 s", "output tok/s", "requests per replica"]
+    columns = ["requests ok", "hit ratio", "TTFT p50 s", "TTFT p99 s", "output tok/s", "requests per replica",
+               "smg routing"]  # fmt: skip
     rows = [[r.name, *(str(r.row.get(c, "-")) for c in columns), "ok" if r.ok else "FAILED"] for r in results]
     return markdown_table(["step", *columns, "result"], rows)
 
