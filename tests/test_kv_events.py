@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from array import array
 
 from engine.core.kv_cache import BlockAllocator, block_hashes
 from engine.core.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KvEventLog
@@ -105,6 +106,47 @@ def test_a_cursor_from_an_earlier_log_is_not_one_of_a_later_logs_numbers():
     later.publish()
     assert later.since(0)[0].sequence_number > earlier.last_sequence_number
     assert later.since(earlier.last_sequence_number) is None
+
+
+def test_a_snapshot_is_a_clear_then_the_index_as_the_published_batches_left_it():
+    log = KvEventLog(block_size=2, max_batches=1, base=100)
+    log.stored(b"a", None, [1, 2])
+    log.stored(b"b", b"a", [3, 4])
+    log.stored(b"x", None, [9, 9])
+    log.publish()
+    log.removed(b"x")
+    log.stored(b"c", b"b", [5, 6])
+    log.publish()
+    log.stored(b"unpublished", None, [7, 7])
+    assert log.since(0) is None  # the history lost batch 101
+
+    snapshot = log.snapshot()
+
+    assert (snapshot.sequence_number, snapshot.snapshot) == (102, True)
+    assert snapshot.events == (
+        AllBlocksCleared(),
+        BlocksStored([b"a", b"b", b"c"], None, array("i", range(1, 7))),
+    )
+
+
+def test_a_snapshot_leaves_out_a_chain_whose_parent_was_evicted():
+    log = KvEventLog(block_size=1)
+    log.stored(b"a", None, [1])
+    log.stored(b"b", b"a", [2])
+    log.removed(b"a")
+    log.stored(b"z", None, [3])
+    log.publish()
+    assert log.snapshot().events == (AllBlocksCleared(), BlocksStored([b"z"], None, array("i", [3])))
+
+
+def test_a_snapshot_after_a_clear_holds_only_what_came_after_it():
+    log = KvEventLog(block_size=1)
+    log.stored(b"a", None, [1])
+    log.publish()
+    log.cleared()
+    log.stored(b"b", None, [2])
+    log.publish()
+    assert log.snapshot().events == (AllBlocksCleared(), BlocksStored([b"b"], None, array("i", [2])))
 
 
 def test_nothing_reported_publishes_nothing_and_subscribers_hear_of_each_batch():

@@ -348,3 +348,29 @@ def _completes(client: openai.OpenAI, model: str, messages: list[dict]) -> bool:
         return bool(client.chat.completions.create(model=model, messages=messages, max_tokens=2).usage)
     except openai.APIError:
         return False
+
+
+def test_smg_starting_after_the_history_lost_the_start_indexes_a_snapshot_of_the_cache(
+    server_config, tmp_path
+):
+    """A gateway that subscribes from 0 once the history no longer holds the first batch gets the index as
+    it stands (one snapshot chunk), not just what is cached from then on."""
+    replica = ServerThread(server_config()).start()
+    gateway = None
+    try:
+        engine, log = replica.engine, replica.engine.kv_events
+        log.max_batches = 1
+        for first in (500, 600):
+            prompt = list(range(first, first + 3 * engine.model_info.kv_block_size))
+            engine.generate([prompt], stopping=StoppingParams(max_new_tokens=1, ignore_eos=True))
+        assert log.since(0) is None
+        cached = sum(len(e.block_hashes) for e in log.snapshot().events if isinstance(e, BlocksStored))
+        url = f"grpc://{replica.target}"
+        gateway = Gateway([url], tmp_path / "smg.log")
+        wait_for(lambda: _ready_workers(gateway) == 1, "smg to register the worker")
+        wait_for(lambda: _indexed_blocks(gateway, url) == cached, "smg to index the snapshot")
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        replica.stop()
+    assert "served a state snapshot" in gateway.log_path.read_text()

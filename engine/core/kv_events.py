@@ -5,7 +5,8 @@ token ids), loses (`removed`, on eviction) or drops all at once (`cleared`); at 
 iteration `publish` turns what it reported into one numbered batch. Any thread may read the batches
 after a sequence number (`since`) and ask to be told when there are new ones (`subscribe`). A bounded
 history lets a subscriber that reconnects resume where it left off; one that fell further behind is told
-so (`since` returns None) and starts over.
+so (`since` returns None) and starts over: from the start while the history holds the first batch, else
+from a snapshot of the index as the published batches left it (`snapshot`).
 
 Sequence numbers never go back across restarts: a log counts on from its creation time in microseconds,
 so every number a later server process publishes is above every number an earlier one did, and a
@@ -63,6 +64,7 @@ class KvEventBatch:
     sequence_number: int
     timestamp: float  # time.time() when published
     events: tuple[KvEvent, ...]
+    snapshot: bool = False  # the whole index as of `sequence_number` (`KvEventLog.snapshot`), not a batch
 
 
 @dataclass(slots=True)
@@ -76,6 +78,7 @@ class KvEventLog:
     _history: deque[KvEventBatch] = field(default_factory=deque)
     _last: int = 0  # base until the first batch
     _subscribers: list[Callable[[], None]] = field(default_factory=list)
+    _live: dict[bytes, tuple[bytes | None, array]] = field(default_factory=dict)  # hash -> (parent, tokens)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -85,13 +88,7 @@ class KvEventLog:
 
     def stored(self, block_hash: bytes, parent_hash: bytes | None, token_ids: list[int]) -> None:
         """A block was indexed; one that continues the previous stored block joins its event."""
-        last = self._pending[-1] if self._pending else None
-        continues = isinstance(last, BlocksStored) and parent_hash == last.block_hashes[-1]
-        if continues and parent_hash is not None:
-            last.block_hashes.append(block_hash)
-            last.token_ids.extend(token_ids)
-        else:
-            self._pending.append(BlocksStored([block_hash], parent_hash, array("i", token_ids)))
+        _append_stored(self._pending, block_hash, parent_hash, token_ids)
 
     def removed(self, block_hash: bytes) -> None:
         last = self._pending[-1] if self._pending else None
@@ -111,6 +108,7 @@ class KvEventLog:
         with self._lock:
             self._last += 1
             self._history.append(KvEventBatch(self._last, time.time(), events))
+            self._follow(events)
             if len(self._history) > self.max_batches:
                 self._history.popleft()
             subscribers = list(self._subscribers)
@@ -137,6 +135,20 @@ class KvEventLog:
                 return None
             return [self._history[-k] for k in range(count, 0, -1)]  # from the newest end: no whole copy
 
+    def snapshot(self) -> KvEventBatch:
+        """The index as the batches published so far left it, numbered as the last of them: a clear, then
+        every indexed block, parents first. A block indexed before its parent (the parent was evicted and
+        indexed again) is left out with its descendants: a gateway would misplace a chain without its head."""
+        with self._lock:
+            live, last = dict(self._live), self._last
+        events: list[KvEvent] = [AllBlocksCleared()]
+        sent: set[bytes] = set()
+        for block_hash, (parent_hash, token_ids) in live.items():
+            if parent_hash is None or parent_hash in sent:
+                _append_stored(events, block_hash, parent_hash, token_ids)
+                sent.add(block_hash)
+        return KvEventBatch(last, time.time(), tuple(events), snapshot=True)
+
     def subscribe(self, notify: Callable[[], None]) -> None:
         """Call `notify()` (on the loop thread: it must only hand over) after each published batch."""
         with self._lock:
@@ -145,3 +157,29 @@ class KvEventLog:
     def unsubscribe(self, notify: Callable[[], None]) -> None:
         with self._lock:
             self._subscribers.remove(notify)
+
+    def _follow(self, events: tuple[KvEvent, ...]) -> None:
+        """Keep the index as `events` leave it (under the lock), for `snapshot`."""
+        for event in events:
+            if isinstance(event, BlocksStored):
+                parent_hash, size = event.parent_hash, self.block_size
+                for index, block_hash in enumerate(event.block_hashes):
+                    self._live[block_hash] = (parent_hash, event.token_ids[index * size : (index + 1) * size])
+                    parent_hash = block_hash
+            elif isinstance(event, BlocksRemoved):
+                for block_hash in event.block_hashes:
+                    self._live.pop(block_hash, None)
+            else:
+                self._live.clear()
+
+
+def _append_stored(
+    events: list[KvEvent], block_hash: bytes, parent_hash: bytes | None, token_ids: list[int] | array
+) -> None:
+    """Add a stored block to `events`: to the last event when it continues that event's chain."""
+    last = events[-1] if events else None
+    if isinstance(last, BlocksStored) and parent_hash is not None and parent_hash == last.block_hashes[-1]:
+        last.block_hashes.append(block_hash)
+        last.token_ids.extend(token_ids)
+    else:
+        events.append(BlocksStored([block_hash], parent_hash, array("i", token_ids)))

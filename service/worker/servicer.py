@@ -193,8 +193,9 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
         self, request: common_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.KvEventBatch]:
         """The prefix cache's events as numbered batches, after `start_sequence_number` (0: from the first
-        batch while the history holds it, else live from now). A cursor this process cannot serve (from an
-        earlier process, or older than the history) is refused OUT_OF_RANGE before the stream opens, and a
+        batch while the history holds it, else from a snapshot of the index numbered as the last batch: one
+        `KvSnapshotChunk`, as SMG's relay serves one). A cursor this process cannot serve (from an earlier
+        process, or older than the history) is refused OUT_OF_RANGE before the stream opens, and a
         subscriber that falls behind the history mid-stream ends DATA_LOSS: on either, SMG drops what it
         knew of this worker and subscribes from 0 (its kv_event_monitor.rs treats OUT_OF_RANGE only as the
         call's answer; as a stream error it would retry the same cursor forever)."""
@@ -204,16 +205,7 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
                 raise Unimplemented("prefix caching is off on this server (--no-prefix-caching)")
         except Exception as e:
             await abort(context, e)
-        events = engine.kv_events
-        cursor = request.start_sequence_number
-        if events.since(cursor) is None:
-            if cursor != 0:
-                await context.abort(
-                    grpc.StatusCode.OUT_OF_RANGE,
-                    f"KV event {cursor} is not in this server's history (it holds up to "
-                    f"{events.last_sequence_number}); subscribe from 0",
-                )
-            cursor = events.last_sequence_number  # the history lost the start: live events only
+        events, cursor = engine.kv_events, request.start_sequence_number
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -221,10 +213,25 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
             with contextlib.suppress(RuntimeError):  # the event loop closed: the server is stopping
                 loop.call_soon_threadsafe(wake.set)
 
-        events.subscribe(notify)
+        events.subscribe(notify)  # before the first read: a batch published after it wakes the loop below
         try:
+            batches = events.since(cursor)
+            if batches is None:
+                if cursor != 0:
+                    await context.abort(
+                        grpc.StatusCode.OUT_OF_RANGE,
+                        f"KV event {cursor} is not in this server's history (it holds up to "
+                        f"{events.last_sequence_number}); subscribe from 0",
+                    )
+                batches = [events.snapshot()]  # the history lost the first batch: the index as it stands
             await context.send_initial_metadata(())  # the subscriber's call resolves before the first batch
             while True:
+                for batch in batches:
+                    message = kv_event_batch(batch, events.block_size)
+                    message.load.CopyFrom(engine_load(scheduler_load(engine), sample=batch.sequence_number))
+                    yield message
+                    cursor = batch.sequence_number
+                await wake.wait()
                 wake.clear()
                 batches = events.since(cursor)
                 if batches is None:
@@ -233,12 +240,6 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
                         f"KV event {cursor + 1} is no longer held (last: {events.last_sequence_number}); "
                         "subscribe from 0",
                     )
-                for batch in batches:
-                    message = kv_event_batch(batch, events.block_size)
-                    message.load.CopyFrom(engine_load(scheduler_load(engine), sample=batch.sequence_number))
-                    yield message
-                    cursor = batch.sequence_number
-                await wake.wait()
         finally:
             events.unsubscribe(notify)
 
@@ -308,6 +309,9 @@ def kv_event_batch(batch: kv_events.KvEventBatch, block_size: int) -> common_pb2
     proto = common_pb2.KvEventBatch(
         sequence_number=batch.sequence_number, timestamp=batch.timestamp, dp_rank=0
     )
+    if batch.snapshot:  # one chunk: a clear, then every cached block; live batches follow its number
+        num_blocks = sum(len(e.block_hashes) for e in batch.events if isinstance(e, kv_events.BlocksStored))
+        proto.snapshot.CopyFrom(common_pb2.KvSnapshotChunk(index=0, count=1, blocks=num_blocks))
     for event in batch.events:
         message = proto.events.add(event_id=0)
         if isinstance(event, kv_events.BlocksStored):
