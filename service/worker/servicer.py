@@ -215,15 +215,7 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
 
         events.subscribe(notify)  # before the first read: a batch published after it wakes the loop below
         try:
-            batches = events.since(cursor)
-            if batches is None:
-                if cursor != 0:
-                    await context.abort(
-                        grpc.StatusCode.OUT_OF_RANGE,
-                        f"KV event {cursor} is not in this server's history (it holds up to "
-                        f"{events.last_sequence_number}); subscribe from 0",
-                    )
-                batches = [events.snapshot()]  # the history lost the first batch: the index as it stands
+            batches = await first_batches(events, cursor, context)
             await context.send_initial_metadata(())  # the subscriber's call resolves before the first batch
             while True:
                 for batch in batches:
@@ -301,6 +293,24 @@ def engine_load(load: pb.SchedulerLoad, sample: int) -> common_pb2.EngineLoad:
         num_used_tokens=load.num_used_tokens,
         max_total_num_tokens=load.max_total_num_tokens,
     )
+
+
+async def first_batches(
+    events: kv_events.KvEventLog, cursor: int, context: grpc.aio.ServicerContext
+) -> list[kv_events.KvEventBatch]:
+    """What a subscription after `cursor` starts with: the batches after it, or from 0 once the history lost
+    the first batch, a snapshot of the index. A cursor this process cannot serve ends the call OUT_OF_RANGE
+    before the stream opens (the answer SMG takes as "start over")."""
+    batches = events.since(cursor)
+    if batches is not None:
+        return batches
+    if cursor != 0:
+        await context.abort(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"KV event {cursor} is not in this server's history (it holds up to "
+            f"{events.last_sequence_number}); subscribe from 0",
+        )
+    return [events.snapshot()]
 
 
 def kv_event_batch(batch: kv_events.KvEventBatch, block_size: int) -> common_pb2.KvEventBatch:
