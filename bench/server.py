@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -43,13 +44,20 @@ class ServerProcess:
     """`python -m service --port P *args`, as a context manager that waits for it to be ready.
 
     `port`: the one to listen on (a restarted replica keeps its address); default: a free one.
+    `env`: variables added to this process's environment for the server's (e.g. `OMP_NUM_THREADS`).
     The server's output goes to `log_path`; the with-block's exit sends SIGTERM and waits for a clean drain.
     """
 
     def __init__(
-        self, args: list[str], log_path: Path, startup_timeout_s: float = 600.0, port: int | None = None
+        self,
+        args: list[str],
+        log_path: Path,
+        startup_timeout_s: float = 600.0,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.args = args
+        self.env = env or {}
         self.log_path = log_path
         self.startup_timeout_s = startup_timeout_s
         self.port = port or free_port()
@@ -60,7 +68,9 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "service", "--port", str(self.port), *self.args]
         with self.log_path.open("w") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+            )
         try:
             wait_serving(self.target, self.startup_timeout_s, self.process)
         except BaseException:

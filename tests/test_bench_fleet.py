@@ -62,6 +62,20 @@ def test_the_command_exits_nonzero_and_writes_its_results_when_a_run_failed(monk
     assert "FAILED" in next(tmp_path.glob("fleet-*.md")).read_text()
 
 
+def test_replicas_that_outnumber_the_cores_run_one_openmp_thread_each(monkeypatch):
+    monkeypatch.setattr(gateway.os, "sched_getaffinity", lambda pid: {0, 1})
+    parse = gateway.build_parser().parse_args
+
+    assert gateway.replica_env(parse(["--replicas", "3"])) == {"OMP_NUM_THREADS": "1"}
+    assert gateway.replica_env(parse(["--replicas", "2"])) == {}  # as many cores as replicas: the default
+    assert gateway.replica_env(parse(["--replicas", "2", "--threads-per-replica", "1"])) == {
+        "OMP_NUM_THREADS": "1"
+    }
+    assert gateway.replica_env(parse(["--replicas", "3", "--threads-per-replica", "2"])) == {
+        "OMP_NUM_THREADS": "2"
+    }
+
+
 def test_every_request_of_a_tenant_carries_the_same_system_prompt():
     config = TenantWorkloadConfig(num_tenants=3, system_len=20, num_requests=30, request_rate=5.0)
     specs = tenant_workload(config)
@@ -129,6 +143,8 @@ def test_a_smoke_run_of_the_whole_command_passes_its_gate(tiny_model_dir, tmp_pa
     assert row["requests ok"] == "4/4"
     assert sum(map(int, row["requests per replica"].split("/"))) == 4
     assert 0 <= float(row["hit ratio"]) <= 1
+    branches = dict(part.rsplit(" ", 1) for part in row["smg routing"].split(", "))
+    assert sum(map(int, branches.values())) == 4  # SMG's policy recorded one placement per request
     done, sent = map(int, steps[RESTART]["row"]["requests ok"].split("/"))
     assert done == sent >= 4  # 2 before the SIGTERM, 2 after the restart, and those in flight
     assert record["failures"] == []

@@ -304,3 +304,73 @@ def test_cache_aware_routing_sends_a_repeated_prefix_to_the_replica_that_cached_
             messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
             response = client.chat.completions.create(model=model, messages=messages, max_tokens=2)
         assert response.usage.prompt_tokens_details.cached_tokens >= 48  # the system prompt's full blocks
+
+
+def test_smg_learns_a_restarted_replica_s_kv_events(server_config, tmp_path):
+    """A replica restarted on its port numbers its KV events above the old process's: SMG's cursor from
+    before the restart is refused OUT_OF_RANGE, SMG drops the old blocks, subscribes from 0 and indexes
+    exactly what the new process cached."""
+    config = dataclasses.replace(server_config(), port=free_port())
+    first = ServerThread(config).start()
+    url = f"grpc://{first.target}"
+    gateway = Gateway([url], tmp_path / "smg.log")
+    restarted = None
+    try:
+        model = first.engine.model_info.name
+        wait_for(lambda: _ready_workers(gateway) == 1, "smg to register the worker")
+        wait_for(lambda: _tokenizer_loaded(gateway, model), "smg to load the tokenizer")
+        client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="unused", max_retries=0)
+        before = [{"role": "user", "content": "Before the restart: " + "red, green and blue. " * 8}]
+        client.chat.completions.create(model=model, messages=before, max_tokens=2)
+        wait_for(lambda: _indexed_blocks(gateway, url) == stored_blocks(first), "smg to index the first one")
+        first.stop()
+        restarted = ServerThread(config).start()
+        after = [{"role": "user", "content": "After the restart: " + "cyan, magenta and yellow. " * 12}]
+        wait_for(lambda: _completes(client, model, after), "a request through smg to reach the new process")
+        new_blocks = stored_blocks(restarted)
+        assert new_blocks > 0
+        wait_for(lambda: _indexed_blocks(gateway, url) == new_blocks, "smg to index the new process alone")
+        resyncs = ("smg_kv_event_resyncs_total", (("reason", "out_of_range"), ("worker", url)))
+        assert gateway.metrics().get(resyncs, 0.0) >= 1
+    finally:
+        gateway.stop()
+        if restarted is not None:
+            restarted.stop()
+    assert "KV event replay cursor expired" in gateway.log_path.read_text()
+
+
+def _indexed_blocks(gateway: Gateway, worker_url: str) -> float:
+    return gateway.metrics().get(("smg_kv_index_blocks", (("worker", worker_url),)), -1.0)
+
+
+def _completes(client: openai.OpenAI, model: str, messages: list[dict]) -> bool:
+    try:
+        return bool(client.chat.completions.create(model=model, messages=messages, max_tokens=2).usage)
+    except openai.APIError:
+        return False
+
+
+def test_smg_starting_after_the_history_lost_the_start_indexes_a_snapshot_of_the_cache(
+    server_config, tmp_path
+):
+    """A gateway that subscribes from 0 once the history no longer holds the first batch gets the index as
+    it stands (one snapshot chunk), not just what is cached from then on."""
+    replica = ServerThread(server_config()).start()
+    gateway = None
+    try:
+        engine, log = replica.engine, replica.engine.kv_events
+        log.max_batches = 1
+        for first in (500, 600):
+            prompt = list(range(first, first + 3 * engine.model_info.kv_block_size))
+            engine.generate([prompt], stopping=StoppingParams(max_new_tokens=1, ignore_eos=True))
+        assert log.since(0) is None
+        cached = sum(len(e.block_hashes) for e in log.snapshot().events if isinstance(e, BlocksStored))
+        url = f"grpc://{replica.target}"
+        gateway = Gateway([url], tmp_path / "smg.log")
+        wait_for(lambda: _ready_workers(gateway) == 1, "smg to register the worker")
+        wait_for(lambda: _indexed_blocks(gateway, url) == cached, "smg to index the snapshot")
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        replica.stop()
+    assert "served a state snapshot" in gateway.log_path.read_text()

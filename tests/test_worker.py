@@ -183,10 +183,32 @@ def test_kv_events_name_each_stored_block_resume_from_a_cursor_and_flush_clears(
     replay = worker.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(start_sequence_number=start))
     assert next(replay).sequence_number == start + 1  # a subscriber that reconnects misses nothing
     replay.cancel()
-    ahead = worker.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(start_sequence_number=10**9))
-    with pytest.raises(grpc.RpcError) as error:
-        next(ahead)
-    assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    for cursor in (log.base - 1, log.last_sequence_number + 1):  # an earlier process's; never published
+        refused = worker.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(start_sequence_number=cursor))
+        with pytest.raises(grpc.RpcError) as error:
+            next(refused)
+        assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE
+
+
+def test_a_subscriber_from_0_after_the_history_lost_the_start_gets_a_snapshot_of_the_cache(
+    worker, worker_server, monkeypatch
+):
+    log = worker_server.engine.kv_events
+    monkeypatch.setattr(log, "max_batches", 1)  # the history keeps only the last batch from now on
+    for offset in (300, 400):  # two batches: the first one published is gone
+        list(worker.Generate(request(list(range(offset, offset + BLOCK_SIZE + 1)), max_tokens=1)))
+    assert log.since(0) is None
+    cached = {block_id(h) for e in log.snapshot().events[1:] for h in e.block_hashes}  # the engine idles
+    stream = worker.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(start_sequence_number=0))
+    snapshot = next(stream)
+    stream.cancel()
+    assert (snapshot.snapshot.index, snapshot.snapshot.count) == (0, 1)
+    assert snapshot.sequence_number == log.last_sequence_number
+    assert snapshot.events[0].WhichOneof("data") == "cleared"
+    stored = {b.block_hash: list(b.token_ids) for e in snapshot.events[1:] for b in e.stored.blocks}
+    assert snapshot.snapshot.blocks == len(stored)
+    assert stored.keys() == cached
+    assert list(range(400, 400 + BLOCK_SIZE)) in stored.values()
 
 
 @pytest.fixture(scope="module")

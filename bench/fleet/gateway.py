@@ -72,10 +72,12 @@ class StepResult:
 class Fleet:
     """`num_replicas` replicas, each with a gRPC port, an HTTP port and a metrics port."""
 
-    def __init__(self, server_args: list[str], num_replicas: int, log_dir: Path) -> None:
+    def __init__(
+        self, server_args: list[str], num_replicas: int, log_dir: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.http_ports = [free_port() for _ in range(num_replicas)]
         self.replicas = [
-            Replica(i, [*server_args, "--http-port", str(port)], log_dir)
+            Replica(i, [*server_args, "--http-port", str(port)], log_dir, env)
             for i, port in enumerate(self.http_ports)
         ]
 
@@ -205,9 +207,13 @@ class Bench:
             await asyncio.to_thread(smg.wait_ready, self.model)
             async with self.client(smg.base_url) as client:
                 traces, duration = await replay(client, tenant_workload(self.workload))
+            routing = await asyncio.to_thread(smg.routing)
+            kv_events = await asyncio.to_thread(smg.kv_events_unavailable) if transport == "grpc" else "-"
         counters = await self.settled_counters(before, sum(t.ok for t in traces))
         self.traces[step] = [asdict(t) for t in traces]
-        return StepResult(step, first_errors(traces), run_row(traces, duration, counters))
+        row = run_row(traces, duration, counters)
+        row["smg routing"], row["smg kv events"] = routing, kv_events
+        return StepResult(step, first_errors(traces), row)
 
     async def restart(self, step: str, plan: RestartPlan) -> StepResult:
         """Load through SMG as `RUNS[plan.run]` says; SIGTERM one replica, wait for its exit, start it again;
@@ -262,7 +268,8 @@ def gate(planned: Sequence[str], results: Sequence[StepResult]) -> list[str]:
 
 
 def results_table(results: Sequence[StepResult]) -> str:
-    columns = ["requests ok", "hit ratio", "TTFT p50 s", "TTFT p99 s", "output tok/s", "requests per replica"]
+    columns = ["requests ok", "hit ratio", "TTFT p50 s", "TTFT p99 s", "output tok/s", "requests per replica",
+               "smg routing"]  # fmt: skip
     rows = [[r.name, *(str(r.row.get(c, "-")) for c in columns), "ok" if r.ok else "FAILED"] for r in results]
     return markdown_table(["step", *columns, "result"], rows)
 
@@ -300,7 +307,7 @@ async def bench_fleet(
             "--kv-block-size",
             str(args.kv_block_size),
         ]
-        fleet = Fleet(flags, args.replicas, log_dir / budget)
+        fleet = Fleet(flags, args.replicas, log_dir / budget, replica_env(args))
         try:
             await asyncio.to_thread(fleet.start)
             model = await asyncio.to_thread(fleet.model_name)
@@ -329,13 +336,29 @@ def workload_config(args: argparse.Namespace) -> TenantWorkloadConfig:
     )
 
 
+def threads_per_replica(args: argparse.Namespace) -> int | None:
+    """`--threads-per-replica`, else 1 when the replicas outnumber the cores (each replica's own OpenMP
+    team of every core would fight the others' for them), else None: each replica takes the default."""
+    if args.threads_per_replica is not None:
+        return args.threads_per_replica
+    return 1 if args.replicas > len(os.sched_getaffinity(0)) else None
+
+
+def replica_env(args: argparse.Namespace) -> dict[str, str]:
+    """The replicas' thread count as OpenMP reads it when its runtime loads: torch's and the C kernels'
+    teams both take it (a setting made after the server imports torch would miss the kernels' team)."""
+    threads = threads_per_replica(args)
+    return {} if threads is None else {"OMP_NUM_THREADS": str(threads)}
+
+
 def describe(args: argparse.Namespace) -> str:
     """The workload and the fleet in one line, above the table."""
     return (
         f"{args.replicas} replicas ({args.model or ('tiny random' if args.tiny_random else 'SmolLM2')},"
         f" {args.device}) behind smg; {args.tenants} tenants' {args.system_len}-word system prompts,"
         f" {args.num_requests} requests at {args.request_rate:g} req/s, each its own {args.question_len}-word"
-        f" question and {args.output_len} output tokens; restart through {args.restart_run}"
+        f" question and {args.output_len} output tokens; restart through {args.restart_run};"
+        f" {threads_per_replica(args) or 'default'} thread(s) per replica"
     )
 
 
@@ -410,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--server-arg", action="append", default=[], metavar="FLAG", help="extra replica flag"
     )
+    parser.add_argument("--threads-per-replica", type=int, metavar="N",
+                        help="each replica's OMP_NUM_THREADS (default: 1 when replicas > cores)")  # fmt: skip
     parser.add_argument(
         "--output-dir", type=Path, default=RESULTS_DIR, help="where the JSON, table and logs go"
     )

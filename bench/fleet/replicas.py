@@ -143,8 +143,9 @@ class Replica:
     `served()` is the requests it finished OK, summed over its processes (each one's last scrape).
     """
 
-    def __init__(self, index: int, args: list[str], log_dir: Path) -> None:
+    def __init__(self, index: int, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.index = index
+        self.env = env
         self.port = free_port()
         self.metrics_port = free_port()
         self._args = [*args, "--metrics-port", str(self.metrics_port)]
@@ -164,7 +165,7 @@ class Replica:
     def start(self) -> None:
         """Start a process and wait until it is SERVING."""
         log = self._log_dir / f"replica-{self.index}-{len(self._processes)}.log"
-        server = ServerProcess(self._args, log, port=self.port)
+        server = ServerProcess(self._args, log, port=self.port, env=self.env)
         with self._lock:
             self._processes.append(server)
             self._served.append(0.0)

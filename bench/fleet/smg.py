@@ -90,16 +90,38 @@ class SmgGateway:
         """SMG's `smg_kv_events_unavailable` per worker (1: it has no KV events from that worker), as text
         for an error message; what went wrong when the metrics endpoint does not answer."""
         try:
-            text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+            samples = self._samples()
         except httpx.TransportError as error:
             return f"smg's metrics did not answer: {error}"
         values = [
             f"{sample.labels.get('worker', '?')}={sample.value:g}"
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
+            for sample in samples
             if sample.name == "smg_kv_events_unavailable"
         ]
         return "smg_kv_events_unavailable: " + (", ".join(values) or "none reported")
+
+    def routing(self) -> str:
+        """How SMG's cache-aware policy placed the requests, by branch (`smg_cache_aware_policy_branch_total`:
+        `event_hit` / `event_miss` on its KV-event index, `tree_match`, `spill`, `expected_wait_fallback` on
+        its own prompt tree), and the requests sent past an overloaded worker; "-" for other policies."""
+        try:
+            samples = self._samples()
+        except httpx.TransportError as error:
+            return f"smg's metrics did not answer: {error}"
+        counts = [
+            f"{sample.labels.get('branch', '?')} {sample.value:g}"
+            for sample in samples
+            if sample.name == "smg_cache_aware_policy_branch_total" and sample.value
+        ] + [
+            f"overload fallback {sample.value:g}"
+            for sample in samples
+            if sample.name == "smg_worker_overload_fallback_total" and sample.value
+        ]
+        return ", ".join(counts) or "-"
+
+    def _samples(self) -> list:
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
 
     def _has_tokenizer(self, model: str) -> bool:
         try:

@@ -192,17 +192,20 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
     async def SubscribeKvEvents(
         self, request: common_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.KvEventBatch]:
-        """The prefix cache's events as numbered batches, from `start_sequence_number` on (0: from what the
-        history holds, all of it while it reaches back to the first batch). A number the history no longer
-        holds, or one this process never published, ends the stream OUT_OF_RANGE: the gateway then drops
-        what it knew of this worker and subscribes afresh."""
+        """The prefix cache's events as numbered batches, after `start_sequence_number` (0: from the first
+        batch while the history holds it, else from a snapshot of the index numbered as the last batch: one
+        `KvSnapshotChunk`, as SMG's relay serves one). A cursor this process cannot serve (from an earlier
+        process, or older than the history) is refused OUT_OF_RANGE before the stream opens, and a
+        subscriber that falls behind the history mid-stream ends DATA_LOSS: on either, SMG drops what it
+        knew of this worker and subscribes from 0 (its kv_event_monitor.rs treats OUT_OF_RANGE only as the
+        call's answer; as a stream error it would retry the same cursor forever)."""
         try:
             engine, _ = self._generations.ready()
             if not engine.config.prefix_caching:
                 raise Unimplemented("prefix caching is off on this server (--no-prefix-caching)")
         except Exception as e:
             await abort(context, e)
-        events = engine.kv_events
+        events, cursor = engine.kv_events, request.start_sequence_number
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -210,27 +213,25 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
             with contextlib.suppress(RuntimeError):  # the event loop closed: the server is stopping
                 loop.call_soon_threadsafe(wake.set)
 
-        events.subscribe(notify)
+        events.subscribe(notify)  # before the first read: a batch published after it wakes the loop below
         try:
+            batches = await first_batches(events, cursor, context)
             await context.send_initial_metadata(())  # the subscriber's call resolves before the first batch
-            cursor = request.start_sequence_number
-            if cursor == 0 and events.since(0) is None:
-                cursor = events.last_sequence_number  # the history lost the start: live events only
             while True:
-                wake.clear()
-                batches = events.since(cursor)
-                if batches is None:
-                    await context.abort(
-                        grpc.StatusCode.OUT_OF_RANGE,
-                        f"KV event {cursor + 1} is no longer held (last: {events.last_sequence_number}); "
-                        "subscribe from 0",
-                    )
                 for batch in batches:
                     message = kv_event_batch(batch, events.block_size)
                     message.load.CopyFrom(engine_load(scheduler_load(engine), sample=batch.sequence_number))
                     yield message
                     cursor = batch.sequence_number
                 await wake.wait()
+                wake.clear()
+                batches = events.since(cursor)
+                if batches is None:
+                    await context.abort(
+                        grpc.StatusCode.DATA_LOSS,
+                        f"KV event {cursor + 1} is no longer held (last: {events.last_sequence_number}); "
+                        "subscribe from 0",
+                    )
         finally:
             events.unsubscribe(notify)
 
@@ -294,12 +295,33 @@ def engine_load(load: pb.SchedulerLoad, sample: int) -> common_pb2.EngineLoad:
     )
 
 
+async def first_batches(
+    events: kv_events.KvEventLog, cursor: int, context: grpc.aio.ServicerContext
+) -> list[kv_events.KvEventBatch]:
+    """What a subscription after `cursor` starts with: the batches after it, or from 0 once the history lost
+    the first batch, a snapshot of the index. A cursor this process cannot serve ends the call OUT_OF_RANGE
+    before the stream opens (the answer SMG takes as "start over")."""
+    batches = events.since(cursor)
+    if batches is not None:
+        return batches
+    if cursor != 0:
+        await context.abort(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"KV event {cursor} is not in this server's history (it holds up to "
+            f"{events.last_sequence_number}); subscribe from 0",
+        )
+    return [events.snapshot()]
+
+
 def kv_event_batch(batch: kv_events.KvEventBatch, block_size: int) -> common_pb2.KvEventBatch:
     """SMG's message for one batch: block hashes as signed 64-bit ids (the first 8 bytes of the engine's
     SHA-256 prefix hash), each stored block with its tokens, which SMG's index hashes itself."""
     proto = common_pb2.KvEventBatch(
         sequence_number=batch.sequence_number, timestamp=batch.timestamp, dp_rank=0
     )
+    if batch.snapshot:  # one chunk: a clear, then every cached block; live batches follow its number
+        num_blocks = sum(len(e.block_hashes) for e in batch.events if isinstance(e, kv_events.BlocksStored))
+        proto.snapshot.CopyFrom(common_pb2.KvSnapshotChunk(index=0, count=1, blocks=num_blocks))
     for event in batch.events:
         message = proto.events.add(event_id=0)
         if isinstance(event, kv_events.BlocksStored):
