@@ -74,7 +74,7 @@ def test_every_level_compiles_even_where_this_cpu_cannot_run_it(tmp_path):
 @pytest.mark.parametrize("n,k", [(45, 576), (8, 1536)])  # a partial tile, a partial block group
 def test_quantized_matmul_is_bit_identical_on_every_level(libraries, fmt, rows, n, k):
     g = torch.Generator().manual_seed(n * k + rows)
-    layer = QuantizedLinear(
+    layer = QuantizedLinear.from_blocks(
         quantize(torch.randn(n, k, generator=g) * 0.05, fmt), torch.randn(n, generator=g), n, k, fmt
     )
     x = torch.randn(rows, k, generator=g)
