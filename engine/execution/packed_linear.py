@@ -100,17 +100,19 @@ def fp16_layout(weight: torch.Tensor, block_cols: int) -> torch.Tensor:
     column block row-major; the last row block holds only its rows, and zeros fill the tail."""
     n, k = weight.shape
     num_col_blocks = -(-n // block_cols)
-    rows = torch.empty(k, num_col_blocks * block_cols, dtype=torch.float16)
-    rows[:, :n] = weight.detach().float().clamp(-FP16_MAX, FP16_MAX).t()
-    rows[:, n:] = 0
+    # Rounded to float16 first (contiguous), then moved: a transposing copy of 2-byte values is the cheap one.
+    padded = torch.empty(num_col_blocks * block_cols, k, dtype=torch.float16)
+    padded[:n] = weight.detach().float().clamp(-FP16_MAX, FP16_MAX)
+    padded[n:] = 0
+    columns = padded.view(num_col_blocks, block_cols, k)
     out = torch.empty(fp16_layout_size(n, k, block_cols), dtype=torch.float16)
-    out[k * rows.shape[1] :] = 0
+    out[k * padded.shape[0] :] = 0
     full = k // BLOCK_ROWS * BLOCK_ROWS
-    blocks = rows[:full].view(-1, BLOCK_ROWS, num_col_blocks, block_cols).permute(0, 2, 1, 3)
-    out[: full * rows.shape[1]].view(blocks.shape).copy_(blocks)
+    blocks = columns[:, :, :full].reshape(num_col_blocks, block_cols, -1, BLOCK_ROWS).permute(2, 0, 3, 1)
+    out[: full * padded.shape[0]].view(blocks.shape).copy_(blocks)
     if full < k:
-        last = rows[full:].view(k - full, num_col_blocks, block_cols).transpose(0, 1)
-        out[full * rows.shape[1] : k * rows.shape[1]].view(last.shape).copy_(last)
+        last = columns[:, :, full:].transpose(1, 2)
+        out[full * padded.shape[0] : k * padded.shape[0]].view(last.shape).copy_(last)
     return out
 
 
