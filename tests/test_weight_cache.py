@@ -76,6 +76,14 @@ def test_an_unreadable_file_is_ignored_and_written_anew(tmp_path, damage):
     assert len(calls) == 1 and torch.equal(third, torch.arange(1000.0))
 
 
+def test_an_unwritable_cache_is_skipped_not_fatal(tmp_path):
+    (tmp_path / "file").write_text("")  # a file where the cache's folder should be: nothing can be written
+    cache = WeightCache(tmp_path / "file" / "entries.safetensors")
+    made = cache.get("w", torch.float32, (3,), lambda: torch.ones(3))
+    cache.save()
+    assert torch.equal(made, torch.ones(3)) and not (tmp_path / "file").is_dir()
+
+
 def test_the_file_is_named_for_the_checkpoints_files_and_the_version(tmp_path):
     checkpoint = tmp_path / "model"
     checkpoint.mkdir()

@@ -12,6 +12,7 @@ and the file written anew.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -84,10 +85,16 @@ class WeightCache:
         log.info("%s: %d weights from the cache, %d made", self.path, self.num_stored, len(self._made))
         if not self._made:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         staging = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
-        save_file({**self._stored, **self._made}, staging)
-        staging.rename(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({**self._stored, **self._made}, staging)
+            staging.rename(self.path)
+        except OSError as exc:  # a read-only or full cache: this start serves, the next makes them again
+            with contextlib.suppress(OSError):
+                staging.unlink(missing_ok=True)
+            log.warning("could not cache weights in %s (%s): the next start makes them again", self.path, exc)
+            return
         self._stored, self._made = {**self._stored, **self._made}, {}
         log.info("weights cached in %s", self.path)
 
