@@ -73,7 +73,7 @@ def _declare(library: ctypes.CDLL) -> None:
     library.fp16_matrix.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     library.fp16_matrix_free.restype = None
     library.fp16_matrix_free.argtypes = [ctypes.c_void_p]
-    library.fp16_gemm.restype = None
+    library.fp16_gemm.restype = ctypes.c_int
     library.fp16_gemm.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int
     ]  # fmt: skip
@@ -135,9 +135,10 @@ class Fp16Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.k).contiguous()
         out = torch.empty(rows.shape[0], self.n, dtype=torch.float32)
-        if rows.shape[0]:
-            threads = torch.get_num_threads()
-            self.library.fp16_gemm(rows.data_ptr(), rows.shape[0], self.matrix, out.data_ptr(), threads)
+        threads = torch.get_num_threads()
+        m = rows.shape[0]
+        if m and self.library.fp16_gemm(rows.data_ptr(), m, self.matrix, out.data_ptr(), threads) != 0:
+            raise RuntimeError("FBGEMM's float16 GEMM failed")
         if self.bias is not None:
             out.add_(self.bias)  # as torch's op: the bias after the GEMM
         return out.view(*x.shape[:-1], self.n)

@@ -37,12 +37,19 @@ void *fp16_matrix(int k, int n, int brow, int bcol, void *pmat) {
 
 void fp16_matrix_free(void *matrix) { delete static_cast<PackedGemmMatrixFP16 *>(matrix); }
 
-/* c [m, n] = a [m, k] times the packed matrix, on `threads` threads (torch's task split). */
-void fp16_gemm(const float *a, int m, const void *matrix, float *c, int threads) {
+/* c [m, n] = a [m, k] times the packed matrix, on `threads` threads (torch's task split); 0, or -1 if FBGEMM
+ * threw (an exception must not cross this C boundary, nor leave an OpenMP region). */
+int fp16_gemm(const float *a, int m, const void *matrix, float *c, int threads) {
     const auto &packed = *static_cast<const PackedGemmMatrixFP16 *>(matrix);
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(| : failed)
     for (int task = 0; task < threads; task++) {
-        fbgemm::cblas_gemm_compute(fbgemm::matrix_op_t::NoTranspose, m, a, packed, 0.0f, c, task, threads);
+        try {
+            fbgemm::cblas_gemm_compute(fbgemm::matrix_op_t::NoTranspose, m, a, packed, 0.0f, c, task, threads);
+        } catch (...) {
+            failed |= 1;
+        }
     }
+    return failed ? -1 : 0;
 }
 }
