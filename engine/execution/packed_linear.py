@@ -6,6 +6,11 @@ in registers, so the arithmetic is float32 throughout and only the weights are r
 relative error <= 2^-11). On the AVX2 CPU this project is measured on it is also a better-blocked kernel
 than MKL's float32 one, and greedy outputs of the test prompts stay token for token those of float32
 (README, "CPU dtype, weights and attention", has the timings).
+
+The weights are laid out in FBGEMM's packed format here (`fp16_layout`: a few tensor copies, where torch's
+`linear_prepack_fp16` goes element by element) and multiplied by FBGEMM's own kernel through
+csrc/fp16_gemm.cpp, so a layout can be cached and mapped at the next start (`Fp16LinearFactory`,
+`engine.execution.weight_cache`) and the results stay torch's op's bits.
 """
 
 from __future__ import annotations
