@@ -48,7 +48,8 @@ def libraries(tmp_path_factory) -> dict[str, tuple[ctypes.CDLL, ctypes.CDLL]]:
     built = {}
     for i, target in enumerate(runnable()):
         directory = tmp_path_factory.mktemp(f"target{i}")
-        paths = [kernels._compile(cc, name, [*kernels.FLAGS, *target.flags], directory / f"{name}.so")
+        flags = [*kernels.FLAGS, *target.flags]
+        paths = [kernels._compile(cc, kernels.source(name), flags, directory / f"{name}.so")
                  for name in ("quantized", "paged_attention")]  # fmt: skip
         q, a = (ctypes.CDLL(str(path)) for path in paths)
         quantized._declare(q)
@@ -65,7 +66,7 @@ def test_every_level_compiles_even_where_this_cpu_cannot_run_it(tmp_path):
     for i, target in enumerate(ALL_TARGETS):
         for name in ("quantized", "paged_attention"):
             assert kernels._compile(
-                cc, name, [*kernels.FLAGS, *target.flags], tmp_path / f"{i}-{name}.so"
+                cc, kernels.source(name), [*kernels.FLAGS, *target.flags], tmp_path / f"{i}-{name}.so"
             ).exists()
 
 
@@ -74,7 +75,7 @@ def test_every_level_compiles_even_where_this_cpu_cannot_run_it(tmp_path):
 @pytest.mark.parametrize("n,k", [(45, 576), (8, 1536)])  # a partial tile, a partial block group
 def test_quantized_matmul_is_bit_identical_on_every_level(libraries, fmt, rows, n, k):
     g = torch.Generator().manual_seed(n * k + rows)
-    layer = QuantizedLinear(
+    layer = QuantizedLinear.from_blocks(
         quantize(torch.randn(n, k, generator=g) * 0.05, fmt), torch.randn(n, generator=g), n, k, fmt
     )
     x = torch.randn(rows, k, generator=g)

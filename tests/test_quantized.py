@@ -27,7 +27,7 @@ def random_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
 
 
 def linear(weight: torch.Tensor, fmt: int, bias: torch.Tensor | None = None) -> QuantizedLinear:
-    return QuantizedLinear(quantize(weight, fmt), bias, *weight.shape, fmt)
+    return QuantizedLinear.from_blocks(quantize(weight, fmt), bias, *weight.shape, fmt)
 
 
 @pytest.mark.parametrize("fmt", [Q4_1, Q8_0])

@@ -32,11 +32,11 @@ LINEARS = ("qkv", "o", "gate_up", "down")
 
 @pytest.fixture(scope="module", autouse=True)
 def cache(tmp_path_factory):
-    """A textgen cache of this module's own for GGUF files, converted checkpoints and quantized blocks (the
+    """A textgen cache of this module's own for GGUF files, converted checkpoints and cached weights (the
     kernels stay where they were built)."""
     path = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
-        for module in ("bench.random_gguf", "engine.execution.loader", "engine.execution.quantized"):
+        for module in ("bench.random_gguf", "engine.execution.loader", "engine.execution.weight_cache"):
             patch.setattr(f"{module}.cache_dir", lambda: path)
         yield path
 
@@ -209,7 +209,7 @@ def test_auto_keeps_the_transformers_path_off_q4_1():
     loaded = loader.load(
         str(shape_gguf(TINY["llama"])), torch.device("cpu"), torch.float32, model_impl="transformers"
     )
-    assert loaded.weight_format != "q4_1" and loaded.block_cache is None
+    assert loaded.weight_format != "q4_1"
 
 
 def test_the_gguf_shapes_are_those_whose_vocabulary_holds_smollm2s_tokenizer():

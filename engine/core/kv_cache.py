@@ -13,9 +13,11 @@ With a `KvEventLog` attached, every change to the index is reported to it (gatew
 from __future__ import annotations
 
 import hashlib
+import math
 from array import array
 from collections import OrderedDict, deque
 
+import numpy as np
 import torch
 
 from engine.core.kv_events import KvEventLog
@@ -173,6 +175,15 @@ class BlockAllocator:
         return block
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; on the CPU in fresh pages from the OS (numpy's calloc), zeroed as they are first written
+    instead of all at start (a second or more for the default 1 GiB)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class KVCache:
     """Key and value tensors for every layer, addressed by slot = block id * block size + offset.
 
@@ -191,7 +202,7 @@ class KVCache:
         device: torch.device | str,
     ) -> None:
         shape = (2, num_layers, num_kv_heads, num_blocks * block_size, head_dim)
-        self.data = torch.zeros(shape, dtype=dtype, device=device)
+        self.data = _zeros(shape, dtype, torch.device(device))
         self.allocator = BlockAllocator(num_blocks, block_size)
 
     @staticmethod

@@ -10,6 +10,9 @@ CPU-specific instructions are exact integer ones (VNNI or AVX2 for the int8 dot 
 output does not depend on which CPU of a fleet serves it; tests/test_kernel_targets.py builds the
 kernels for every level in TARGETS this CPU can run (`$TEXTGEN_KERNEL_TARGET` picks one) and checks it.
 
+A C++ source (csrc/fp16_gemm.cpp) is built with the C++ compiler against the FBGEMM headers and library
+that torch ships, so its key holds torch's version and place too.
+
 Where there is no compiler (a container's final stage), `python -m engine.execution.kernels --prebuild DIR`
 run where there is one builds every kernel for a baseline x86-64 CPU (x86-64-v3: AVX2, FMA, F16C) into DIR
 with a manifest of the CPU features it needs, and `TEXTGEN_PREBUILT_KERNELS=DIR` makes `build` use those on a
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -39,7 +44,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 # -ffp-contract=off: a multiply and an add stay two roundings on every target (fused only where the source
 # says fmaf), so the builds for different CPUs compute the same bits.
-FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +74,45 @@ PREBUILT_ENV = "TEXTGEN_PREBUILT_KERNELS"
 _PREBUILT_MANIFEST = "target.json"
 
 
-def compiler() -> str | None:
-    for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc"):
+def compiler(cplusplus: bool = False) -> str | None:
+    """The C compiler (`$CC`, Python's, cc, gcc), or with `cplusplus` the C++ one (`$CXX`, c++, g++)."""
+    candidates = ("CXX", "c++", "g++") if cplusplus else ("CC", sysconfig.get_config_var("CC"), "cc", "gcc")
+    for candidate in (os.environ.get(candidates[0]), *candidates[1:]):
         if candidate and shutil.which(candidate.split()[0]):
             return candidate.split()[0]
     return None
+
+
+def _compiler_for(path: Path) -> str | None:
+    return compiler(cplusplus=True) if path.suffix == ".cpp" else compiler()
+
+
+def _no_compiler(path: Path, remedy: str = "") -> str:
+    language, variable, package = ("C++", "CXX", "g++") if path.suffix == ".cpp" else ("C", "CC", "gcc")
+    return f"no {language} compiler found (set {variable}, install {package}{remedy})"
+
+
+def source(name: str) -> Path:
+    """csrc/`name`.cpp where there is one, else csrc/`name`.c."""
+    cpp = CSRC / f"{name}.cpp"
+    return cpp if cpp.exists() else CSRC / f"{name}.c"
+
+
+def _language_flags(path: Path) -> tuple[list[str], list[str]]:
+    """The flags before and after the source file: C11, or C++17 with torch's FBGEMM headers and its
+    libraries (csrc/asmjit stands in for the asmjit headers that FBGEMM's headers name and torch lacks)."""
+    if path.suffix != ".cpp":
+        return ["-std=c11"], ["-lm"]
+    torch_dir = _torch_dir()
+    libraries = torch_dir / "lib"
+    compile_flags = ["-std=c++17", f"-I{CSRC}", f"-I{torch_dir / 'include'}"]
+    return compile_flags, [f"-L{libraries}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{libraries}"]
+
+
+def _torch_dir() -> Path:
+    spec = importlib.util.find_spec("torch")
+    assert spec is not None and spec.origin is not None, "textgen runs on torch"
+    return Path(spec.origin).parent
 
 
 def cpu_signature() -> str:
@@ -100,36 +139,41 @@ def selected_target() -> Target:
 
 
 def build(name: str, target: Target | None = None) -> Path:
-    """Compile engine/execution/csrc/`name`.c (with the .c files it includes; the result is cached) for
+    """Compile engine/execution/csrc/`name`.c or .cpp (with the files it includes; the result is cached) for
     `target` (`selected_target()` by default); the library. Without a compiler, the prebuilt library in
     `$TEXTGEN_PREBUILT_KERNELS`, if there is one and this CPU can run it."""
-    cc = compiler()
+    path = source(name)
+    cc = _compiler_for(path)
     if cc is None:
         prebuilt = os.environ.get(PREBUILT_ENV)
         if prebuilt and (Path(prebuilt) / f"{name}.so").exists():
             return _checked_prebuilt(Path(prebuilt), name)
-        raise RuntimeError(f"no C compiler found (set CC, install gcc, or set {PREBUILT_ENV})")
+        raise RuntimeError(_no_compiler(path, f", or set {PREBUILT_ENV}"))
     target = target or selected_target()
     missing = missing_cpu_flags(target)
     if missing:
         lacking = ", ".join(missing)
         raise RuntimeError(f"the {target.name} kernels need CPU features this CPU lacks: {lacking}")
-    sources = b"".join(path.read_bytes() for path in sorted(CSRC.glob("*.c")))  # includes are among them
-    key = sources + " ".join([name, cc, *FLAGS, *target.flags, cpu_signature()]).encode()
+    # Every source and header (includes are among them), and for C++ the torch it links against.
+    files = sorted(p for p in CSRC.rglob("*") if p.suffix in (".c", ".cpp", ".h"))
+    sources = b"".join(p.read_bytes() for p in files)
+    linked = [str(_torch_dir()), importlib.metadata.version("torch")] if path.suffix == ".cpp" else []
+    key = sources + " ".join([name, cc, *FLAGS, *target.flags, cpu_signature(), *linked]).encode()
     target_path = cache_dir() / "kernels" / f"{name}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if target_path.exists():
         return target_path
-    return _compile(cc, name, [*FLAGS, *target.flags], target_path)
+    return _compile(cc, path, [*FLAGS, *target.flags], target_path)
 
 
 def prebuild(directory: Path, target: Target = BASELINE) -> list[Path]:
     """Every kernel for `target` (the baseline x86-64-v3 by default), as `directory`/`name`.so, with a
     manifest of the CPU features it needs (for `$TEXTGEN_PREBUILT_KERNELS`)."""
-    cc = compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    flags = [*FLAGS, *target.flags]
-    built = [_compile(cc, path.stem, flags, directory / f"{path.stem}.so") for path in _LIBRARIES]
+    built = []
+    for path in _LIBRARIES:
+        cc = _compiler_for(path)
+        if cc is None:
+            raise RuntimeError(_no_compiler(path))
+        built.append(_compile(cc, path, [*FLAGS, *target.flags], directory / f"{path.stem}.so"))
     manifest = {"target": target.name, "cpu_flags": sorted(target.cpu_flags)}
     (directory / _PREBUILT_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return built
@@ -151,13 +195,14 @@ def _checked_prebuilt(directory: Path, name: str) -> Path:
     return directory / f"{name}.so"
 
 
-_LIBRARIES = [CSRC / "quantized.c", CSRC / "paged_attention.c"]
+_LIBRARIES = [CSRC / "quantized.c", CSRC / "paged_attention.c", CSRC / "fp16_gemm.cpp"]
 
 
-def _compile(cc: str, name: str, flags: list[str], target: Path) -> Path:
+def _compile(cc: str, path: Path, flags: list[str], target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    command = [cc, *flags, str(CSRC / f"{name}.c"), "-o", str(staging), "-lm"]
+    before, after = _language_flags(path)
+    command = [cc, *flags, *before, str(path), "-o", str(staging), *after]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         staging.unlink(missing_ok=True)

@@ -28,7 +28,6 @@ from engine.execution.attention import ATTENTION_NAME
 from engine.execution.models import llama
 from engine.execution.packed_linear import resolve_weight_format
 from engine.execution.paths import cache_dir
-from engine.execution.quantized import block_cache_path
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +112,7 @@ class LoadedModel:
     num_kv_heads: int
     head_dim: int
     gguf_path: Path | None = None  # the GGUF the checkpoint was converted from, if any
-    block_cache: Path | None = None  # q4_1: where the checkpoint's blocks are cached
+    checkpoint: Path | None = None  # the directory read: what weights made from it are cached for
 
 
 def load(
@@ -144,8 +143,7 @@ def load(
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME)
     loaded = loaded_model(hf_model.to(device), tokenizer, name, weight_format)
-    loaded.gguf_path = gguf
-    loaded.block_cache = block_cache_path(path) if weight_format == "q4_1" else None
+    loaded.gguf_path, loaded.checkpoint = gguf, path
     return loaded
 
 

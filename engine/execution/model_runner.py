@@ -76,7 +76,7 @@ class ModelRunner:
         self.device, self.dtype, self.weight_format = loaded.device, loaded.dtype, loaded.weight_format
         self.max_context_len, self.vocab_size = loaded.max_context_len, loaded.vocab_size
         self.model_impl, self._model_forward = build_forward(
-            loaded.model, model_impl, loaded.weight_format, loaded.gguf_path, loaded.block_cache
+            loaded.model, model_impl, loaded.weight_format, loaded.gguf_path, loaded.checkpoint
         )
         self.kv_cache = loader.allocate_kv_cache(loaded, num_kv_blocks, block_size)
         self.block_size = block_size

@@ -12,19 +12,16 @@ exact path.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from engine.execution import kernels
-from engine.execution.paths import cache_dir
+from engine.execution.weight_cache import WeightCache, cache_path, parameter_names, weight_key
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +89,22 @@ def load_error() -> str | None:
 
 
 class QuantizedLinear:
-    """A linear layer on block-quantized weights (`blocks` [n, k / 32 * bytes per block], GGUF's layout),
-    with an optional float32 bias. The kernels read the blocks re-laid by `pack`."""
+    """A linear layer on block-quantized weights in the kernels' layout (`packed`, as `pack` makes it from
+    GGUF's blocks), with an optional float32 bias."""
 
-    def __init__(self, blocks: torch.Tensor, bias: torch.Tensor | None, n: int, k: int, format: int) -> None:
-        self.packed = pack(blocks, format, n, k)
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None, n: int, k: int, format: int) -> None:
+        assert packed.dtype == torch.uint8 and packed.numel() == packed_size(format, n, k)
+        self.packed = packed
         self.bias, self.n, self.k, self.format = bias, n, k, format
         self.matrix = Matrix(self.packed.data_ptr(), 0 if bias is None else bias.data_ptr(), n, k, format)
         self.library = load()
+
+    @classmethod
+    def from_blocks(
+        cls, blocks: torch.Tensor, bias: torch.Tensor | None, n: int, k: int, format: int
+    ) -> QuantizedLinear:
+        """The layer on GGUF's blocks [n, k / 32 * bytes per block]."""
+        return cls(pack(blocks, format, n, k), bias, n, k, format)
 
     @property
     def blocks(self) -> torch.Tensor:
@@ -119,6 +124,11 @@ class QuantizedLinear:
 
 SLACK = 32
 """Bytes after a packed matrix: the kernels load a row's last scales eight at a time, past its end."""
+
+
+def packed_size(fmt: int, n: int, k: int) -> int:
+    """Bytes of `pack`'s layout of an [n, k] matrix."""
+    return n * (k // BLOCK) * BLOCK_BYTES[fmt] + SLACK
 
 
 def pack(blocks: torch.Tensor, fmt: int, n: int, k: int) -> torch.Tensor:
@@ -228,77 +238,48 @@ GGUF_NAMES = {
 }
 
 
-CACHE_VERSION = 1
-"""Part of every block cache's key: bump it when `quantize` or the cached blocks' layout changes."""
+CACHE_VERSION = 2
+"""Part of every block cache's key: bump it when `quantize` or `pack`'s layout changes."""
 
 
 def block_cache_path(checkpoint: Path) -> Path:
-    """Where the blocks made for the checkpoint in `checkpoint` (a directory) are kept: under the textgen
-    cache, named for its files' paths, sizes and modification times and `CACHE_VERSION`, so that a changed
-    checkpoint gets a new file instead of stale blocks."""
-    identity = [f"q4_1 blocks v{CACHE_VERSION}", str(checkpoint.resolve())]
-    for file in sorted(checkpoint.iterdir()):
-        if file.is_file():
-            stat = file.stat()
-            identity.append(f"{file.name} {stat.st_size} {stat.st_mtime_ns}")
-    digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
-    return cache_dir() / "quantized" / f"{checkpoint.name}-{digest}.safetensors"
+    """Where the packed blocks made for the checkpoint in `checkpoint` (a directory) are kept."""
+    return cache_path(checkpoint, "quantized", f"q4_1 blocks v{CACHE_VERSION}")
 
 
 class QuantizedLinearFactory:
     """Makes `QuantizedLinear`s from a model's weights: Q4_1 for the layers, Q8_0 for the output head,
     from the GGUF's own blocks where they dequantize exactly to the weight, else quantized here.
 
-    With a `cache_path`, blocks made once are read from it (the GGUF and the weights left unread) and
-    `save_cache` writes the file when blocks were made.
+    With a `cache`, a layer's packed blocks made once are mapped from its file (the GGUF and the weights
+    left unread).
     """
 
-    def __init__(self, hf_model, gguf_path: Path | None = None, cache_path: Path | None = None) -> None:
+    def __init__(self, hf_model, gguf_path: Path | None = None, cache: WeightCache | None = None) -> None:
         if load() is None:
             raise ValueError(f"the quantized CPU kernels could not be built: {load_error()}")
-        self._names = {param.data_ptr(): name for name, param in hf_model.named_parameters()}
+        self._names = parameter_names(hf_model)
         self._gguf_path = gguf_path
         self._gguf: dict[str, tuple[torch.Tensor, int]] | None = None  # read at the first cache miss
-        self.cache_path = cache_path
-        self._cached = {} if cache_path is None or not cache_path.exists() else load_file(cache_path)
-        self._made: dict[str, torch.Tensor] = {}
-        self.num_cached = self.num_from_gguf = self.num_quantized = 0
+        self.cache = cache or WeightCache(None)
 
     def __call__(
         self, parts: list[torch.Tensor], bias: torch.Tensor | None, head: bool = False
     ) -> QuantizedLinear:
         fmt = Q8_0 if head else Q4_1
-        blocks = torch.cat([self._blocks(part, fmt) for part in parts])
         n, k = sum(part.shape[0] for part in parts), parts[0].shape[1]
-        bias = None if bias is None else bias.detach().float().contiguous()
-        return QuantizedLinear(blocks, bias, n, k, fmt)
+        key = weight_key(self._names, parts, "q8_0" if head else "q4_1")
 
-    def save_cache(self) -> None:
-        """Write the cache file with every block made here, if any was made (atomically)."""
-        log.info(
-            "q4_1 blocks: %d from the cache, %d the GGUF's own, %d quantized here",
-            self.num_cached, self.num_from_gguf, self.num_quantized,
-        )  # fmt: skip
-        if self.cache_path is None or not self._made:
-            return
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.cache_path.with_name(f"{self.cache_path.name}.tmp{os.getpid()}")
-        save_file({**self._cached, **self._made}, staging)
-        staging.rename(self.cache_path)
-        log.info("quantized blocks cached in %s", self.cache_path)
+        def make() -> torch.Tensor:
+            return pack(torch.cat([self._blocks(part, fmt) for part in parts]), fmt, n, k)
+
+        packed = self.cache.get(key, torch.uint8, (packed_size(fmt, n, k),), make)
+        bias = None if bias is None else bias.detach().float().contiguous()
+        return QuantizedLinear(packed, bias, n, k, fmt)
 
     def _blocks(self, weight: torch.Tensor, fmt: int) -> torch.Tensor:
-        key = f"{self._names.get(weight.data_ptr(), '')}.{fmt}"
-        if key in self._cached:
-            self.num_cached += 1
-            return self._cached[key]
         blocks = self._from_gguf(weight, fmt)
-        if blocks is None:
-            self.num_quantized += 1
-            blocks = quantize(weight, fmt)
-        if self.cache_path is not None and not key.startswith("."):
-            self._made[key] = blocks
-        return blocks
+        return quantize(weight, fmt) if blocks is None else blocks
 
     def _from_gguf(self, weight: torch.Tensor, fmt: int) -> torch.Tensor | None:
         if self._gguf_path is None:
@@ -311,7 +292,6 @@ class QuantizedLinearFactory:
         blocks = found[0]
         if not torch.equal(dequantize(blocks, fmt, *weight.shape), weight.detach().float()):
             return None
-        self.num_from_gguf += 1
         return blocks
 
 

@@ -14,14 +14,36 @@ import torch
 from engine.execution import attention
 from engine.execution.attention import StepContext
 from engine.execution.models import llama
-from engine.execution.packed_linear import fbgemm_available, fp16_packed_linear, pack_linear_layers
-from engine.execution.quantized import DualLinear, QuantizedLinearFactory
+from engine.execution.packed_linear import (
+    Fp16LinearFactory,
+    fbgemm_available,
+    fp16_cache_version,
+    fp16_gemm_library,
+    fp16_packed_linear,
+    pack_linear_layers,
+)
+from engine.execution.quantized import DualLinear, QuantizedLinearFactory, block_cache_path
+from engine.execution.weight_cache import WeightCache, cache_path, parameter_names
 
 MODEL_IMPLS = ("auto", "lean", "transformers")
 
 
 def _fp16_packed(parts: list[torch.Tensor], bias: torch.Tensor | None, head: bool = False) -> llama.Linear:
     return fp16_packed_linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
+
+
+def _fp16_factory(hf_model, cache: WeightCache) -> llama.LinearFactory:
+    """FBGEMM's float16 GEMM on layouts from `cache` where the fp16_gemm kernel runs, else packed by torch."""
+    if fp16_gemm_library() is None:
+        return _fp16_packed
+    return Fp16LinearFactory(parameter_names(hf_model), cache)
+
+
+def _fp16_cache(checkpoint: Path | None) -> WeightCache:
+    """Where the float16 layouts of `checkpoint`'s weights are cached (nowhere without the kernel)."""
+    if checkpoint is None or fp16_gemm_library() is None:
+        return WeightCache(None)
+    return WeightCache(cache_path(checkpoint, "fp16", fp16_cache_version()))
 
 
 class ModelForward(Protocol):
@@ -52,9 +74,10 @@ class TransformersForward:
         return out.logits[0]
 
 
-def _dual_linear_factory(quantized: QuantizedLinearFactory) -> llama.LinearFactory:
-    """q4_1: blocks for decode steps, and for prefill FBGEMM's float16 GEMM where there is one."""
-    prefill = _fp16_packed if fbgemm_available() else None
+def _dual_linear_factory(
+    quantized: QuantizedLinearFactory, prefill: llama.LinearFactory | None
+) -> llama.LinearFactory:
+    """q4_1: blocks for decode steps, and for prefill `prefill` (FBGEMM's float16 GEMM) where there is one."""
 
     def make(parts: list[torch.Tensor], bias: torch.Tensor | None, head: bool = False) -> DualLinear:
         decode = quantized(parts, bias, head)
@@ -64,13 +87,14 @@ def _dual_linear_factory(quantized: QuantizedLinearFactory) -> llama.LinearFacto
 
 
 def build_forward(
-    hf_model, impl: str, weight_format: str, gguf_path: Path | None = None, block_cache: Path | None = None
+    hf_model, impl: str, weight_format: str, gguf_path: Path | None = None, checkpoint: Path | None = None
 ) -> tuple[str, ModelForward]:
     """The forward for `impl` ("auto": lean where the architecture is supported) as (resolved impl, forward).
 
     With "fp16-packed" weights every linear layer runs on FBGEMM's float16 GEMM; with "q4_1" on blocks
-    taken from `gguf_path` or quantized, and kept in (or read from) the file `block_cache`. The lean model
-    takes over the decoder layers' weights: transformers' copies of them are dropped.
+    taken from `gguf_path` or quantized, with FBGEMM for prefill. The lean model's q4_1 blocks and float16
+    layouts are made once for the checkpoint directory `checkpoint` and cached (`weight_cache`).
+    The lean model takes over the decoder layers' weights: transformers' copies of them are dropped.
     """
     if impl not in MODEL_IMPLS:
         raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}, not {impl!r}")
@@ -86,13 +110,17 @@ def build_forward(
         if weight_format == "fp16-packed":
             pack_linear_layers(hf_model)
         return "transformers", TransformersForward(hf_model)
-    quantized = QuantizedLinearFactory(hf_model, gguf_path, block_cache) if weight_format == "q4_1" else None
-    if quantized is not None:
-        make_linear = _dual_linear_factory(quantized)
+    blocks = WeightCache(None if checkpoint is None else block_cache_path(checkpoint))
+    layouts = _fp16_cache(checkpoint) if weight_format in ("q4_1", "fp16-packed") else WeightCache(None)
+    if weight_format == "q4_1":
+        prefill = _fp16_factory(hf_model, layouts) if fbgemm_available() else None
+        make_linear = _dual_linear_factory(QuantizedLinearFactory(hf_model, gguf_path, blocks), prefill)
+    elif weight_format == "fp16-packed":
+        make_linear = _fp16_factory(hf_model, layouts)
     else:
-        make_linear = {"fp16-packed": _fp16_packed, "native": llama.plain_linear}[weight_format]
+        make_linear = llama.plain_linear
     model = llama.LlamaModel(hf_model, make_linear)
-    if quantized is not None:
-        quantized.save_cache()
+    blocks.save()
+    layouts.save()
     hf_model.model.layers = torch.nn.ModuleList()  # the lean model holds every weight it needs
     return "lean", model
