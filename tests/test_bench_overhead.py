@@ -6,7 +6,14 @@ from bench.serving.overhead import ENGINE, GRPC, HTTP, main
 
 
 def tiny_server_args(model_dir) -> list[str]:
-    flags = [f"--model={model_dir}", "--device=cpu", "--dtype=float32", "--num-kv-blocks=256"]
+    # no Prometheus endpoint: its fixed port may be another server's on a shared machine
+    flags = [
+        f"--model={model_dir}",
+        "--device=cpu",
+        "--dtype=float32",
+        "--num-kv-blocks=256",
+        "--metrics-port=0",
+    ]
     return [f"--server-arg={flag}" for flag in flags]
 
 
@@ -18,13 +25,14 @@ def test_a_quick_run_reports_every_path_at_every_concurrency(tiny_model_dir, tmp
         *tiny_server_args(tiny_model_dir("llama")),
     ]
 
-    assert main(argv) == 0
+    code, printed = main(argv), capsys.readouterr()
 
-    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert code == 0, printed.err
+    rows = [line.split("|")[1:-1] for line in printed.out.splitlines() if line.startswith("| ")]
     table = {(cells[0].strip(), cells[1].strip()): float(cells[-1]) for cells in rows[1:]}
-    assert set(table) == {(n, path) for n in ("1", "4") for path in (ENGINE, GRPC, HTTP)}
+    assert set(table) == {(n, path) for n in ("1", "4") for path in (ENGINE, GRPC, HTTP)}, printed.out
     assert table["1", ENGINE] == table["4", ENGINE] == 1.0  # the engine's own is what the fronts are over
-    assert all(ratio > 0 for ratio in table.values())
+    assert all(ratio > 0 for ratio in table.values()), printed.out
 
 
 def test_a_failed_request_fails_the_run_naming_its_step(tiny_model_dir, tmp_path, capsys):
