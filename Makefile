@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTO_STAMP := protos/.generated
 
-.PHONY: install proto serve test lint example bench bench-prefix bench-engine bench-sweep bench-llamacpp bench-gpu bench-replicas bench-fleet stress clean
+.PHONY: install proto serve test lint example bench bench-prefix bench-engine bench-overhead bench-sweep bench-llamacpp bench-gpu bench-replicas bench-fleet stress clean
 
 install: $(STAMP)
 
@@ -79,6 +79,11 @@ bench-engine: install
 bench: install proto
 	$(PY) -m bench.serving.compare $(BENCH_ARGS)
 	$(PY) -m bench.serving.shared_prefix $(PREFIX_ARGS)
+
+# The fronts' own cost: engine-only vs served (gRPC, HTTP SSE) throughput at 1 and 32 streams, one run.
+# Flags: BENCH_ARGS="--help" (`--quick` checks the setup in seconds).
+bench-overhead: install proto
+	$(PY) -m bench.serving.overhead $(BENCH_ARGS)
 
 # Prefix caching on vs off: 32 requests sharing a ~500-token system prompt (PREFIX_ARGS for its flags).
 bench-prefix: install proto

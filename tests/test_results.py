@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from engine.frontend.results import fold
+from engine.errors import RequestCancelledError
+from engine.frontend.results import coalesced, fold
 from engine.request import FinishReason, GenerationEvent, Timing, TokenInfo
 
 
 def token(token_id: int, text: str) -> TokenInfo:
-    return TokenInfo(token_id, text, -0.5)
+    return TokenInfo(token_id, text, -token_id / 10)
 
 
 def test_interleaved_completions_fold_into_one_result_each_in_index_order():
@@ -55,3 +56,43 @@ def test_the_scored_prompt_stays_with_the_completion_that_carried_it():
 def test_a_completion_that_has_not_finished_is_not_folded():
     with pytest.raises(AssertionError):
         fold([GenerationEvent("r", "a", [token(1, "a")])])
+
+
+def test_events_queued_behind_a_busy_caller_merge_into_one_per_completion():
+    scored = (token(5, "x"),)
+    timing = Timing(0.1, 0.2, 0.3)
+    items = [
+        GenerationEvent("r", "a", [token(1, "a")], prompt_logprobs=scored),
+        GenerationEvent("r", "p", [token(7, "p")], index=1),
+        GenerationEvent("r", "b", [token(2, "b")]),
+        GenerationEvent("r", "", [token(3, "")], FinishReason.EOS, 4, 3, timing, cached_prompt_tokens=2),
+    ]
+
+    first, second = coalesced(items)
+
+    assert (first.index, first.text, [t.id for t in first.tokens]) == (0, "ab", [1, 2, 3])
+    assert [t.logprob for t in first.tokens] == [-0.1, -0.2, -0.3]  # each token keeps its own
+    assert first.prompt_logprobs == scored
+    assert (first.finish_reason, first.prompt_tokens, first.completion_tokens) == (FinishReason.EOS, 4, 3)
+    assert (first.timing, first.cached_prompt_tokens) == (timing, 2)
+    assert second is items[1]  # a completion with one event keeps it as it is
+
+
+def test_a_failure_stays_after_the_events_queued_before_it():
+    failure = RequestCancelledError("request r was cancelled")
+    items = [
+        GenerationEvent("r", "a", [token(1, "a")]),
+        GenerationEvent("r", "b", [token(2, "b")]),
+        failure,
+    ]
+
+    merged, last = coalesced(items)
+
+    assert (merged.text, merged.finished) == ("ab", False)
+    assert last is failure
+
+
+def test_a_lone_event_is_passed_through():
+    items = [GenerationEvent("r", "a", [token(1, "a")])]
+
+    assert coalesced(items) is items

@@ -1,9 +1,10 @@
 """A load-generator client for textgen's OpenAI-compatible HTTP front: `/v1/completions` streamed as SSE.
 
 One aiohttp session per run (kept-alive connections, as the gRPC client keeps one channel), so that the
-two fronts are compared at the same load with the same connection reuse. Each chunk carries one engine
-event, so one token; an event whose token ended inside a UTF-8 character sends no chunk, and the usage chunk
-at the end (`stream_options.include_usage`) settles the count.
+two fronts are compared at the same load with the same connection reuse. A chunk carries one engine event,
+which holds as many tokens as the engine produced while the server was busy sending the previous one (and
+an event whose token ended inside a UTF-8 character sends no chunk): so tokens are counted from the usage so
+far that every chunk carries (vLLM's `stream_options.continuous_usage_stats`), never one per chunk.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def completion_request(ids: Sequence[int], output_len: int) -> dict:
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
 
 
@@ -70,11 +71,8 @@ class OpenAIHttpClient(HttpSession):
                 async for chunk in sse_chunks(response):
                     if "error" in chunk:
                         raise StreamError(f"{chunk['error']['code']}: {chunk['error']['message']}")
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                        yield Chunk(usage["completion_tokens"] - tokens, usage["prompt_tokens"])
-                    elif chunk["choices"]:
-                        tokens += 1
-                        yield Chunk(1)
+                    usage = chunk["usage"]  # every chunk's: the tokens so far
+                    yield Chunk(usage["completion_tokens"] - tokens, usage["prompt_tokens"])
+                    tokens = usage["completion_tokens"]
         except (aiohttp.ClientError, TimeoutError) as error:
             raise StreamError(f"{type(error).__name__}: {error}") from error

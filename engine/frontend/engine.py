@@ -32,7 +32,7 @@ from engine.errors import EngineStoppedError, InvalidRequestError
 from engine.execution.model_runner import ModelRunner
 from engine.frontend.limits import MAX_CHAT_MESSAGES, MAX_N, MAX_PROMPT_CHARS, RequestLimits, check_request
 from engine.frontend.loop import AsyncSink, EngineLoop
-from engine.frontend.results import GenerationResult, fold
+from engine.frontend.results import GenerationResult, coalesced, fold
 from engine.request import (
     GenerationEvent,
     GenerationRequest,
@@ -189,6 +189,8 @@ class Engine:
         `max_new_tokens` is given by admission (engine/frontend/admission.py), which has checked the
         request's rules; without it they are checked here.
 
+        Events that queued up while the caller was busy (sending the previous one, say) come merged into
+        one per completion (`results.coalesced`): a caller that is behind gets fewer, larger events.
         With `request.n` > 1 the completions' events interleave (each has its `index`); the iteration ends
         once every completion has finished, or with the first error (which cancels the others). Closing the
         iterator before the last event cancels the request.
@@ -254,12 +256,12 @@ class Engine:
         remaining = n
         try:
             while remaining:
-                item = await events.get()
-                if isinstance(item, Exception):
-                    remaining -= 1  # that completion has ended; the others, if any, are cancelled below
-                    raise item
-                remaining -= item.finished
-                yield item
+                for item in coalesced(await _ready(events)):
+                    if isinstance(item, Exception):
+                        remaining -= 1  # that completion has ended; the others, if any, are cancelled below
+                        raise item
+                    remaining -= item.finished
+                    yield item
         finally:
             if remaining:  # the consumer went away, or one completion failed: free the request's KV blocks
                 self._inbox.cancel(first.id, first.group_id)
@@ -301,6 +303,15 @@ class Engine:
 
     def _warmup_token(self) -> int:
         return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 0
+
+
+async def _ready(events: asyncio.Queue) -> list[GenerationEvent | Exception]:
+    """The next item of `events`, and every item queued behind it up to the first failure (which ends the
+    request for its caller: nothing after it is read)."""
+    items = [await events.get()]
+    while not isinstance(items[-1], Exception) and not events.empty():
+        items.append(events.get_nowait())
+    return items
 
 
 def _build_core(config: EngineConfig, observer: EngineObserver) -> EngineCore:

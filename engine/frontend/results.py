@@ -59,3 +59,39 @@ def _result(events: list[GenerationEvent]) -> GenerationResult:
         cached_prompt_tokens=last.cached_prompt_tokens,
         index=last.index,
     )
+
+
+def coalesced(items: list[GenerationEvent | Exception]) -> list[GenerationEvent | Exception]:
+    """`items` of one request, queued while its caller was busy, with each completion's events merged into
+    one (in the order completions first appear), then the failure that may end `items`.
+
+    A merged event says what its events said together: their text and tokens concatenated, the scored
+    prompt of the first, the finish reason, counts and timing of the last. So a caller that is behind gets
+    fewer, larger events, and concatenating every event's text still gives the whole output.
+    """
+    if len(items) == 1:
+        return items
+    failure = items[-1] if isinstance(items[-1], Exception) else None
+    by_index: dict[int, list[GenerationEvent]] = {}
+    for event in items[:-1] if failure is not None else items:
+        by_index.setdefault(event.index, []).append(event)
+    merged: list[GenerationEvent | Exception] = [_merged(events) for events in by_index.values()]
+    return merged + [failure] if failure is not None else merged
+
+
+def _merged(events: list[GenerationEvent]) -> GenerationEvent:
+    if len(events) == 1:
+        return events[0]
+    last = events[-1]
+    return GenerationEvent(
+        request_id=last.request_id,
+        text="".join(event.text for event in events),
+        tokens=[token for event in events for token in event.tokens],
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        timing=last.timing,
+        prompt_logprobs=tuple(token for event in events for token in event.prompt_logprobs),
+        cached_prompt_tokens=last.cached_prompt_tokens,
+        index=last.index,
+    )
