@@ -126,7 +126,7 @@ class ServingMetrics(EngineObserver):
         )
         meter.create_observable_gauge(
             "textgen.queue.size",
-            [lambda _: [Observation(engine.num_waiting)]],
+            [lambda _: [Observation(engine.load.num_waiting)]],
             "{request}",
             "Requests waiting for admission",
         )

@@ -33,9 +33,9 @@ class VllmMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         engine = self._engine
-        load = engine.load  # one snapshot of the loop's numbers; the inbox adds requests on their way
+        load = engine.load  # one snapshot of the loop's numbers, requests on their way counted as waiting
         for name, documentation, value in (
-            ("vllm:num_requests_waiting", "Requests waiting to be admitted", engine.num_waiting),
+            ("vllm:num_requests_waiting", "Requests waiting to be admitted", load.num_waiting),
             ("vllm:num_requests_running", "Requests in the running batch", load.num_running),
             ("vllm:kv_cache_usage_perc", "KV-cache usage, 0 to 1 (1 is all blocks in use)", load.kv_usage),
         ):

@@ -226,9 +226,9 @@ def wait_until_idle():
 
     def wait(engine: Engine, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
-        while engine.load.num_running or engine.num_waiting or engine.load.num_used_kv_blocks:
+        while engine.load.num_running or engine.load.num_waiting or engine.load.num_used_kv_blocks:
             assert time.monotonic() < deadline, (
-                f"{engine.load.num_running} running, {engine.num_waiting} waiting, "
+                f"{engine.load.num_running} running, {engine.load.num_waiting} waiting, "
                 f"{engine.load.num_free_kv_blocks}/{engine.load.num_kv_blocks} KV blocks free"
             )
             time.sleep(0.01)

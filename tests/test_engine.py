@@ -375,7 +375,7 @@ def make_reference_outputs(path) -> list[list[int]]:
 
 async def wait_for_idle(engine: Engine, timeout: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
-    while engine.load.num_running or engine.num_waiting:
+    while engine.load.num_running or engine.load.num_waiting:
         assert asyncio.get_running_loop().time() < deadline, "engine did not go idle"
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.05)  # the step that frees blocks may still be finishing

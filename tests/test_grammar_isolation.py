@@ -78,7 +78,7 @@ async def run_together(engine: Engine, neighbour: GenerationRequest) -> tuple[li
 
 
 async def wait_until_idle(engine: Engine) -> None:
-    while engine.load.num_running or engine.num_waiting or engine.load.num_used_kv_blocks:
+    while engine.load.num_running or engine.load.num_waiting or engine.load.num_used_kv_blocks:
         await asyncio.sleep(0.01)
 
 
@@ -260,7 +260,7 @@ def test_a_format_that_failed_before_any_output_is_refused_at_admission(engine):
         sampling = SamplingParams(response_format=response_format)
         engine.generate(["Say b:"], sampling, StoppingParams(max_new_tokens=8))
     assert refused.value.field == "sampling.response_format.regex"
-    assert engine.num_waiting == 0 and engine.load.num_running == 0
+    assert engine.load.num_waiting == 0 and engine.load.num_running == 0
 
 
 def test_a_format_that_failed_after_some_output_is_still_admitted(engine):

@@ -110,7 +110,7 @@ async def test_an_answer_over_the_entry_budget_is_400_before_any_token_is_genera
     assert status == 400
     assert (answer["error"]["code"], answer["error"]["param"]) == ("invalid_argument", "logprobs")
     assert str(MAX_ANSWER_ENTRIES) in answer["error"]["message"]
-    assert http_server.engine.load.num_running == 0 and http_server.engine.num_waiting == 0
+    assert http_server.engine.load.num_running == 0 and http_server.engine.load.num_waiting == 0
 
 
 async def test_the_same_answer_streamed_is_served_since_nothing_is_held(http_server, wait_until_idle):

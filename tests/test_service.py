@@ -190,7 +190,7 @@ async def test_higher_priority_requests_are_served_first_under_load(start_server
         for name, priority in [(f"low-{i}", 0) for i in range(3)] + [(f"high-{i}", 10) for i in range(3)]:
             tasks.append(asyncio.create_task(one(name, priority)))
             queued = len(tasks)
-            await _until(lambda queued=queued: server.engine.num_waiting == queued)
+            await _until(lambda queued=queued: server.engine.load.num_waiting == queued)
         blocker.cancel()  # frees the only batch slot: the queue drains in priority order
         await asyncio.gather(*tasks)
 

@@ -119,12 +119,12 @@ class InProcessServer:
         return f"127.0.0.1:{self.server.port}"
 
     def state(self) -> EngineState:
-        engine = self.engine
+        load = self.engine.load
         return EngineState(
-            engine.num_waiting,
-            engine.load.num_running,
-            engine.load.num_free_kv_blocks,
-            engine.load.num_kv_blocks,
+            load.num_waiting,
+            load.num_running,
+            load.num_free_kv_blocks,
+            load.num_kv_blocks,
             self.server.generations.num_in_flight,
         )
 

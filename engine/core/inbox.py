@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.core.load import EngineLoad
 from engine.core.sequence import Sequence
@@ -48,24 +48,25 @@ class Inbox:
         self._commands: list[Command] = []
         self._live: dict[str, int] = {}  # request id -> its sequences' group id, until the request ends
         self._stopped = False
-        self.load = EngineLoad()  # replaced whole by `publish`: read it without the lock
-        self._num_taken = 0  # sequences the loop took since its last `publish`, not in `load` yet
+        self._published = EngineLoad()  # the loop's last, replaced whole by `publish`
+        self._num_taken = 0  # sequences the loop took since its last `publish`, not in `_published` yet
 
     @property
-    def num_waiting(self) -> int:
-        """Sequences waiting: in the scheduler's queue at the last `publish`, or on their way to it."""
+    def load(self) -> EngineLoad:
+        """The loop's last published load, its `num_waiting` with the sequences on their way to the
+        scheduler's queue (in the inbox, or taken by the loop since it published)."""
         with self._lock:
-            return self._num_waiting()
+            return replace(self._published, num_waiting=self._num_waiting())
 
     def publish(self, load: EngineLoad) -> None:
         """The loop thread's load after applying the commands it took and running a step."""
         with self._lock:
-            self.load = load
+            self._published = load
             self._num_taken = 0
 
     def add(self, first: Sequence, announce: Announce) -> None:
         """Queue a request's completion 0 unless its id is in flight or its `n` completions do not fit in
-        the queue (`num_waiting` and them, in sequences).
+        the queue (`load.num_waiting` and them, in sequences).
 
         `announce` runs once the request is accepted and before the loop thread can see it.
         """
@@ -129,7 +130,7 @@ class Inbox:
         return commands
 
     def _num_waiting(self) -> int:
-        return self.load.num_waiting + self._num_taken + _num_seqs(self._commands)
+        return self._published.num_waiting + self._num_taken + _num_seqs(self._commands)
 
 
 def _num_seqs(commands: list[Command]) -> int:

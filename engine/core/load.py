@@ -10,8 +10,8 @@ class EngineLoad:
     """A snapshot the loop thread publishes after each pass (commands applied, a step run or not).
 
     It is replaced as a whole, never changed, so a reader on another thread sees the numbers of one moment.
-    `num_waiting` counts sequences the scheduler holds in its queue; requests still in the inbox are the
-    inbox's to add (`Inbox.num_waiting`).
+    `num_waiting` counts sequences waiting: the loop publishes those in the scheduler's queue, and
+    `Inbox.load` adds those on their way to it.
     """
 
     num_waiting: int = 0

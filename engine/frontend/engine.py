@@ -2,7 +2,7 @@
 
 Callers never touch engine state: `submit` and `cancel` append commands to an `Inbox` that only the
 loop thread (`engine.frontend.loop`) applies, the model of TGI's router queue; the counts callers read
-(`load`, `num_waiting`, ...) come from the snapshot that thread publishes after each pass. The loop thread
+(`load`) come from the snapshot that thread publishes after each pass. The loop thread
 owns everything else: the `EngineCore` (scheduler, model runner, output processor) and each request's
 event sink.
 """
@@ -135,13 +135,9 @@ class Engine:
 
     @property
     def load(self) -> EngineLoad:
-        """The loop thread's numbers after its last pass (published whole: one moment's numbers)."""
+        """The loop thread's numbers after its last pass (published whole: one moment's numbers); its
+        `num_waiting` counts the sequences submitted and not yet admitted, those the loop has not seen too."""
         return self._inbox.load
-
-    @property
-    def num_waiting(self) -> int:
-        """Sequences submitted and not yet admitted, those the loop thread has not seen yet included."""
-        return self._inbox.num_waiting
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids

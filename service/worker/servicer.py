@@ -268,7 +268,7 @@ def scheduler_load(engine: Engine) -> pb.SchedulerLoad:
     """The engine's load now, read as the metrics gauges read it: from the loop's last snapshot."""
     load, block_size = engine.load, engine.model_info.kv_block_size
     used_blocks, num_blocks = load.num_used_kv_blocks, load.num_kv_blocks
-    running, waiting = load.num_running, engine.num_waiting
+    running, waiting = load.num_running, load.num_waiting
     return pb.SchedulerLoad(
         dp_rank=0,
         num_running_reqs=running,

@@ -35,7 +35,7 @@ typedef struct {
 } Matrix;
 
 #define GROUP 8    /* blocks whose scales convert together */
-#define PREFETCH 4 /* tiles ahead that rows_direct asks the memory for */
+#define PREFETCH 4 /* tiles ahead that rows_dot asks the memory for, reading weights from the matrix */
 
 static inline int64_t block_bytes(int64_t format) { return format == Q4_1 ? 20 : 34; }
 static inline int64_t value_bytes(int64_t format) { return format == Q4_1 ? 16 : 32; }
@@ -157,10 +157,15 @@ static inline float finish(__m256 acc, __m256 mins, const Matrix *w, int64_t n, 
 }
 
 /* y[b, n] = (residual y[b, n] +) x[b] . w[n] for every row b and output n in [n0, n0 + count), the count
- * (at most TILE) outputs side by side, block group by block group. */
-static inline __attribute__((always_inline)) void rows_direct(const Activations *x, int64_t rows, const Matrix *w,
-                                                             float *y, int64_t ldy, int accumulate, int64_t n0,
-                                                             int64_t count, int64_t format) {
+ * (at most TILE) outputs side by side, block group by block group. The weights come from the tile unpacked
+ * beforehand (q: each row's blocks' values; wd, wm: each row's groups' scales and minimums as floats), or
+ * when q is NULL from the matrix as the loop goes (each weight read once, from memory: one activation row);
+ * an output's own sequence of operations is the same either way. */
+static inline __attribute__((always_inline)) void
+rows_dot(const Activations *x, int64_t rows, const Matrix *w, float *y, int64_t ldy, int accumulate, int64_t n0,
+         int64_t count, int64_t format, const __m256i (*q)[w->k / BLOCK],
+         const __m256 (*wd)[(w->k / BLOCK + GROUP - 1) / GROUP],
+         const __m256 (*wm)[(w->k / BLOCK + GROUP - 1) / GROUP]) {
     const int64_t blocks = w->k / BLOCK, vb = value_bytes(format), tile_bytes = TILE * blocks * block_bytes(format);
     Row row[TILE];
     for (int64_t r = 0; r < count; r++) row[r] = matrix_row(w, n0 + r);
@@ -177,16 +182,18 @@ static inline __attribute__((always_inline)) void rows_direct(const Activations 
             const int64_t size = blocks - g < GROUP ? blocks - g : GROUP;
             const __m256 gd = _mm256_loadu_ps(xd + g), gs = _mm256_loadu_ps(xs + g), mask = group_mask(size);
             for (int64_t r = 0; r < count; r++) {
-                scales[r] = _mm256_mul_ps(halves(row[r].d + g), gd);
-                if (format == Q4_1) mins[r] = add_mins(mins[r], halves(row[r].m + g), gs, mask);
+                scales[r] = _mm256_mul_ps(q ? wd[r][g / GROUP] : halves(row[r].d + g), gd);
+                if (format == Q4_1) mins[r] = add_mins(mins[r], q ? wm[r][g / GROUP] : halves(row[r].m + g), gs, mask);
             }
             for (int64_t j = 0; j < size; j++) {
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (g + j) * BLOCK));
-                _mm_prefetch(ahead + (g + j) * share, _MM_HINT_T0);
-                _mm_prefetch(ahead + (g + j) * share + 64, _MM_HINT_T0);
+                if (!q) {
+                    _mm_prefetch(ahead + (g + j) * share, _MM_HINT_T0);
+                    _mm_prefetch(ahead + (g + j) * share + 64, _MM_HINT_T0);
+                }
                 for (int64_t r = 0; r < count; r++) {
-                    const __m256 dot = block_isum(weight_values(row[r].q + (g + j) * vb, format), xv, format);
-                    acc[r] = add_block(acc[r], dot, scales[r], j);
+                    const __m256i wv = q ? q[r][g + j] : weight_values(row[r].q + (g + j) * vb, format);
+                    acc[r] = add_block(acc[r], block_isum(wv, xv, format), scales[r], j);
                 }
             }
         }
@@ -197,16 +204,23 @@ static inline __attribute__((always_inline)) void rows_direct(const Activations 
     }
 }
 
-/* The same results as rows_direct, with the tile's weights unpacked and its scales converted once and
- * reused by every activation row (the batched path): each output's own sequence of operations is the one
- * rows_direct runs. */
+/* rows_dot from the matrix: one activation row reads each weight once, so unpacking the tile first is
+ * only more work. */
+static inline __attribute__((always_inline)) void rows_direct(const Activations *x, int64_t rows, const Matrix *w,
+                                                             float *y, int64_t ldy, int accumulate, int64_t n0,
+                                                             int64_t count, int64_t format) {
+    rows_dot(x, rows, w, y, ldy, accumulate, n0, count, format, NULL, NULL, NULL);
+}
+
+/* rows_dot with the tile's weights unpacked and its scales converted once and reused by every activation
+ * row (the batched path). */
 static inline __attribute__((always_inline)) void rows_tiled(const Activations *x, int64_t rows, const Matrix *w,
                                                             float *y, int64_t ldy, int accumulate, int64_t n0,
                                                             int64_t count, int64_t format) {
     const int64_t blocks = w->k / BLOCK, vb = value_bytes(format), groups = (blocks + GROUP - 1) / GROUP;
     const int64_t tile_bytes = TILE * blocks * block_bytes(format);
     const char *ahead = (const char *)matrix_row(w, n0).q + PREFETCH * tile_bytes;
-    for (int64_t at = 0; at < tile_bytes; at += 64) _mm_prefetch(ahead + at, _MM_HINT_T0); /* as rows_direct */
+    for (int64_t at = 0; at < tile_bytes; at += 64) _mm_prefetch(ahead + at, _MM_HINT_T0); /* as rows_dot */
     __m256i q[TILE][blocks];
     __m256 wd[TILE][groups], wm[TILE][groups];
     for (int64_t r = 0; r < count; r++) {
@@ -217,29 +231,7 @@ static inline __attribute__((always_inline)) void rows_tiled(const Activations *
             wm[r][g] = format == Q4_1 ? halves(row.m + g * GROUP) : _mm256_setzero_ps();
         }
     }
-    for (int64_t b = 0; b < rows; b++) {
-        const float *xd = x->d + b * blocks, *xs = x->s + b * blocks;
-        const int8_t *xq = x->q + b * blocks * BLOCK;
-        __m256 acc[TILE], mins[TILE], scales[TILE];
-        for (int64_t r = 0; r < TILE; r++) acc[r] = mins[r] = _mm256_setzero_ps();
-        for (int64_t g = 0; g < blocks; g += GROUP) {
-            const int64_t size = blocks - g < GROUP ? blocks - g : GROUP;
-            const __m256 gd = _mm256_loadu_ps(xd + g), gs = _mm256_loadu_ps(xs + g), mask = group_mask(size);
-            for (int64_t r = 0; r < count; r++) {
-                scales[r] = _mm256_mul_ps(wd[r][g / GROUP], gd);
-                if (format == Q4_1) mins[r] = add_mins(mins[r], wm[r][g / GROUP], gs, mask);
-            }
-            for (int64_t j = 0; j < size; j++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (g + j) * BLOCK));
-                for (int64_t r = 0; r < count; r++)
-                    acc[r] = add_block(acc[r], block_isum(q[r][g + j], xv, format), scales[r], j);
-            }
-        }
-        for (int64_t r = 0; r < count; r++) {
-            float *out = y + b * ldy + n0 + r;
-            *out = finish(acc[r], mins[r], w, n0 + r, accumulate ? out : NULL);
-        }
-    }
+    rows_dot(x, rows, w, y, ldy, accumulate, n0, count, format, q, wd, wm);
 }
 
 /* rows_direct for one activation row, else rows_tiled; compiled apart for full tiles of each format (the
