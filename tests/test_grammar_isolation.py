@@ -14,12 +14,13 @@ import threading
 import aiohttp
 import grpc
 import pytest
+import torch
 from conftest import ServerThread
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from engine.batching import BatchConfig
-from engine.core.structured import GRAMMAR_THREAD_NICE, GrammarMatcher
+from engine.core.structured import GRAMMAR_THREAD_NICE, GrammarMatcher, GrammarWorkers
 from engine.errors import GrammarLimitError
 from engine.frontend.engine import Engine, EngineConfig
 from engine.request import GenerationRequest, ResponseFormat, SamplingParams, StoppingParams
@@ -152,12 +153,38 @@ async def test_a_slow_grammar_holds_only_its_own_request_and_keeps_its_tokens(
     await asyncio.wait_for(wait_until_idle(engine), 10)
 
 
-def test_grammar_work_runs_at_the_lowest_cpu_priority(engine):
+def test_a_late_mask_is_demoted_to_the_lowest_cpu_priority_and_its_thread_replaced(engine, monkeypatch):
     if sys.platform != "linux":
         pytest.skip("a thread's own niceness is Linux's")
-    workers = engine.model_runner.sampler.grammar_workers
-    niceness = workers._pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-    assert niceness.result(timeout=10) == max(GRAMMAR_THREAD_NICE, os.getpriority(os.PRIO_PROCESS, 0))
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    started, released = threading.Event(), threading.Event()
+    niceness: list[int] = []
+
+    def held(self, out):  # the first mask waits for the test; every mask notes its thread's niceness
+        started.set()
+        if not niceness:
+            released.wait()
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    monkeypatch.setattr(GrammarMatcher, "fill_mask", held)
+    workers = GrammarWorkers(num_threads=1)
+    try:
+        late = engine.grammars.matcher(ResponseFormat(regex="[0-9]{4}"))
+        masks = workers.start([late], engine.model_runner.vocab_size)
+        assert started.wait(10)
+        _, failed, deferred = masks.result(torch.device("cpu"), wait_s=0.01)
+        assert (failed, deferred) == ({}, {0})
+        released.set()
+        late.task.result(timeout=10)
+        assert niceness == [max(GRAMMAR_THREAD_NICE, base)]
+        # The demoted thread left; the next mask runs on a new thread at the loop's priority.
+        ordinary = engine.grammars.matcher(ResponseFormat(regex="[0-9]{4}"))
+        workers.start([ordinary], engine.model_runner.vocab_size)
+        ordinary.task.result(timeout=10)
+        assert niceness == [max(GRAMMAR_THREAD_NICE, base), base]
+    finally:
+        released.set()
+        workers.close()
 
 
 # ---- over the fronts ---------------------------------------------------------------------------------

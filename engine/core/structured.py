@@ -12,24 +12,26 @@ is cached by format; each request gets its own matcher, a cheap copy of the comp
 allows an end-of-sequence token only where the grammar accepts, and nothing else once it is complete.
 
 Each step's masks are computed on grammar worker threads while the model runs, within explicit limits
-(`PARSER_LIMITS`), at the lowest CPU priority (they take only what the model leaves), and a step does not
-wait long for them: a row whose mask is not ready soon after the forward pass sits the step out and is
-sampled from its logits once its mask is ready. A grammar that fails, or whose mask is later than the
-budget, fails only its own request (`GrammarLimitError`, INVALID_ARGUMENT); a slow one slows only its own
-request, never its batchmates (README, "Structured output").
+(`PARSER_LIMITS`), and a step does not wait long for them: a row whose mask is not ready soon after the
+forward pass sits the step out and is sampled from its logits once its mask is ready, its mask computed
+from then on at the lowest CPU priority (it takes only what the model leaves). A grammar that fails, or
+whose mask takes more CPU than the budget, fails only its own request (`GrammarLimitError`,
+INVALID_ARGUMENT); a slow one slows only its own request, never its batchmates (README, "Structured
+output").
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import queue
+import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 
@@ -73,8 +75,8 @@ GRAMMAR_THREADS = 4  # each row's mask is one task; llguidance releases the GIL,
 # grammar's row sits the step out instead of holding every batchmate.
 GRAMMAR_WAIT_SHARE = 0.25
 GRAMMAR_MIN_WAIT_MS = 0.5
-# The grammar threads' niceness (Linux: per thread): on a CPU the model's threads use every core, and
-# grammar work a client chose must not take cores from everyone's forward pass.
+# The niceness of a grammar thread whose mask is late (Linux: per thread): on a CPU the model's threads use
+# every core, and slow grammar work a client chose must not take cores from everyone's forward pass.
 GRAMMAR_THREAD_NICE = 19
 
 
@@ -111,6 +113,7 @@ class GrammarMatcher:
         self.task: Future | None = None
         self.task_started = 0.0  # time.monotonic() when `task` was submitted
         self.task_cpu: tuple[int, float] | None = None  # its thread's CPU clock, and its reading at the start
+        self.task_thread: int | None = None  # the native id of the thread computing it, while one is
 
     @property
     def active(self) -> bool:
@@ -280,34 +283,80 @@ def _unpack(words: np.ndarray, vocab_size: int) -> np.ndarray:
 
 class GrammarWorkers:
     """Threads that do the grammar work of a step's rows: one task per constrained row, all rows in parallel
-    and beside the model's forward pass (llguidance releases the GIL), at the lowest CPU priority.
+    and beside the model's forward pass (llguidance releases the GIL).
 
     A row whose mask is not ready a little after the forward pass (`StepMasks.result`) is deferred: its task
     stays in flight on its matcher, and the row is sampled from its logits by a later step once the mask is
-    ready (`ready`). A grammar that fails, or whose mask takes longer than `budget_ms`, fails its own request
-    alone. A task whose request failed finishes on its own (its work is bounded by `PARSER_LIMITS`).
-    (llguidance's `LLExecutor` computes a batch of masks in parallel too, but in one call that returns when
-    the slowest row is done: one slow grammar would hold every row.)
+    ready (`ready`). The thread computing a late mask is demoted to the lowest CPU priority
+    (`GRAMMAR_THREAD_NICE`): from then on it takes only the CPU the model leaves, and it leaves the pool once
+    its task is done (the next `start` brings in a thread at the loop's priority in its place), so ordinary
+    masks keep running beside the forward pass at full speed. A grammar that fails, or whose mask takes more
+    CPU than `budget_ms`, fails its own request alone; a task whose request failed finishes on its own (its
+    work is bounded by `PARSER_LIMITS`). (llguidance's `LLExecutor` computes a batch of masks in parallel too,
+    but in one call that returns when the slowest row is done: one slow grammar would hold every row.)
     """
 
     def __init__(self, budget_ms: float = GRAMMAR_STEP_BUDGET_MS, num_threads: int = GRAMMAR_THREADS) -> None:
         self.budget_ms = budget_ms
-        self._pool = ThreadPoolExecutor(
-            num_threads, thread_name_prefix="textgen-grammar", initializer=_lower_priority
-        )
+        self.num_threads = num_threads
+        self._queue: queue.SimpleQueue[tuple[Future, GrammarMatcher] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._num_workers = 0  # threads at the loop's priority, taking tasks
+        self._demoted: set[int] = set()  # native ids of the threads that leave after their task
 
     def start(self, matchers: list[GrammarMatcher | None], vocab_size: int) -> StepMasks:
         """Start the masks of a step's sampling rows (None: a row without a grammar); a matcher whose mask is
         in flight already keeps it."""
+        self._staff()
         for matcher in matchers:
             if matcher is not None and matcher.active and matcher.task is None:
                 matcher.task_started, matcher.task_cpu = time.monotonic(), None
-                matcher.task = self._pool.submit(_fill_mask, matcher)
-        return StepMasks(matchers, vocab_size, self.budget_ms)
+                matcher.task = Future()
+                self._queue.put((matcher.task, matcher))
+        return StepMasks(matchers, vocab_size, self.budget_ms, self)
+
+    def demote(self, matcher: GrammarMatcher) -> None:
+        """Lower the CPU priority of the thread computing `matcher`'s mask, if one is (Linux)."""
+        with self._lock:
+            thread = matcher.task_thread
+            if thread is None or thread in self._demoted or not _renice(thread):
+                return
+            self._demoted.add(thread)
+            self._num_workers -= 1
 
     def close(self) -> None:
         """Stop the threads once their tasks are done; tasks not started are dropped."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            count, self._num_workers = self._num_workers, self.num_threads  # no thread is added any more
+        for _ in range(count):
+            self._queue.put(None)
+
+    def _staff(self) -> None:
+        """Bring the pool back to `num_threads` threads, started here: a new thread takes its creator's
+        priority, the loop's."""
+        with self._lock:
+            missing = self.num_threads - self._num_workers
+            self._num_workers += missing
+        for _ in range(missing):
+            threading.Thread(target=self._work, name="textgen-grammar", daemon=True).start()
+
+    def _work(self) -> None:
+        me = threading.get_native_id()
+        while (item := self._queue.get()) is not None:
+            future, matcher = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            matcher.task_thread = me
+            try:
+                _fill_mask(matcher)
+            finally:
+                with self._lock:
+                    matcher.task_thread = None
+                    demoted = me in self._demoted
+                    self._demoted.discard(me)
+                future.set_result(None)
+            if demoted:
+                return
 
 
 def _fill_mask(matcher: GrammarMatcher) -> None:
@@ -325,12 +374,16 @@ def _thread_cpu_clock() -> int | None:
     return time.pthread_getcpuclockid(threading.get_ident())
 
 
-def _lower_priority() -> None:
-    """Run this grammar thread at `GRAMMAR_THREAD_NICE` (a thread's own niceness on Linux; elsewhere, where
-    niceness is the whole process's, nothing changes)."""
-    if hasattr(os, "setpriority") and os.uname().sysname == "Linux":
-        with contextlib.suppress(OSError):  # not allowed here: the threads run at the process's priority
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GRAMMAR_THREAD_NICE)
+def _renice(thread: int) -> bool:
+    """Set thread `thread` (a native id) to `GRAMMAR_THREAD_NICE`: a thread's own niceness on Linux (elsewhere
+    niceness is the whole process's: nothing changes); whether it did."""
+    if sys.platform != "linux":
+        return False
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, GRAMMAR_THREAD_NICE)
+    except OSError:  # the thread ended, or this is not allowed here
+        return False
+    return True
 
 
 @dataclass(slots=True)
@@ -340,6 +393,7 @@ class StepMasks:
     matchers: list[GrammarMatcher | None]
     vocab_size: int
     budget_ms: float
+    workers: GrammarWorkers
 
     def result(
         self, device: torch.device, wait_s: float
@@ -360,17 +414,21 @@ class StepMasks:
                 failed[i] = matcher.limit_error()
             elif state == "deferred":
                 deferred.add(i)
+                self.workers.demote(matcher)
         allowed = _unpack(words, self.vocab_size)
         if failed or deferred:
             allowed[list(failed.keys() | deferred)] = True
         return torch.from_numpy(allowed).to(device), failed, deferred
 
 
-def ready(matcher: GrammarMatcher, budget_ms: float) -> bool:
+def ready(matcher: GrammarMatcher, workers: GrammarWorkers) -> bool:
     """Whether a deferred row's mask is done, or its grammar failed or ran out of time: its row can be
-    settled now."""
+    settled now. A mask still being computed is demoted (it may have started since it was deferred)."""
     task = matcher.task
-    return task is None or task.done() or _late(matcher, budget_ms)
+    if task is None or task.done() or _late(matcher, workers.budget_ms):
+        return True
+    workers.demote(matcher)
+    return False
 
 
 def settle(

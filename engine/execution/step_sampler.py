@@ -106,7 +106,7 @@ class StepSampler:
             tasks = [d.row.grammar.task for d in self._deferred.values() if d.row.grammar.task is not None]
             futures.wait(tasks, timeout=wait_s, return_when=futures.FIRST_COMPLETED)
         rows, logits, allowed = [], [], []
-        for seq_id in [i for i, d in self._deferred.items() if ready(d.row.grammar, budget_ms)]:
+        for seq_id in [i for i, d in self._deferred.items() if ready(d.row.grammar, self.grammar_workers)]:
             deferred = self._deferred.pop(seq_id)
             mask, error = settle(deferred.row.grammar, self.vocab_size, budget_ms)
             if error is not None:
