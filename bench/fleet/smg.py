@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
@@ -89,39 +90,48 @@ class SmgGateway:
     def kv_events_unavailable(self) -> str:
         """SMG's `smg_kv_events_unavailable` per worker (1: it has no KV events from that worker), as text
         for an error message; what went wrong when the metrics endpoint does not answer."""
-        try:
-            samples = self._samples()
-        except httpx.TransportError as error:
-            return f"smg's metrics did not answer: {error}"
-        values = [
-            f"{sample.labels.get('worker', '?')}={sample.value:g}"
-            for sample in samples
-            if sample.name == "smg_kv_events_unavailable"
-        ]
-        return "smg_kv_events_unavailable: " + (", ".join(values) or "none reported")
+        return self._described(
+            lambda samples: (
+                "smg_kv_events_unavailable: "
+                + (
+                    ", ".join(
+                        f"{sample.labels.get('worker', '?')}={sample.value:g}"
+                        for sample in samples
+                        if sample.name == "smg_kv_events_unavailable"
+                    )
+                    or "none reported"
+                )
+            )
+        )
 
     def routing(self) -> str:
         """How SMG's cache-aware policy placed the requests, by branch (`smg_cache_aware_policy_branch_total`:
         `event_hit` / `event_miss` on its KV-event index, `tree_match`, `spill`, `expected_wait_fallback` on
         its own prompt tree), and the requests sent past an overloaded worker; "-" for other policies."""
+
+        def counts(samples: list) -> str:
+            found = [
+                f"{sample.labels.get('branch', '?')} {sample.value:g}"
+                for sample in samples
+                if sample.name == "smg_cache_aware_policy_branch_total" and sample.value
+            ] + [
+                f"overload fallback {sample.value:g}"
+                for sample in samples
+                if sample.name == "smg_worker_overload_fallback_total" and sample.value
+            ]
+            return ", ".join(found) or "-"
+
+        return self._described(counts)
+
+    def _described(self, describe: Callable[[list], str]) -> str:
+        """`describe` of SMG's metric samples, or why its metrics endpoint did not answer."""
         try:
-            samples = self._samples()
+            text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
         except httpx.TransportError as error:
             return f"smg's metrics did not answer: {error}"
-        counts = [
-            f"{sample.labels.get('branch', '?')} {sample.value:g}"
-            for sample in samples
-            if sample.name == "smg_cache_aware_policy_branch_total" and sample.value
-        ] + [
-            f"overload fallback {sample.value:g}"
-            for sample in samples
-            if sample.name == "smg_worker_overload_fallback_total" and sample.value
-        ]
-        return ", ".join(counts) or "-"
-
-    def _samples(self) -> list:
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
-        return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+        return describe(
+            [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+        )
 
     def _has_tokenizer(self, model: str) -> bool:
         try:
