@@ -104,7 +104,9 @@ def tiny_engine(tiny_model_dir):
 # use both the blocking and the asyncio client against it.
 
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import threading  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 
 try:
     from protos.textgen.v1 import textgen_pb2  # noqa: E402, F401
@@ -140,6 +142,24 @@ class ServerThread:
     def run(self, coro, timeout: float = 60):
         """Run a coroutine on the server's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @contextlib.contextmanager
+    def loop_held(self) -> Iterator[None]:
+        """The server's event loop blocked for the with-block (as if busy with other calls): what the engine
+        sends its calls meanwhile queues up. Hold a server of the test's own: the shared one's other calls
+        would stall."""
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            held.set()
+            release.wait(60)
+
+        self._loop.call_soon_threadsafe(hold)
+        assert held.wait(10), "the server's loop did not take the hold"
+        try:
+            yield
+        finally:
+            release.set()
 
     def stop(self) -> None:
         self.run(self.server.drain())

@@ -9,9 +9,7 @@ rest in fewer messages than tokens, and they add up to the unary answer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import threading
 from collections.abc import Iterator
 
 import grpc
@@ -97,37 +95,14 @@ async def test_a_cancelled_caller_that_fell_behind_gets_each_token_once_then_the
 NUM_TOKENS = 40  # per completion: far more than the messages a reader held back once can get
 
 
-class HeldServer(ServerThread):
-    """A test server whose event loop a test can hold (as if busy with other streams) while its engine runs.
-
-    A server of its own: holding the shared one's loop would stall the other tests' calls.
-    """
-
-    @contextlib.contextmanager
-    def loop_held(self) -> Iterator[None]:
-        """The server's event loop blocked for the with-block: the engine's events for it queue up."""
-        held, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            held.set()
-            release.wait(60)
-
-        self._loop.call_soon_threadsafe(hold)
-        assert held.wait(10), "the server's loop did not take the hold"
-        try:
-            yield
-        finally:
-            release.set()
-
-
 @pytest.fixture(scope="module")
-def held_server(server_config):
-    server = HeldServer(dataclasses.replace(server_config(), http_port=0)).start()
+def held_server(server_config):  # a server of its own: the tests hold its loop
+    server = ServerThread(dataclasses.replace(server_config(), http_port=0)).start()
     yield server
     server.stop()
 
 
-def read_late(stream: Iterator, server: HeldServer, wait_until_idle) -> list:
+def read_late(stream: Iterator, server: ServerThread, wait_until_idle) -> list:
     """Every message of `stream`: the first, then the rest once the engine has finished it, the server's
     loop held until then."""
     first = next(stream)

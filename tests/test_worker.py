@@ -17,6 +17,7 @@ from smg_grpc_proto import vllm_engine_pb2_grpc as pb_grpc
 from smg_grpc_proto.generated import common_pb2
 from transformers import AutoTokenizer
 
+from engine.request import StoppingParams
 from service.worker.servicer import block_id
 from tests.conftest import ServerThread
 
@@ -188,6 +189,25 @@ def test_kv_events_name_each_stored_block_resume_from_a_cursor_and_flush_clears(
         with pytest.raises(grpc.RpcError) as error:
             next(refused)
         assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE
+
+
+def test_a_subscriber_that_falls_behind_the_history_ends_data_loss(worker, worker_server, monkeypatch):
+    log, engine = worker_server.engine.kv_events, worker_server.engine
+    stream = worker.SubscribeKvEvents(
+        common_pb2.SubscribeKvEventsRequest(start_sequence_number=log.last_sequence_number)
+    )
+    stopping = StoppingParams(max_new_tokens=1)
+    engine.generate([list(range(500, 500 + BLOCK_SIZE + 1))], stopping=stopping)
+    last = log.last_sequence_number
+    while next(stream).sequence_number < last:  # read up to the last batch: the stream waits for the next
+        pass
+    monkeypatch.setattr(log, "max_batches", 1)  # the history keeps only the last batch from now on
+    with worker_server.loop_held():  # the stream cannot send while two batches are published
+        for offset in (600, 700):
+            engine.generate([list(range(offset, offset + BLOCK_SIZE + 1))], stopping=stopping)
+    with pytest.raises(grpc.RpcError) as error:
+        next(stream)
+    assert error.value.code() == grpc.StatusCode.DATA_LOSS
 
 
 def test_a_subscriber_from_0_after_the_history_lost_the_start_gets_a_snapshot_of_the_cache(

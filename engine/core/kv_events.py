@@ -109,7 +109,7 @@ class KvEventLog:
             self._last += 1
             self._history.append(KvEventBatch(self._last, time.time(), events))
             self._follow(events)
-            if len(self._history) > self.max_batches:
+            while len(self._history) > self.max_batches:
                 self._history.popleft()
             subscribers = list(self._subscribers)
         for notify in subscribers:
