@@ -138,7 +138,7 @@ class Scheduler:
         gets its token from a later step's `resolved`); whether one ends its sequence is the outputs' say."""
         result = StepResult()
         sampled = iter(zip(output.token_ids, output.logprobs, strict=True))
-        failed = dict(output.failed)
+        failed = output.failed
         for row in step.rows:
             token = next(sampled) if row.sample else None
             seq = self._row_sequence(row.seq_id)

@@ -313,7 +313,7 @@ class GrammarWorkers:
                 matcher.task_started, matcher.task_cpu = time.monotonic(), None
                 matcher.task = Future()
                 self._queue.put((matcher.task, matcher))
-        return StepMasks(matchers, vocab_size, self.budget_ms, self)
+        return StepMasks(matchers, vocab_size, self)
 
     def demote(self, matcher: GrammarMatcher) -> None:
         """Lower the CPU priority of the thread computing `matcher`'s mask, if one is (Linux)."""
@@ -392,7 +392,6 @@ class StepMasks:
 
     matchers: list[GrammarMatcher | None]
     vocab_size: int
-    budget_ms: float
     workers: GrammarWorkers
 
     def result(
@@ -409,7 +408,7 @@ class StepMasks:
         for i, matcher in enumerate(self.matchers):
             if matcher is None:
                 continue
-            state = _take_mask(matcher, words[i], self.budget_ms)
+            state = _take_mask(matcher, words[i], self.workers.budget_ms)
             if state == "failed":
                 failed[i] = matcher.limit_error()
             elif state == "deferred":
@@ -452,7 +451,10 @@ def _late(matcher: GrammarMatcher, budget_ms: float) -> bool:
     if cpu is None:  # not started (or no CPU clock here: the clock decides)
         return _thread_cpu_clock() is None and wall_ms > budget_ms
     clock, start = cpu
-    return (time.clock_gettime(clock) - start) * 1000 > budget_ms
+    try:
+        return (time.clock_gettime(clock) - start) * 1000 > budget_ms
+    except OSError:  # its thread ended (a demoted one leaves) since the caller saw the task running: done
+        return False
 
 
 def _take_mask(matcher: GrammarMatcher, out: np.ndarray, budget_ms: float) -> str:

@@ -87,11 +87,11 @@ class StepSampler:
         for i, error in grammar_failed.items():
             output.failed[rows[i].seq_id] = error
         kept = [i for i in range(len(rows)) if i not in deferred and i not in grammar_failed]
-        if kept:
+        if len(kept) < len(rows) and kept:  # the common case, every row sampled, copies nothing
             index = torch.tensor(kept, device=logits.device)
-            picked = self._sample(
-                [rows[i] for i in kept], logits[index], None if allowed is None else allowed[index], output
-            )
+            logits, allowed = logits[index], None if allowed is None else allowed[index]
+        if kept:
+            picked = self._sample([rows[i] for i in kept], logits, allowed, output)
             for i, (token_id, logprob) in zip(kept, picked, strict=True):
                 output.token_ids[i], output.logprobs[i] = token_id, logprob
         return self.settle(output, wait_s=0.0)
